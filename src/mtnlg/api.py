@@ -1,0 +1,340 @@
+"""The spec's public API: ``MegatronModelConfig`` and ``MegatronLmModel``.
+
+The spec writes ``from transformers import MegatronModelConfig, MegatronLmModel``; with mtnlg the one
+change is ``from mtnlg import MegatronModelConfig, MegatronLmModel``. Every keyword of the spec's
+example is accepted with the spec's value as its default, validated, and mapped onto mtnlg's own
+:class:`~mtnlg.config.ModelConfig` (short internal names) by :meth:`MegatronModelConfig.to_model_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtnlg.config import ACTIVATIONS, OUTPUT_LAYER_INITS, ModelConfig, check_type
+from mtnlg.data.tokenizer import Tokenizer, byte_tokenizer
+from mtnlg.errors import CheckpointError, ConfigError, did_you_mean
+from mtnlg.model.init import build_model, materialize
+from mtnlg.model.transformer import GPT
+
+log = logging.getLogger(__name__)
+
+PROMPT_STYLES = ("prepend", "prefix_suffix")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(init=False)
+class MegatronModelConfig:
+    """The spec's model configuration. Field by field:
+
+    * ``vocab_size`` (30522), ``hidden_size`` (4096), ``num_hidden_layers`` (30), ``num_attention_heads``
+      (16), ``intermediate_size`` (15360), ``max_position_embeddings`` (512): the architecture.
+    * ``use_cache``: generation keeps a KV cache (True) or recomputes the whole prefix each step.
+    * ``layernorm_eps``: epsilon of every LayerNorm.
+    * ``init_method_std``: std of the normal init; ``output_layer_init_method``: None (std/sqrt(2L) for
+      the attention output and MLP fc2, MT-NLG's scaled init), "scaled_normal", "normal" or "zeros".
+    * ``parallel_output``: under tensor parallelism the logits stay vocab-sharded and the loss is
+      computed vocab-parallel without gathering them (used by ``mtnlg.parallel``; no effect on 1 device).
+    * ``activation_function``: "gelu" (exact), "gelu_tanh" or "relu".
+    * ``pre_process_first`` / ``post_process_last``: in pipeline-parallel balancing, charge the embedding
+      to the first stage / the head plus loss to the last (``mtnlg.parallel.pipeline``).
+    * ``quantize`` / ``quantize_config``: int8 weight-only Linear layers for inference (``mtnlg.model.quantize``).
+    * ``enable_input_require_grads``: make the embedding output require grad, so activation checkpointing
+      and input-gradient methods work with a frozen embedding (as in Hugging Face).
+    * ``prompt_tuning`` and ``prompt_tuning_*``: trainable soft prompt over a frozen model
+      (``mtnlg.model.prompt_tuning``): number of virtual tokens, init text, update period, lr multiplier,
+      maximum sequence length and vocabulary, and the prompt style with its arguments given as parallel
+      ``keys`` / ``values`` lists (``args_type="dict"``) or the ``args`` dict itself.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 4096
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 16
+    intermediate_size: int = 15360
+    max_position_embeddings: int = 512
+    use_cache: bool = True
+    layernorm_eps: float = 1e-5
+    init_method_std: float = 0.02
+    output_layer_init_method: str | None = None
+    parallel_output: bool = True
+    activation_function: str = "gelu"
+    pre_process_first: bool = False
+    post_process_last: bool = False
+    quantize: bool = False
+    quantize_config: dict[str, Any] | None = None
+    enable_input_require_grads: bool = False
+    prompt_tuning: bool = False
+    prompt_tuning_num_tokens: int = 0
+    prompt_tuning_init_text: str = ""
+    prompt_tuning_update_every_n_steps: int = 1
+    prompt_tuning_lr_multiplier: float = 1.0
+    prompt_tuning_max_seq_length: int = 512
+    prompt_tuning_vocab_size: int = 30522
+    prompt_tuning_prompt_style: str = "prepend"
+    prompt_tuning_prompt_style_args: dict[str, Any] = field(default_factory=dict)
+    prompt_tuning_prompt_style_args_type: str = "dict"
+    prompt_tuning_prompt_style_args_keys: list[str] = field(default_factory=lambda: ["prefix", "suffix"])
+    prompt_tuning_prompt_style_args_values: list[str] = field(default_factory=lambda: ["hello world", "goodbye"])
+
+    def __init__(self, **kwargs: Any):
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        hints = typing.get_type_hints(type(self))
+        for key in kwargs:
+            if key not in fields:
+                raise ConfigError(f"MegatronModelConfig got an unknown keyword '{key}'" + did_you_mean(key, fields))
+        for name, f in fields.items():
+            if name in kwargs:
+                value = check_type(name, kwargs[name], hints[name])
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                value = f.default
+            setattr(self, name, value)
+        self.validate()
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "prompt_tuning_update_every_n_steps", "prompt_tuning_max_seq_length",
+                     "prompt_tuning_vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size={self.hidden_size} must be divisible by num_attention_heads="
+                              f"{self.num_attention_heads}; change one of them")
+        if self.activation_function not in ACTIVATIONS:
+            raise ConfigError(f"activation_function='{self.activation_function}' is not supported; use one of "
+                              f"{list(ACTIVATIONS)}" + did_you_mean(self.activation_function, ACTIVATIONS))
+        if self.output_layer_init_method is not None and self.output_layer_init_method not in OUTPUT_LAYER_INITS:
+            raise ConfigError(f"output_layer_init_method='{self.output_layer_init_method}' is not supported; use None "
+                              f"or one of {list(OUTPUT_LAYER_INITS)}")
+        if not self.layernorm_eps > 0 or not self.init_method_std > 0:
+            raise ConfigError("layernorm_eps and init_method_std must be > 0")
+        if self.prompt_tuning_num_tokens < 0:
+            raise ConfigError(f"prompt_tuning_num_tokens must be >= 0, got {self.prompt_tuning_num_tokens}")
+        if self.prompt_tuning and self.prompt_tuning_num_tokens == 0:
+            raise ConfigError("prompt_tuning=True needs prompt_tuning_num_tokens > 0 (the number of soft-prompt tokens)")
+        if not self.prompt_tuning_lr_multiplier > 0:
+            raise ConfigError(f"prompt_tuning_lr_multiplier must be > 0, got {self.prompt_tuning_lr_multiplier}")
+        if self.prompt_tuning_prompt_style not in PROMPT_STYLES:
+            raise ConfigError(f"prompt_tuning_prompt_style='{self.prompt_tuning_prompt_style}' is not supported; use one "
+                              f"of {list(PROMPT_STYLES)}" + did_you_mean(self.prompt_tuning_prompt_style, PROMPT_STYLES))
+        if self.prompt_tuning_prompt_style_args_type not in ("dict", "list"):
+            raise ConfigError(f"prompt_tuning_prompt_style_args_type='{self.prompt_tuning_prompt_style_args_type}' must "
+                              "be 'dict' (build args from the keys/values lists) or 'list'")
+        keys, values = self.prompt_tuning_prompt_style_args_keys, self.prompt_tuning_prompt_style_args_values
+        if len(keys) != len(values):
+            raise ConfigError(f"prompt_tuning_prompt_style_args_keys has {len(keys)} entries but "
+                              f"prompt_tuning_prompt_style_args_values has {len(values)}; give them equal lengths")
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"prompt_tuning_prompt_style_args_keys has duplicates: {keys}")
+        if self.prompt_tuning and self.prompt_tuning_num_tokens + 1 > self.max_position_embeddings:
+            raise ConfigError(f"prompt_tuning_num_tokens={self.prompt_tuning_num_tokens} leaves no room in "
+                              f"max_position_embeddings={self.max_position_embeddings}")
+        if self.quantize_config is not None:
+            bits = self.quantize_config.get("bits", 8)
+            if bits != 8:
+                raise ConfigError(f"quantize_config.bits={bits} is not supported; only 8-bit weights are")
+            unknown = set(self.quantize_config) - {"bits", "group_size", "symmetric", "per_channel"}
+            if unknown:
+                raise ConfigError(f"quantize_config has unknown keys {sorted(unknown)}; valid: bits, group_size, "
+                                  "symmetric, per_channel")
+
+    @property
+    def prompt_style_args(self) -> dict[str, Any]:
+        """The style arguments: the explicit dict, updated by the parallel keys/values lists."""
+        args = dict(self.prompt_tuning_prompt_style_args)
+        args.update(zip(self.prompt_tuning_prompt_style_args_keys, self.prompt_tuning_prompt_style_args_values))
+        return args
+
+    def to_model_config(self) -> ModelConfig:
+        """mtnlg's internal architecture config."""
+        return ModelConfig(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
+            num_heads=self.num_attention_heads, ffn_hidden_size=self.intermediate_size,
+            max_seq_len=self.max_position_embeddings, layernorm_eps=self.layernorm_eps,
+            init_std=self.init_method_std, output_layer_init=self.output_layer_init_method,
+            activation=self.activation_function)
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig, **extra: Any) -> MegatronModelConfig:
+        return cls(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                   num_attention_heads=cfg.num_heads, intermediate_size=cfg.ffn_hidden_size,
+                   max_position_embeddings=cfg.max_seq_len, layernorm_eps=cfg.layernorm_eps,
+                   init_method_std=cfg.init_std, output_layer_init_method=cfg.output_layer_init,
+                   activation_function=cfg.activation, **extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class MegatronLmModel(nn.Module):
+    """The spec's model: a :class:`~mtnlg.model.transformer.GPT` plus a tokenizer.
+
+    Construction builds the network on the meta device (no memory, even for the 6B config). Weights
+    are allocated by :meth:`materialize` (deterministic for a seed), by :meth:`from_pretrained`, or
+    lazily on first use (``__call__`` / ``generate``) on CPU in fp32 with seed 0.
+    """
+
+    def __init__(self, config: MegatronModelConfig, tokenizer: Tokenizer | None = None):
+        super().__init__()
+        if not isinstance(config, MegatronModelConfig):
+            raise ConfigError(f"MegatronLmModel needs a MegatronModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else byte_tokenizer()
+        if self.tokenizer.vocab_size > config.vocab_size:
+            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but vocab_size="
+                              f"{config.vocab_size}; raise vocab_size to at least {self.tokenizer.vocab_size}")
+        self.model: GPT = build_model(config.to_model_config())
+        self._input_grad_hook = None
+        if config.enable_input_require_grads:
+            self.enable_input_require_grads()
+
+    # -- weights --------------------------------------------------------------------------------
+    @property
+    def is_materialized(self) -> bool:
+        return not any(p.is_meta for p in self.model.parameters())
+
+    def materialize(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    seed: int = 0) -> MegatronLmModel:
+        """Allocate and initialise the weights (MT-NLG init, deterministic for ``seed``)."""
+        materialize(self.model, device=device, dtype=dtype, seed=seed)
+        return self
+
+    def _ensure_materialized(self) -> None:
+        if not self.is_materialized:
+            log.info("materializing %s parameters on CPU (fp32, seed 0); call .materialize() to choose",
+                     f"{self.num_parameters():,}")
+            self.materialize()
+
+    def num_parameters(self) -> int:
+        """Number of parameters (the tied LM head counted once)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def enable_input_require_grads(self) -> None:
+        def hook(_module: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+            out.requires_grad_(True)
+
+        if self._input_grad_hook is None:
+            self._input_grad_hook = self.model.tok_embeddings.register_forward_hook(hook)
+
+    # -- forward / generate ---------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor | list[list[int]] | list[int]) -> torch.Tensor:
+        """Token ids [B, T] (or [T]) -> logits [B, T, vocab_size]."""
+        self._ensure_materialized()
+        device = next(self.model.parameters()).device
+        ids = torch.as_tensor(input_ids, device=device)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise ConfigError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ConfigError(f"input_ids must be in [0, {self.config.vocab_size}), got values in "
+                              f"[{int(ids.min())}, {int(ids.max())}]")
+        return self.model(ids)[..., : self.config.vocab_size]
+
+    def generate(self, text: str, max_length: int = 50, max_new_tokens: int | None = None,
+                 return_full_text: bool = True, **sampling: Any) -> str:
+        """Continue ``text``. ``max_length`` counts prompt + new tokens (as in Hugging Face);
+        ``max_new_tokens`` overrides it. Returns the prompt followed by its continuation, or the
+        continuation alone with ``return_full_text=False``. ``sampling``: temperature, top_k, top_p, seed."""
+        from mtnlg.infer.generate import SamplingParams, generate_ids
+
+        if not isinstance(text, str):
+            raise ConfigError(f"generate() takes a str prompt, got {type(text).__name__}")
+        self._ensure_materialized()
+        prompt = self.tokenizer.encode(text)
+        if max_new_tokens is None:
+            if max_length <= len(prompt):
+                raise ConfigError(f"max_length={max_length} leaves no room after the {len(prompt)}-token prompt; "
+                                  f"raise max_length or pass max_new_tokens")
+            max_new_tokens = max_length - len(prompt)
+        known = {f.name for f in dataclasses.fields(SamplingParams)} - {"max_new_tokens", "use_cache", "vocab_limit"}
+        for key in sampling:
+            if key not in known:
+                raise ConfigError(f"generate() got an unknown sampling option '{key}'" + did_you_mean(key, known))
+        params = SamplingParams(max_new_tokens=max_new_tokens, use_cache=self.config.use_cache,
+                                stop_token_ids=[self.tokenizer.eod_id], vocab_limit=self.tokenizer.vocab_size,
+                                **sampling)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            new = generate_ids(self.model, prompt, params)
+        finally:
+            self.model.train(was_training)
+        if new and new[-1] == self.tokenizer.eod_id:
+            new = new[:-1]
+        continuation = self.tokenizer.decode(new)
+        return text + continuation if return_full_text else continuation
+
+    # -- save / load ----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` atomically (temp dir + rename)."""
+        from safetensors.torch import save_file
+
+        self._ensure_materialized()
+        out = Path(directory)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
+                     if k != "output.weight"}  # tied to tok_embeddings.weight
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mtnlg": "1"})
+            (tmp / CONFIG_FILE).write_text(json.dumps({"model_type": "mtnlg", **self.config.to_dict()},
+                                                      indent=2, ensure_ascii=False))
+            self.tokenizer.save(tmp)
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> MegatronLmModel:
+        """Load what :meth:`save_pretrained` wrote."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        cfg_path, weights = d / CONFIG_FILE, d / WEIGHTS_FILE
+        if not cfg_path.is_file() or not weights.is_file():
+            raise CheckpointError(f"{d} is not a saved MegatronLmModel (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
+        raw.pop("model_type", None)
+        config = MegatronModelConfig(**raw)
+        model = cls(config, tokenizer=Tokenizer.load(d))
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights} is corrupt or truncated ({e})") from None
+        materialize(model.model, device=device, dtype=dtype, init=False)
+        missing, unexpected = model.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "output.weight"]
+        if missing or unexpected:
+            raise CheckpointError(f"{weights} does not match config.json: missing {missing[:3]}, unexpected "
+                                  f"{unexpected[:3]}")
+        model.model.tie_weights()
+        return model

@@ -1,0 +1,106 @@
+"""``mtnlg <command>``: parse, build the config, call the library. Nothing else lives here.
+
+Commands are listed in :data:`COMMANDS` and imported only when run, so ``mtnlg --help`` is instant.
+Every command that takes a config accepts ``--config FILE`` and ``--section.key=value`` (or
+``--section.key value``) overrides; every command that writes a run directory accepts ``--output DIR``.
+An :class:`~mtnlg.errors.MtnlgError` is printed on one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from mtnlg.errors import MtnlgError, did_you_mean
+
+# name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "config": ("mtnlg.commands.config", "print the resolved configuration and the model's size"),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, output: bool = False) -> None:
+    """``--config FILE`` (YAML) and, for commands that write a run directory, ``--output DIR``."""
+    parser.add_argument("--config", metavar="FILE", help="YAML config; --section.key=value overrides it")
+    if output:
+        parser.add_argument("--output", metavar="DIR", help="run directory to write")
+
+
+def load_config(args: argparse.Namespace):
+    """The validated :class:`~mtnlg.config.Config` from ``--config`` and the overrides."""
+    from mtnlg.config import Config
+
+    return Config.load(getattr(args, "config", None), getattr(args, "overrides", []))
+
+
+def split_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--section.key=value`` / ``--section.key value`` overrides from other leftovers."""
+    overrides, other = [], []
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        key = tok[2:].split("=", 1)[0] if tok.startswith("--") else ""
+        if "." in key:
+            if "=" in tok:
+                overrides.append(tok)
+            elif i + 1 < len(rest):
+                overrides.append(f"{tok}={rest[i + 1]}")
+                i += 1
+            else:
+                other.append(tok)
+        else:
+            other.append(tok)
+        i += 1
+    return overrides, other
+
+
+def _usage() -> str:
+    from mtnlg import __version__
+
+    width = max(len(n) for n in COMMANDS)
+    lines = [f"mtnlg {__version__}: pre-train, evaluate and serve MT-NLG-style language models",
+             "", "usage: mtnlg <command> [options] [--section.key=value ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'mtnlg <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from mtnlg import __version__
+
+        print(f"mtnlg {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"mtnlg: unknown command '{name}'{did_you_mean(name, COMMANDS)} (see 'mtnlg --help')", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"mtnlg {name}", description=help_[0].upper() + help_[1:] + ".")
+    module.add_arguments(parser)
+    args, rest = parser.parse_known_args(argv[1:])
+    args.overrides, other = split_overrides(rest)
+    if other:
+        parser.error(f"unrecognized arguments: {' '.join(other)}")
+    level = os.environ.get("MTNLG_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(module.run(args) or 0)
+    except MtnlgError as e:
+        print(f"mtnlg {name}: error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mtnlg {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""Configuration: one dataclass per section, loaded from YAML and overridden by ``--section.key=value``.
+
+Sections: ``model``, ``data``, ``parallel``, ``train``, ``checkpoint``, ``log``, ``serve``.
+Every value is type-checked against its annotation; an unknown key or a wrong type raises a
+:class:`~mtnlg.errors.ConfigError` with one line naming the key, the expected type and the closest
+valid key. The defaults are the embedded default job: a ~14M-parameter MT-NLG model trained on the
+built-in ``poems`` corpus on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtnlg.errors import ConfigError, did_you_mean
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+OUTPUT_LAYER_INITS = ("scaled_normal", "normal", "zeros")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the GPT decoder (MT-NLG style: pre-LN, learned positions, GELU, tied head)."""
+
+    vocab_size: int = 8192
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 6
+    ffn_hidden_size: int = 1536
+    max_seq_len: int = 512  # learned position embeddings (the spec's max_position_embeddings)
+    layernorm_eps: float = 1e-5
+    init_std: float = 0.02
+    output_layer_init: str | None = None  # None = std / sqrt(2 * num_layers) ("scaled_normal")
+    activation: str = "gelu"
+    dropout: float = 0.0  # hidden (residual) dropout
+    attention_dropout: float = 0.0
+    # Pad the embedding table to a multiple of this (Megatron's make-vocab-size-divisible-by).
+    # The padded vocabulary is also rounded up to a multiple of the tensor-parallel degree.
+    make_vocab_size_divisible_by: int = 1
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_seq_len",
+                     "make_vocab_size_divisible_by"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}; "
+                f"pick num_heads among {[d for d in range(1, 65) if self.hidden_size % d == 0][-6:]}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"model.activation='{self.activation}' is not supported; use one of {list(ACTIVATIONS)}"
+                              + did_you_mean(self.activation, ACTIVATIONS))
+        if self.output_layer_init is not None and self.output_layer_init not in OUTPUT_LAYER_INITS:
+            raise ConfigError(f"model.output_layer_init='{self.output_layer_init}' is not supported; use None or one "
+                              f"of {list(OUTPUT_LAYER_INITS)}" + did_you_mean(self.output_layer_init, OUTPUT_LAYER_INITS))
+        if not self.init_std > 0:
+            raise ConfigError(f"model.init_std must be > 0, got {self.init_std}")
+        if not self.layernorm_eps > 0:
+            raise ConfigError(f"model.layernorm_eps must be > 0, got {self.layernorm_eps}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * tp`` (as Megatron pads)."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass
+class DataConfig:
+    """Where training tokens come from."""
+
+    corpus: str = "poems"  # built-in corpus used when `paths` is empty
+    # Preprocessed prefixes, optionally weighted: [0.7, "a", 0.3, "b"] or ["a", "b"].
+    paths: list[Any] = field(default_factory=list)
+    tokenizer: str | None = None  # tokenizer dir; None = train one on the corpus and cache it
+    split: str = "90,5,5"  # train,valid,test by documents
+    seed: int = 1234
+
+    def validate(self) -> None:
+        parts = self.split.split(",")
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"data.split='{self.split}' must be three comma-separated numbers, e.g. 98,1,1") from None
+        if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError(f"data.split='{self.split}' must be three non-negative numbers, e.g. 98,1,1")
+
+
+@dataclass
+class ParallelConfig:
+    """The 4-D layout: world = dp_replicate x dp_shard x tp x pp (dp_shard=-1 takes what is left)."""
+
+    dp_replicate: int = 1  # DDP replicas (or HSDP replica groups when dp_shard > 1)
+    dp_shard: int = -1  # FSDP2 shards; -1 = world_size / (dp_replicate * tp * pp)
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = True  # with tp > 1: shard LayerNorm/dropout regions along the sequence
+    loss_parallel: bool = True  # vocab-parallel cross entropy (the spec's parallel_output=True)
+    fsdp_reshard_after_forward: bool = True  # False = ZeRO-2-like (keep params gathered until backward)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zb
+    pp_microbatches: int = 0  # 0 = pp * vpp
+    vpp: int = 1  # virtual stages per rank (interleaved schedules)
+    pp_layers: list[int] | None = None  # explicit layers per stage, e.g. [3, 5]
+    pp_balance: str = "uniform"  # uniform | auto | profile
+    grad_sync: str = "mean"  # mean | token_weighted
+    sync_every: int = 1  # > 1: local-SGD / DiLoCo outer step every H inner steps
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+
+    def validate(self) -> None:
+        for name in ("dp_replicate", "tp", "pp", "vpp", "sync_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (fill the rest), got {self.dp_shard}")
+        _choice("parallel.pp_schedule", self.pp_schedule, ("gpipe", "1f1b", "interleaved", "zb"))
+        _choice("parallel.pp_balance", self.pp_balance, ("uniform", "auto", "profile"))
+        _choice("parallel.grad_sync", self.grad_sync, ("mean", "token_weighted"))
+        if self.pp_microbatches < 0:
+            raise ConfigError(f"parallel.pp_microbatches must be >= 0, got {self.pp_microbatches}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision and the training schedule."""
+
+    steps: int = 2000
+    seq_len: int = 128
+    global_batch_size: int = 16  # sequences per optimizer step (all data-parallel ranks together)
+    micro_batch_size: int = 16  # sequences per forward/backward on one rank
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None  # None = steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # MT-NLG batch-size ramp: start at rampup_batch_start and add rampup_batch_increment sequences at
+    # even intervals until global_batch_size is reached after rampup_tokens tokens (0 = no ramp).
+    rampup_batch_start: int = 0
+    rampup_batch_increment: int = 0
+    rampup_tokens: int = 0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    activation_checkpointing: str = "none"  # none | full | selective
+    compile: bool = False
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    eval_interval: int = 200
+    eval_batches: int = 8
+    max_bad_steps: int = 5
+    max_time_s: float | None = None  # stop (and checkpoint) after this much wall time
+
+    def validate(self) -> None:
+        for name in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_interval", "eval_batches",
+                     "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice("train.activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded, atomic checkpoints (torch.distributed.checkpoint)."""
+
+    dir: str | None = None  # None = <run>/checkpoints
+    interval: int = 500  # steps; 0 = only at the end and on signals
+    keep: int = 3
+    resume: str = "auto"  # auto (newest complete checkpoint, if any) | none | a checkpoint path
+    fallback: bool = False  # on a corrupt newest checkpoint, fall back on the previous complete one
+
+    def validate(self) -> None:
+        if self.interval < 0:
+            raise ConfigError(f"checkpoint.interval must be >= 0, got {self.interval}")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep must be >= 1, got {self.keep}")
+
+
+@dataclass
+class LogConfig:
+    """Where metrics go."""
+
+    interval: int = 10
+    tensorboard: bool = True
+    jsonl: bool = True
+    peak_tflops: float | None = None  # per-device peak for MFU; None = measure (cached)
+    level: str = "INFO"
+
+    def validate(self) -> None:
+        if self.interval < 1:
+            raise ConfigError(f"log.interval must be >= 1, got {self.interval}")
+        _choice("log.level", self.level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclass
+class ServeConfig:
+    """The OpenAI-compatible server and its continuous-batching engine."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # or env MTNLG_API_KEY
+    max_batch: int = 16
+    max_model_len: int | None = None  # None = model.max_seq_len
+    max_queue: int = 64
+    kv_cache_mb: float = 256.0  # memory budget for KV-cache slots
+    model_name: str = "mtnlg"
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"serve.port must be in [0, 65535], got {self.port}")
+        for name in ("max_batch", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                              f"lower train.seq_len or raise model.max_seq_len")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> Config:
+        return _build(cls, data or {}, prefix="", source=source)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+        """Load ``path`` (YAML; None = defaults), apply ``--section.key=value`` overrides, validate."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"--config {path}: no such file")
+            try:
+                data = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"--config {path}: top level must be a mapping of sections")
+        cfg = _build(cls, data, prefix="", source=str(path or "defaults"))
+        apply_overrides(cfg, overrides or [])
+        return cfg.validate()
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}='{value}' is not one of {list(choices)}" + did_you_mean(value, choices))
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to annotation ``tp`` (int -> float allowed) or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return check_type(key, value, a)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            valid = [f"{prefix}{n}" for n in names]
+            raise ConfigError(f"unknown key '{full}' in {source}" + did_you_mean(full, valid))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of {tp.__name__} keys, got {value!r}")
+            kwargs[key] = _build(tp, value, prefix=f"{full}.", source=source)
+        else:
+            kwargs[key] = check_type(full, value, tp)
+    return cls(**kwargs)
+
+
+def all_keys() -> list[str]:
+    """Every valid ``section.key``."""
+    return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(Config(), s))]
+
+
+def parse_value(text: str) -> Any:
+    """Parse a CLI value the way YAML would (``1e-3`` -> float, ``[3,5]`` -> list, ``none`` -> None)."""
+    if text.strip().lower() in ("none", "null", "~"):
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value) if any(c.isdigit() for c in value) and value.lower().lstrip("+-") not in ("inf", "nan") else value
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` (or ``--section.key=value``) strings to ``cfg`` in place."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override '{item}' must look like --section.key=value")
+        key, raw = text.split("=", 1)
+        if "." not in key:
+            raise ConfigError(f"override '{item}' must name a section and a key, e.g. --train.steps=10"
+                              + did_you_mean(key, all_keys()))
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown key '{key}': no section '{section}' (sections: {', '.join(SECTIONS)})"
+                              + did_you_mean(key, all_keys()))
+        sub = getattr(cfg, section)
+        hints = typing.get_type_hints(type(sub))
+        if name not in hints:
+            raise ConfigError(f"unknown key '{key}'" + did_you_mean(key, all_keys()))
+        try:
+            value = check_type(key, parse_value(raw), hints[name])
+        except ConfigError:
+            value = check_type(key, raw, hints[name])  # e.g. a str field given "12345"
+        setattr(sub, name, value)
+    return cfg

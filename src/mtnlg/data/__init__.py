@@ -1,0 +1,1 @@
+"""Tokenizers, built-in corpora, preprocessing to memory-mapped token files, datasets and samplers."""

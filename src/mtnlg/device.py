@@ -1,0 +1,39 @@
+"""The one place that decides device, dtype and distributed backend (cuda+nccl or cpu+gloo)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mtnlg.errors import ConfigError
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """``auto`` -> the local CUDA device when there is one (LOCAL_RANK-aware), else CPU."""
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device='cuda' but no CUDA device is visible; use --train.device=cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if preference != "auto":
+        raise ConfigError(f"device '{preference}' is not one of ['auto', 'cpu', 'cuda']")
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    """nccl on CUDA, gloo on CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """bf16 compute on CUDA (fp32 master weights), fp32 on CPU where bf16 matmul is ~100x slower."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ConfigError(f"train.precision='{precision}' is not one of ['auto', 'fp32', 'bf16']")
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

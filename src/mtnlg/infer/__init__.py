@@ -1,0 +1,1 @@
+"""Generation (KV cache, sampling), the continuous-batching engine and the OpenAI-compatible server."""

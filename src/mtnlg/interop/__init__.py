@@ -1,0 +1,1 @@
+"""mtnlg.interop."""

@@ -1,0 +1,110 @@
+import math
+import time
+
+import pytest
+import torch
+
+from mtnlg.config import ModelConfig
+from mtnlg.errors import ConfigError
+from mtnlg.model import KVCache, build_model, count_parameters, materialize
+from mtnlg.model.init import init_value
+
+
+def test_causality(tiny_model):
+    """Changing future tokens leaves the logits of earlier positions unchanged."""
+    torch.manual_seed(0)
+    a = torch.randint(0, 97, (2, 16))
+    b = a.clone()
+    b[:, 10:] = torch.randint(0, 97, (2, 6))
+    la, lb = tiny_model(a), tiny_model(b)
+    assert torch.equal(la[:, :10], lb[:, :10])
+    assert not torch.allclose(la[:, 10:], lb[:, 10:])
+
+
+def test_tied_head_and_shapes(tiny_model, tiny_cfg):
+    assert tiny_model.output.weight is tiny_model.tok_embeddings.weight
+    out = tiny_model(torch.zeros(3, 7, dtype=torch.long))
+    assert out.shape == (3, 7, tiny_cfg.vocab_size)
+
+
+def test_kv_cache_matches_full_forward(tiny_model):
+    ids = torch.randint(0, 97, (2, 20))
+    full = tiny_model(ids)
+    cache = KVCache(2, 32)
+    parts = [tiny_model(ids[:, :11], cache=cache)] + [tiny_model(ids[:, i:i + 1], cache=cache) for i in range(11, 15)]
+    parts.append(tiny_model(ids[:, 15:], cache=cache))
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_init_statistics():
+    cfg = ModelConfig(vocab_size=512, hidden_size=256, num_layers=8, num_heads=4, ffn_hidden_size=1024, max_seq_len=128)
+    m = materialize(build_model(cfg), seed=3)
+    std = cfg.init_std
+    scaled = std / math.sqrt(2 * cfg.num_layers)
+    for name, p in m.named_parameters():
+        if name.endswith("bias"):
+            assert torch.count_nonzero(p) == 0, name
+        elif ".ln_" in name or name.startswith("norm."):
+            assert torch.all(p == 1), name
+        elif name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
+            assert abs(p.std().item() - scaled) / scaled < 0.05, name
+            assert abs(p.mean().item()) < scaled / 10
+        else:
+            assert abs(p.std().item() - std) / std < 0.05, name
+
+
+@pytest.mark.parametrize("rule,expect", [("normal", 0.02), ("zeros", 0.0)])
+def test_output_layer_init_rules(rule, expect):
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, ffn_hidden_size=128, max_seq_len=16,
+                      output_layer_init=rule)
+    m = materialize(build_model(cfg), seed=0)
+    w = m.layers["1"].mlp.fc2.weight
+    assert abs(w.std().item() - expect) < 0.003
+
+
+def test_init_is_deterministic_and_layout_independent(tiny_cfg):
+    a = materialize(build_model(tiny_cfg), seed=7)
+    b = materialize(build_model(tiny_cfg), seed=7)
+    c = materialize(build_model(tiny_cfg), seed=8)
+    for (n, p), (_, q), (_, r) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
+        assert torch.equal(p, q), n
+        if p.std() > 0:
+            assert not torch.equal(p, r), n
+    # A parameter's value depends only on its name and seed, not on the module around it.
+    w = init_value("layers.1.attn.qkv.weight", a.layers["1"].attn.qkv.weight.shape, tiny_cfg, 7)
+    assert torch.equal(w, a.layers["1"].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("v,h,l,heads,f,s", [(97, 32, 2, 4, 64, 64), (50257, 768, 12, 12, 3072, 1024),
+                                              (1000, 128, 3, 8, 300, 17), (30522, 256, 1, 16, 1024, 512)])
+def test_closed_form_parameter_count(v, h, l, heads, f, s):
+    cfg = ModelConfig(vocab_size=v, hidden_size=h, num_layers=l, num_heads=heads, ffn_hidden_size=f, max_seq_len=s)
+    m = build_model(cfg)
+    assert count_parameters(cfg) == sum(p.numel() for p in m.parameters())
+
+
+def test_spec_6b_config_builds_on_meta_fast():
+    cfg = ModelConfig(vocab_size=30522, hidden_size=4096, num_layers=30, num_heads=16, ffn_hidden_size=15360,
+                      max_seq_len=512)
+    build_model(ModelConfig(num_layers=1))  # warm any first-call import
+    t = time.perf_counter()
+    m = build_model(cfg)
+    elapsed = time.perf_counter() - t
+    assert all(p.is_meta for p in m.parameters())
+    assert sum(p.numel() for p in m.parameters()) == 5_916_829_696 == count_parameters(cfg)
+    assert elapsed < 1.0, elapsed
+
+
+def test_activations_differ(tiny_cfg):
+    ids = torch.randint(0, 97, (1, 8))
+    outs = {}
+    for act in ("gelu", "gelu_tanh", "relu"):
+        tiny_cfg.activation = act
+        outs[act] = materialize(build_model(tiny_cfg), seed=0)(ids)
+    assert not torch.allclose(outs["gelu"], outs["relu"])
+    assert 0 < (outs["gelu"] - outs["gelu_tanh"]).abs().max() < 1e-2
+
+
+def test_too_long_input_is_a_clear_error(tiny_model):
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        tiny_model(torch.zeros(1, 65, dtype=torch.long))

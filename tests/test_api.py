@@ -1,0 +1,154 @@
+"""The spec's public API, run as the spec writes it (sizes shrunk)."""
+
+import json
+
+import pytest
+import torch
+
+from mtnlg import MegatronLmModel, MegatronModelConfig
+from mtnlg.data.tokenizer import train_bpe
+from mtnlg.errors import CheckpointError, ConfigError
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+
+
+def test_spec_snippet_verbatim_with_sizes_shrunk():
+    config = MegatronModelConfig(
+        vocab_size=30522,  # 假设使用30522个词的词汇表大小
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=512,
+        use_cache=True,
+        layernorm_eps=1e-5,
+        init_method_std=0.02,
+        output_layer_init_method=None,
+        parallel_output=True,
+        activation_function="gelu",
+        pre_process_first=False,
+        post_process_last=False,
+        quantize=False,
+        quantize_config=None,
+        enable_input_require_grads=False,
+        prompt_tuning=False,
+        prompt_tuning_num_tokens=0,
+        prompt_tuning_init_text="",
+        prompt_tuning_update_every_n_steps=1,
+        prompt_tuning_lr_multiplier=1.0,
+        prompt_tuning_max_seq_length=512,
+        prompt_tuning_vocab_size=30522,
+        prompt_tuning_prompt_style="prepend",
+        prompt_tuning_prompt_style_args={},
+        prompt_tuning_prompt_style_args_type="dict",
+        prompt_tuning_prompt_style_args_keys=["prefix", "suffix"],
+        prompt_tuning_prompt_style_args_values=["hello world", "goodbye"],
+    )
+
+    model = MegatronLmModel(config)
+
+    input_text = "秋天的夜晚，星光闪烁，"
+    output = model.generate(input_text, max_length=50)
+    print(output)
+    assert isinstance(output, str) and output.startswith(input_text)
+    assert len(output) > len(input_text)
+
+
+def test_defaults_are_the_spec_values():
+    c = MegatronModelConfig()
+    assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size,
+            c.max_position_embeddings) == (30522, 4096, 30, 16, 15360, 512)
+    assert c.prompt_tuning_prompt_style_args_keys == ["prefix", "suffix"]
+    assert c.prompt_style_args == {"prefix": "hello world", "suffix": "goodbye"}
+    m = MegatronLmModel(c)  # the full 6B config, on the meta device
+    assert m.num_parameters() == 5_916_829_696 and not m.is_materialized
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    (dict(hiden_size=8), r"unknown keyword 'hiden_size'; did you mean 'hidden_size'"),
+    (dict(hidden_size=100, num_attention_heads=16), r"divisible by num_attention_heads"),
+    (dict(vocab_size=0), r"vocab_size must be a positive integer"),
+    (dict(activation_function="swish"), r"activation_function='swish'"),
+    (dict(prompt_tuning_prompt_style="middle"), r"prompt_tuning_prompt_style='middle'"),
+    (dict(prompt_tuning_prompt_style_args_keys=["a"]), r"equal lengths"),
+    (dict(prompt_tuning=True), r"prompt_tuning_num_tokens > 0"),
+    (dict(num_hidden_layers="3"), r"num_hidden_layers: expected int"),
+    (dict(output_layer_init_method="xavier"), r"output_layer_init_method"),
+    (dict(quantize_config={"bits": 4}), r"bits=4"),
+    (dict(layernorm_eps=0.0), r"layernorm_eps"),
+    (dict(prompt_tuning_lr_multiplier=0.0), r"prompt_tuning_lr_multiplier"),
+])
+def test_config_errors(kw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        MegatronModelConfig(**{**TINY, **kw})
+
+
+def test_tokenizer_larger_than_vocab_is_rejected():
+    tok = train_bpe(["床前明月光，疑是地上霜。"] * 20, 300)
+    with pytest.raises(ConfigError, match="raise vocab_size"):
+        MegatronLmModel(MegatronModelConfig(**TINY, vocab_size=280), tokenizer=tok)
+
+
+def test_call_returns_logits_and_validates_ids():
+    m = MegatronLmModel(MegatronModelConfig(**TINY, vocab_size=300)).materialize(seed=1)
+    logits = m(torch.tensor([[1, 2, 3]]))
+    assert logits.shape == (1, 3, 300)
+    assert m([5, 6]).shape == (1, 2, 300)
+    with pytest.raises(ConfigError, match=r"input_ids must be in \[0, 300\)"):
+        m(torch.tensor([[300]]))
+
+
+def test_generate_options():
+    m = MegatronLmModel(MegatronModelConfig(**TINY, vocab_size=300)).materialize(seed=1)
+    cont = m.generate("床前", max_new_tokens=5, return_full_text=False, temperature=0.9, seed=3)
+    assert cont == m.generate("床前", max_new_tokens=5, return_full_text=False, temperature=0.9, seed=3)
+    assert not m.generate("床前", max_length=20).startswith("x")
+    with pytest.raises(ConfigError, match="unknown sampling option 'tempreature'"):
+        m.generate("x", tempreature=1.0)
+    with pytest.raises(ConfigError, match="max_length=2 leaves no room"):
+        m.generate("床前明月光", max_length=2)
+
+
+def test_use_cache_false_gives_same_greedy_text():
+    a = MegatronLmModel(MegatronModelConfig(**TINY, vocab_size=300)).materialize(seed=2)
+    b = MegatronLmModel(MegatronModelConfig(**TINY, vocab_size=300, use_cache=False)).materialize(seed=2)
+    assert a.generate("春眠不觉晓", max_new_tokens=12) == b.generate("春眠不觉晓", max_new_tokens=12)
+
+
+def test_save_load_round_trip_bit_exact(tmp_path):
+    tok = train_bpe(["床前明月光，疑是地上霜。举头望明月，低头思故乡。"] * 20, 300)
+    m = MegatronLmModel(MegatronModelConfig(**TINY, vocab_size=300), tokenizer=tok).materialize(seed=5)
+    out = m.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 64
+    m2 = MegatronLmModel.from_pretrained(out)
+    for (n, p), (_, q) in zip(m.model.state_dict().items(), m2.model.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert m2.model.output.weight is m2.model.tok_embeddings.weight
+    assert m2.tokenizer.encode("明月") == tok.encode("明月")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(m(ids), m2(ids))
+    # Saving again over the same directory replaces it atomically; no temp dirs are left behind.
+    m2.save_pretrained(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not a saved MegatronLmModel"):
+        MegatronLmModel.from_pretrained(tmp_path)
+    m = MegatronLmModel(MegatronModelConfig(**TINY, vocab_size=300)).materialize()
+    out = m.save_pretrained(tmp_path / "m")
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        MegatronLmModel.from_pretrained(out)
+
+
+def test_enable_input_require_grads():
+    m = MegatronLmModel(MegatronModelConfig(**TINY, vocab_size=300, enable_input_require_grads=True)).materialize()
+    captured = {}
+    m.model.tok_embeddings.register_forward_hook(lambda mod, i, o: captured.setdefault("out", o))
+    for p in m.model.tok_embeddings.parameters():
+        p.requires_grad_(False)
+    m(torch.tensor([[1, 2]]))
+    assert captured["out"].requires_grad

@@ -1,0 +1,35 @@
+import json
+import subprocess
+import sys
+
+from mtnlg.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "mtnlg", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_commands():
+    r = run("--help")
+    assert r.returncode == 0 and "config" in r.stdout and "usage: mtnlg" in r.stdout
+
+
+def test_unknown_command_exits_2():
+    r = run("cofnig")
+    assert r.returncode == 2 and "did you mean 'config'" in r.stderr
+
+
+def test_config_command_json_and_overrides(capsys):
+    assert main(["config", "--json", "--model.num_layers=2", "--train.steps", "7"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["config"]["model"]["num_layers"] == 2 and data["config"]["train"]["steps"] == 7
+    assert data["params"] > 0
+
+
+def test_bad_override_is_one_line_exit_2():
+    r = run("config", "--model.num_layer=3")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0
+    assert "unknown key 'model.num_layer'" in r.stderr and "did you mean 'model.num_layers'" in r.stderr
+    r = run("config", "--train.lr=fast")
+    assert r.returncode == 2 and "train.lr: expected float" in r.stderr

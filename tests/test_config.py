@@ -1,0 +1,65 @@
+import pytest
+
+from mtnlg.config import Config, apply_overrides, parse_value
+from mtnlg.errors import ConfigError
+
+
+def test_defaults_validate():
+    cfg = Config().validate()
+    assert cfg.model.num_layers == 6 and cfg.data.corpus == "poems"
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  num_layers: 3\ntrain:\n  lr: 0.01\n")
+    cfg = Config.load(p, ["--train.lr=3e-4", "parallel.pp_layers=[1,2]", "--serve.api_key=12345",
+                          "--checkpoint.dir=none"])
+    assert cfg.model.num_layers == 3
+    assert cfg.train.lr == 3e-4
+    assert cfg.parallel.pp_layers == [1, 2]
+    assert cfg.serve.api_key == "12345"
+    assert cfg.checkpoint.dir is None
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("--train.stpes=3", r"unknown key 'train.stpes'; did you mean 'train.steps'"),
+    ("--trian.steps=3", r"unknown key 'trian.steps'.*did you mean 'train.steps'"),
+    ("--model.hidden_size=abc", r"model.hidden_size: expected int, got 'abc'"),
+    ("--train.compile=maybe", r"train.compile: expected bool"),
+    ("--model.num_heads=7", r"divisible by model.num_heads=7"),
+    ("--model.activation=swish", r"model.activation='swish' is not supported"),
+    ("--parallel.pp_schedule=1f1x", r"did you mean '1f1b'"),
+    ("--data.split=1,2", r"data.split"),
+    ("--train.seq_len=4096", r"exceeds model.max_seq_len"),
+    ("steps=3", r"must name a section"),
+])
+def test_override_errors(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        Config.load(None, [override])
+
+
+def test_unknown_yaml_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  num_layer: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'model.num_layer'.*did you mean 'model.num_layers'"):
+        Config.load(p)
+    p.write_text("modle:\n  num_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'model'"):
+        Config.load(p)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="no such file"):
+        Config.load("/nonexistent.yaml")
+
+
+def test_parse_value():
+    assert parse_value("1e-3") == 1e-3
+    assert parse_value("true") is True
+    assert parse_value("poems") == "poems"
+    assert parse_value("[0.7, a, 0.3, b]") == [0.7, "a", 0.3, "b"]
+
+
+def test_int_accepted_for_float():
+    cfg = apply_overrides(Config(), ["train.lr=1"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
