@@ -1,0 +1,220 @@
+"""Optimisation pieces of the training loop: AdamW, the LR schedule, the MT-NLG batch-size ramp,
+the precision policy, activation checkpointing and torch.compile.
+
+Everything here works on a list of model parts (one per pipeline stage held by this rank) whose
+parameters may be plain tensors or DTensors (FSDP2 / TP); nothing here talks to other ranks.
+
+LR schedule (Megatron / MT-NLG)::
+
+    lr ▲      ____
+       │     /    `-._                      linear warmup over warmup_steps,
+       │    /         `-._                  cosine decay to min_lr_ratio * lr at lr_decay_steps,
+       │   /              `-.___________    then flat.
+       └──┴──────────────────┴──────────► step
+          warmup        lr_decay_steps
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from mtnlg.config import TrainConfig
+from mtnlg.errors import ConfigError
+
+# -- AdamW -----------------------------------------------------------------------------------------
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    return type(p).__name__ == "DTensor"
+
+
+def unique_parameters(model_parts: Iterable[nn.Module]) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(name, param)`` over all parts, each trainable parameter once (the tied LM head counts once)."""
+    seen: set[int] = set()
+    for part in model_parts:
+        for name, p in part.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                yield name, p
+
+
+def no_decay(name: str, p: torch.Tensor) -> bool:
+    """Biases and LayerNorm weights are not decayed (every parameter with fewer than 2 dims)."""
+    return p.dim() < 2 or name.endswith(".bias")
+
+
+def build_optimizer(model_parts: Iterable[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW(beta1, beta2, eps, weight_decay) with two groups: decayed matrices, undecayed biases/norms.
+
+    The foreach kernels are used for plain tensors and turned off when any parameter is a DTensor
+    (sharded params of mixed meshes cannot always be grouped by the foreach path).
+    """
+    decay, plain = [], []
+    for name, p in unique_parameters(model_parts):
+        (plain if no_decay(name, p) else decay).append(p)
+    if not decay and not plain:
+        raise ConfigError("the model has no trainable parameters")
+    any_dtensor = any(_is_dtensor(p) for p in decay + plain)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+              {"params": plain, "weight_decay": 0.0, "name": "no_decay"}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False if any_dtensor else None)
+
+
+# -- learning-rate schedule ------------------------------------------------------------------------
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Factor on ``cfg.lr`` for optimizer step ``step`` (0-based: the first update uses step 0).
+
+    Warmup is linear, ``(step + 1) / warmup_steps``, so the first update already moves; then cosine
+    from 1 down to ``min_lr_ratio`` between ``warmup_steps`` and ``lr_decay_steps`` (default ``steps``).
+    """
+    warmup = cfg.warmup_steps
+    decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.steps
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if step >= decay_steps:
+        return cfg.min_lr_ratio
+    span = max(1, decay_steps - warmup)
+    progress = (step - warmup) / span
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step``."""
+    return cfg.lr * lr_multiplier(step, cfg)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over :func:`lr_multiplier`; its state (``last_epoch``) is the number of updates done."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, cfg=cfg))
+
+
+# -- MT-NLG batch-size ramp ------------------------------------------------------------------------
+
+
+class BatchRamp:
+    """Global batch size as a function of the samples consumed so far (Megatron's rampup_batch_size).
+
+    The batch starts at ``rampup_batch_start`` and grows by ``rampup_batch_increment`` sequences in
+    equal steps spread over ``rampup_tokens / seq_len`` samples, then stays at ``global_batch_size``.
+    MT-NLG 530B: start 32, increment 32, over 12B tokens, to 1920. Every size must be a multiple of
+    ``micro_batch_size * dp_size`` so that each rank runs a whole number of micro-batches.
+    """
+
+    def __init__(self, cfg: TrainConfig, dp_size: int = 1):
+        self.global_batch_size = cfg.global_batch_size
+        self.micro_batch_size = cfg.micro_batch_size
+        self.dp_size = dp_size
+        self.start, self.increment = cfg.rampup_batch_start, cfg.rampup_batch_increment
+        self.ramp_samples = cfg.rampup_tokens // cfg.seq_len
+        unit = cfg.micro_batch_size * dp_size
+        self.enabled = cfg.rampup_tokens > 0 and self.start > 0 and self.start < self.global_batch_size
+        if cfg.global_batch_size % unit:
+            raise ConfigError(f"train.global_batch_size={cfg.global_batch_size} must be a multiple of "
+                              f"train.micro_batch_size x data-parallel size = {cfg.micro_batch_size} x {dp_size}")
+        if self.enabled:
+            if self.increment <= 0:
+                raise ConfigError("train.rampup_batch_increment must be > 0 when train.rampup_tokens > 0")
+            if (self.global_batch_size - self.start) % self.increment:
+                raise ConfigError(f"train.global_batch_size - train.rampup_batch_start = "
+                                  f"{self.global_batch_size - self.start} must be a multiple of "
+                                  f"train.rampup_batch_increment={self.increment}")
+            for key, v in (("rampup_batch_start", self.start), ("rampup_batch_increment", self.increment)):
+                if v % unit:
+                    raise ConfigError(f"train.{key}={v} must be a multiple of micro_batch_size x data-parallel "
+                                      f"size = {unit}")
+            self.num_increments = (self.global_batch_size - self.start) // self.increment
+            self.samples_per_increment = self.ramp_samples / self.num_increments
+
+    def batch_size(self, consumed_samples: int) -> int:
+        """Global batch size (sequences) of the step that starts after ``consumed_samples``."""
+        if not self.enabled or consumed_samples >= self.ramp_samples:
+            return self.global_batch_size
+        steps = int(consumed_samples / self.samples_per_increment)
+        return min(self.global_batch_size, self.start + steps * self.increment)
+
+    def num_micro_batches(self, consumed_samples: int) -> int:
+        """Micro-batches each data-parallel rank runs (gradient accumulation) at this point."""
+        return self.batch_size(consumed_samples) // (self.micro_batch_size * self.dp_size)
+
+
+# -- precision -------------------------------------------------------------------------------------
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """The compute-precision context for forward/backward: bf16 autocast over fp32 master weights on
+    CUDA (``auto`` or ``bf16``); fp32 (no autocast) on CPU under ``auto``, where bf16 matmul is slow.
+    Parameters and optimizer states always stay fp32."""
+    from mtnlg.device import compute_dtype
+
+    dtype = compute_dtype(device, precision)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# -- activation checkpointing and compile ----------------------------------------------------------
+
+
+def _blocks(model_parts: Iterable[nn.Module]) -> list[nn.Module]:
+    from mtnlg.model.transformer import Block
+
+    return [m for part in model_parts for m in part.modules() if isinstance(m, Block)]
+
+
+def _selective_policy():
+    """Save the outputs of matmuls and attention, recompute the cheap element-wise ops (GELU,
+    LayerNorm, dropout, adds): most of the activation memory back for a few % of the FLOPs."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    save = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten._scaled_dot_product_efficient_attention.default,
+            torch.ops.aten._scaled_dot_product_flash_attention.default,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_activation_checkpointing(model_parts: Iterable[nn.Module], mode: str) -> int:
+    """Recompute block activations in backward: ``full`` keeps only each block's input, ``selective``
+    keeps matmul/attention outputs and recomputes the rest. Patches each Block's ``forward`` in place
+    (parameter names and FSDP/TP hooks are unchanged). Returns the number of blocks wrapped."""
+    if mode == "none":
+        return 0
+    if mode not in ("full", "selective"):
+        raise ConfigError(f"train.activation_checkpointing='{mode}' is not one of ['none', 'full', 'selective']")
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    blocks = _blocks(model_parts)
+    for block in blocks:
+        inner = block.forward
+        if mode == "full":
+            def fwd(*args, _inner=inner, **kwargs):
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+        else:
+            def fwd(*args, _inner=inner, **kwargs):
+                return checkpoint(_inner, *args, use_reentrant=False,
+                                  context_fn=functools.partial(create_selective_checkpoint_contexts,
+                                                               _selective_policy()), **kwargs)
+        block.forward = fwd
+    return len(blocks)
+
+
+def apply_compile(model_parts: Iterable[nn.Module]) -> int:
+    """torch.compile each transformer block in place (per-block regions compile fast and compose with
+    FSDP2 / TP hooks). Returns the number of blocks compiled."""
+    blocks = _blocks(model_parts)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
