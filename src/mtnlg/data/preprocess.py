@@ -1,0 +1,324 @@
+"""Tokenize text into ``PREFIX.bin`` / ``PREFIX.idx`` (see :mod:`mtnlg.data.indexed`) with worker processes.
+
+Inputs, in order (the output is identical for any number of workers):
+
+* ``corpus:NAME`` - a built-in corpus (:mod:`mtnlg.data.corpora`);
+* ``*.txt`` - one document per file, or, with ``separator``, documents separated by lines that
+  consist of exactly that string (``""`` = blank lines); surrounding blank lines are stripped
+  in separator mode, kept verbatim in whole-file mode;
+* ``*.jsonl`` / ``*.jsonl.gz`` - one JSON object per line, the text under ``json_key``;
+* a directory - every file of those kinds below it, sorted.
+
+Every document ends with the tokenizer's EOD token. Invalid UTF-8, invalid JSON and lines without
+a string ``json_key`` are *bad lines*: each is counted and the first few are reported as
+``file:line: reason``; ``on_error="fail"`` stops at the first one (nothing is written),
+``"skip"`` drops it (a ``.txt`` drops only the bad line, a ``.jsonl`` line is a whole document).
+Nothing is dropped silently.
+
+::
+
+    main process: read 1 MB chunks ──► pool of N workers: decode, parse, encode_batch ──► main: write in order
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mtnlg.data.indexed import IndexedWriter, dtype_for_vocab, tokenizer_path
+from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20  # work unit handed to a worker
+MAX_REPORTED = 10  # bad lines reported individually
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A skipped (or fatal) input line."""
+
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclass
+class PreprocessStats:
+    """What ``preprocess`` wrote and what it skipped."""
+
+    prefix: str
+    documents: int = 0
+    tokens: int = 0
+    input_bytes: int = 0
+    bad_lines: int = 0
+    errors: list[BadLine] = field(default_factory=list)  # the first MAX_REPORTED bad lines
+    seconds: float = 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.input_bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+@dataclass(frozen=True)
+class _Task:
+    kind: str  # "jsonl" | "txt" | "docs"
+    source: str  # file path or corpus:NAME
+    first: int  # first line number (1-based) or first document index
+    payload: bytes | list[str]
+
+    @property
+    def nbytes(self) -> int:
+        if isinstance(self.payload, bytes):
+            return len(self.payload)
+        return sum(len(d.encode("utf-8", errors="replace")) for d in self.payload)
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Resolve directories into their ``.txt``/``.jsonl``/``.jsonl.gz`` files; check that every input exists."""
+    if not inputs:
+        raise ConfigError("--input needs at least one file, directory or corpus:NAME")
+    out: list[str] = []
+    for item in inputs:
+        if item.startswith("corpus:"):
+            from mtnlg.data.corpora import CORPORA, _check_name
+
+            _check_name(item[len("corpus:"):])
+            out.append(item)
+            continue
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
+            if not files:
+                raise DataError(f"--input {item}: directory holds no {'/'.join(SUFFIXES)} files")
+            out += files
+        elif p.is_file():
+            if not item.endswith(SUFFIXES):
+                raise DataError(f"--input {item}: unsupported file type; use {', '.join(SUFFIXES)} or corpus:NAME")
+            out.append(item)
+        else:
+            raise DataError(f"--input {item}: no such file or directory")
+    return out
+
+
+def _read_blocks(path: str) -> Iterator[bytes]:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                yield block
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path} is a corrupt or truncated gzip file ({e})") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def iter_tasks(inputs: list[str]) -> Iterator[_Task]:
+    """Cut the inputs into work units of about ``CHUNK_BYTES``, on line/document boundaries."""
+    for src in expand_inputs(inputs):
+        if src.startswith("corpus:"):
+            from mtnlg.data.corpora import load_corpus
+
+            docs = load_corpus(src[len("corpus:"):])
+            start, size = 0, 0
+            for i, d in enumerate(docs):
+                size += len(d) * 3
+                if size >= CHUNK_BYTES or i == len(docs) - 1:
+                    yield _Task("docs", src, start, docs[start:i + 1])
+                    start, size = i + 1, 0
+        elif src.endswith(".txt"):
+            yield _Task("txt", src, 1, b"".join(_read_blocks(src)))
+        else:
+            line, rest = 1, b""
+            for block in _read_blocks(src):
+                block = rest + block
+                cut = block.rfind(b"\n") + 1
+                if cut == 0:
+                    rest = block
+                    continue
+                chunk, rest = block[:cut], block[cut:]
+                yield _Task("jsonl", src, line, chunk)
+                line += chunk.count(b"\n")
+            if rest:
+                yield _Task("jsonl", src, line, rest)
+
+
+def parse_task(task: _Task, json_key: str = "text", separator: str | None = None) -> tuple[list[str], list[BadLine]]:
+    """The documents in one work unit and the bad lines met on the way."""
+    bad: list[BadLine] = []
+    if task.kind == "docs":
+        return list(task.payload), bad
+    data: bytes = task.payload  # type: ignore[assignment]
+    if task.kind == "txt":
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            good = []
+            for i, raw in enumerate(data.split(b"\n")):
+                try:
+                    good.append(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    bad.append(BadLine(task.source, task.first + i, f"invalid UTF-8 at byte {e.start} of the line"))
+            text = "\n".join(good)
+        if separator is None:
+            return ([text] if text else []), bad
+        docs, cur = [], []
+        for line in text.split("\n"):
+            if line.rstrip("\r") == separator:
+                docs.append("\n".join(cur).strip("\r\n"))
+                cur = []
+            else:
+                cur.append(line)
+        docs.append("\n".join(cur).strip("\r\n"))
+        return [d for d in docs if d.strip()], bad
+    docs = []
+    for i, raw in enumerate(data.split(b"\n")):
+        if not raw.strip():
+            continue  # blank line: no data, nothing dropped
+        try:
+            obj = json.loads(raw)
+        except UnicodeDecodeError as e:
+            bad.append(BadLine(task.source, task.first + i, f"invalid UTF-8 at byte {e.start} of the line"))
+            continue
+        except ValueError as e:
+            bad.append(BadLine(task.source, task.first + i, f"invalid JSON ({str(e).split(':')[0]})"))
+            continue
+        value = obj.get(json_key) if isinstance(obj, dict) else None
+        if not isinstance(value, str):
+            bad.append(BadLine(task.source, task.first + i, f"no string field '{json_key}'"))
+            continue
+        docs.append(value)
+    return docs, bad
+
+
+def iter_documents(inputs: list[str], json_key: str = "text", separator: str | None = None,
+                   on_error: str = "skip", stats: PreprocessStats | None = None) -> Iterator[str]:
+    """Every document of ``inputs`` as text (used to train tokenizers); bad lines as in ``preprocess``."""
+    _check_on_error(on_error)
+    stats = stats or PreprocessStats(prefix="")
+    for task in iter_tasks(inputs):
+        docs, bad = parse_task(task, json_key, separator)
+        _record_bad(stats, bad, on_error)
+        stats.input_bytes += task.nbytes
+        stats.documents += len(docs)
+        yield from docs
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+_W: dict = {}
+
+
+def _init_worker(tokenizer_json: str, json_key: str, separator: str | None, serial: bool) -> None:
+    if serial:  # one process = one core: the pool, not Rayon, provides the parallelism
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = Tokenizer(HFTokenizer.from_str(tokenizer_json))
+    _W.update(tok=tok, json_key=json_key, separator=separator, dtype=dtype_for_vocab(tok.vocab_size))
+
+
+def _encode_task(task: _Task) -> tuple[np.ndarray, np.ndarray, list[BadLine], int]:
+    """Parse and tokenize one work unit: (tokens with an EOD after each doc, doc lengths, bad lines, bytes)."""
+    docs, bad = parse_task(task, _W["json_key"], _W["separator"])
+    tok: Tokenizer = _W["tok"]
+    eod = tok.eod_id
+    flat: list[int] = []
+    lengths = np.empty(len(docs), np.int64)
+    if docs:
+        for j, enc in enumerate(tok.hf.encode_batch(docs, add_special_tokens=False)):
+            ids = enc.ids
+            flat += ids
+            flat.append(eod)
+            lengths[j] = len(ids) + 1
+    return np.array(flat, dtype=_W["dtype"]), lengths, bad, task.nbytes
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("skip", "fail"):
+        raise ConfigError(f"--on-error {on_error!r} must be 'skip' or 'fail'")
+
+
+def _record_bad(stats: PreprocessStats, bad: list[BadLine], on_error: str) -> None:
+    if not bad:
+        return
+    if on_error == "fail":
+        more = f" (and {len(bad) - 1} more in this chunk)" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]}{more}; fix the input or pass --on-error skip")
+    stats.bad_lines += len(bad)
+    room = MAX_REPORTED - len(stats.errors)
+    if room > 0:
+        stats.errors += bad[:room]
+        for b in bad[:room]:
+            log.warning("skipped %s", b)
+
+
+def preprocess(inputs: list[str], tokenizer: Tokenizer, output: str | Path, *, json_key: str = "text",
+               separator: str | None = None, workers: int = 1, on_error: str = "skip",
+               progress: Callable[[int], None] | None = None) -> PreprocessStats:
+    """Tokenize ``inputs`` into ``output.bin`` / ``output.idx``; returns counts and skipped lines.
+
+    ``workers > 1`` uses a pool of that many processes (each tokenizing serially); ``workers == 1``
+    runs in this process. ``progress(n)`` is called with the input bytes of each finished chunk.
+    """
+    _check_on_error(on_error)
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    expand_inputs(inputs)  # fail fast on a missing input, before any worker starts
+    stats = PreprocessStats(prefix=str(output))
+    t0 = time.perf_counter()
+    init = (tokenizer.hf.to_str(), json_key, separator, workers > 1)
+
+    def consume(result) -> None:
+        tokens, lengths, bad, nbytes = result
+        _record_bad(stats, bad, on_error)
+        if lengths.size:
+            writer.add_documents(tokens, lengths)
+        stats.input_bytes += nbytes
+        if progress is not None:
+            progress(nbytes)
+
+    with IndexedWriter(output, tokenizer.vocab_size, tokenizer.eod_id) as writer:
+        if workers == 1:
+            _init_worker(*init[:3], serial=False)
+            for task in iter_tasks(inputs):
+                consume(_encode_task(task))
+        else:
+            ctx = mp.get_context("spawn")  # fork is unsafe after torch / Rayon threads exist
+            with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
+                window: collections.deque = collections.deque()
+                for task in iter_tasks(inputs):
+                    window.append(pool.apply_async(_encode_task, (task,)))
+                    if len(window) >= 2 * workers + 1:  # bounded read-ahead keeps memory flat
+                        consume(window.popleft().get())
+                while window:
+                    consume(window.popleft().get())
+        stats.documents, stats.tokens = writer.num_docs, writer.num_tokens
+        if stats.documents == 0:  # raised inside `with`: nothing is written
+            raise DataError(f"no documents found in {', '.join(map(str, inputs))}" +
+                            (f" (all {stats.bad_lines} non-blank lines were bad)" if stats.bad_lines else ""))
+    _W.clear()
+    tokenizer.hf.save(str(tokenizer_path(output)))  # so `data inspect` and training find the matching tokenizer
+    stats.seconds = time.perf_counter() - t0
+    if stats.bad_lines:
+        log.warning("skipped %d bad line(s) in total; the first %d are listed above", stats.bad_lines,
+                    len(stats.errors))
+    return stats
