@@ -1,0 +1,50 @@
+"""``mtnlg convert``: move models between mtnlg and Hugging Face (GPT-2 architecture).
+
+::
+
+    mtnlg convert --to hf   --checkpoint RUN_OR_DIR --output HF_DIR    # AutoModelForCausalLM loads HF_DIR
+    mtnlg convert --from hf --input HF_DIR          --output MODEL_DIR # MegatronLmModel.from_pretrained loads it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mtnlg.errors import ConfigError
+
+FORMATS = ("hf",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    direction = parser.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to", choices=FORMATS, help="export an mtnlg checkpoint to this format")
+    direction.add_argument("--from", dest="from_", choices=FORMATS, help="import a checkpoint from this format")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="(--to) a run dir, a checkpoint dir or a save_pretrained dir")
+    parser.add_argument("--input", metavar="DIR", help="(--from) a Hugging Face model directory (safetensors)")
+    parser.add_argument("--output", metavar="DIR", required=True, help="directory to write (replaced atomically)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtnlg.interop import hf
+
+    if args.to:
+        if not args.checkpoint:
+            raise ConfigError("--to hf needs --checkpoint PATH (a run dir, checkpoint dir or save_pretrained dir)")
+        out = hf.export_checkpoint(args.checkpoint, args.output)
+        summary = {"format": "hf", "direction": "export", "source": args.checkpoint, "output": str(out),
+                   "files": sorted(p.name for p in out.iterdir())}
+    else:
+        if not args.input:
+            raise ConfigError("--from hf needs --input DIR (a Hugging Face GPT-2 model directory)")
+        model = hf.import_hf(args.input, args.output)
+        summary = {"format": "hf", "direction": "import", "source": args.input, "output": args.output,
+                   "parameters": model.num_parameters()}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        verb = "exported" if args.to else "imported"
+        print(f"{verb} {summary['source']} -> {summary['output']}")
+    return 0
