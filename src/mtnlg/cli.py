@@ -20,6 +20,7 @@ from mtnlg.errors import MtnlgError, did_you_mean
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("mtnlg.commands.config", "print the resolved configuration and the model's size"),
     "convert": ("mtnlg.commands.convert", "export to / import from Hugging Face (GPT-2 safetensors)"),
+    "serve": ("mtnlg.commands.serve", "serve a model over an OpenAI-compatible HTTP API with a chat page"),
 }
 
 
