@@ -681,3 +681,42 @@ def serve(lm: Any, cfg: Any, api_key: str | None = None) -> None:
                     kv_cache_mb=cfg.kv_cache_mb)
     app = create_app(engine, cfg.model_name, api_key if api_key is not None else cfg.api_key)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=None)
+
+
+class BackgroundServer:
+    """Run an app under uvicorn in a daemon thread on ``host`` and a free port (tests, benchmarks).
+
+    ``stop()`` shuts down like Ctrl-C does: no new connections, in-flight requests finish, the engine drains.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1"):
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = 60) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
