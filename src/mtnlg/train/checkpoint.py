@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -245,7 +246,9 @@ def save_checkpoint(root: str | Path, step: int, model_parts: Sequence[nn.Module
     tmp = Path(name[0])
     try:
         state = {"model": model_state(model_parts), "optim": optimizer_state(model_parts, optimizers)}
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist())
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist())
         trainer_state = {**trainer_state, "rng": rng_state(), "world_size": _world(), "rank": rank}
         torch.save(trainer_state, tmp / f"trainer_rank{rank}.pt")
         _barrier()
@@ -256,8 +259,8 @@ def save_checkpoint(root: str | Path, step: int, model_parts: Sequence[nn.Module
                 shutil.copytree(tokenizer_dir, tmp / "tokenizer")
             write_manifest(tmp, step, {"world_size": _world()})
             _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # re-saving a step (e.g. after resuming from it): move the old one aside first
+                _delete(final)
             tmp.rename(final)
             _fsync_dir(root)
             prune(root, keep)
@@ -271,9 +274,17 @@ def save_checkpoint(root: str | Path, step: int, model_parts: Sequence[nn.Module
 
 
 def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, and stale temporary directories."""
+    """Delete all but the newest ``keep`` checkpoints."""
     for _step, path in list_checkpoints(root)[keep:]:
-        shutil.rmtree(path, ignore_errors=True)
+        _delete(path)
+
+
+def _delete(path: Path) -> None:
+    """Rename ``step_N`` to a temporary name, then delete it: a crash mid-delete never leaves a
+    half-deleted directory under a checkpoint's name."""
+    doomed = path.with_name(f".{path.name}.tmp-del{os.getpid()}")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_stale_temps(root: str | Path) -> None:
@@ -291,7 +302,9 @@ def load_checkpoint(path: str | Path, model_parts: Sequence[nn.Module],
     path = Path(path)
     state = {"model": model_state(model_parts), "optim": optimizer_state(model_parts, optimizers)}
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not _dist())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _dist())
     except Exception as e:  # DCP wraps reader errors in CheckpointException
         raise CheckpointError(f"{path}: cannot load ({str(e).splitlines()[0][:300]})") from None
     for part, opt in zip(model_parts, optimizers, strict=True):
@@ -338,7 +351,9 @@ def load_for_inference(path: str | Path) -> tuple[ModelConfig, dict[str, torch.T
     model.tie_weights()
     sd = model.state_dict()
     try:
-        dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
     except Exception as e:
         raise CheckpointError(f"{ckpt}: cannot load the model weights ({str(e).splitlines()[0][:300]})") from None
     return mcfg, sd, tokenizer

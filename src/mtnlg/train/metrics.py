@@ -56,11 +56,11 @@ def megatron_eq3_flops(batch: int, seq_len: int, layers: int, hidden: int, vocab
 
 
 def cache_dir() -> Path:
-    """``$MTNLG_CACHE_DIR`` or ``$XDG_CACHE_HOME/mtnlg`` (default ``~/.cache/mtnlg``)."""
-    env = os.environ.get("MTNLG_CACHE_DIR")
+    """``$MTNLG_CACHE`` or ``~/.cache/mtnlg`` (the same cache as the data pipeline)."""
+    env = os.environ.get("MTNLG_CACHE")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mtnlg"
+    return Path.home() / ".cache" / "mtnlg"
 
 
 def _device_key(device: torch.device, dtype: torch.dtype) -> str:

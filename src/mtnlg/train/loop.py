@@ -1,0 +1,382 @@
+"""The training loop: data -> engine step -> NaN guard -> AdamW -> metrics -> eval -> checkpoints.
+
+::
+
+    resume (newest complete checkpoint) ─┐
+    for step in start..steps:            ▼
+        batch size  = ramp(consumed samples)          micro-batches = batch / (micro x dp)
+        engine.train_step(micro-batches)              forward + backward + grad sync (TP/PP/FSDP)
+        norm = engine.clip_grad_norm_(grad_clip)      global norm across every shard
+        finite? ── no ─► skip the update, count it; abort after max_bad_steps in a row
+           └─ yes ─► AdamW.step, scheduler.step, engine.after_optimizer_step
+        metrics (rank 0) ─ valid every eval_interval ─ checkpoint every interval / on SIGTERM, SIGINT
+    test split at the end, final checkpoint, loss.png
+
+Every rank runs the same loop; only rank 0 writes metrics and plots. The engine (``mtnlg.parallel``)
+owns the model layout; this module owns the optimizer, the schedule, the data order and the
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mtnlg.config import Config
+from mtnlg.errors import MtnlgError
+from mtnlg.train import checkpoint as ckpt
+from mtnlg.train.metrics import MetricsWriter, flops_per_token, peak_memory_mb, peak_tflops, perplexity
+from mtnlg.train.optim import (
+    BatchRamp,
+    apply_activation_checkpointing,
+    apply_compile,
+    autocast,
+    build_optimizer,
+    build_scheduler,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns."""
+
+    run_dir: Path
+    step: int
+    status: str  # "finished" | "interrupted" | "time_limit"
+    train_loss: float | None = None
+    valid_loss: float | None = None
+    test_loss: float | None = None
+    skipped_steps: int = 0
+    tokens_per_s: float | None = None
+    checkpoint: Path | None = None
+    resumed_from: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _broadcast(obj: Any) -> Any:
+    if not _dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`Config` and a run directory, then :meth:`fit`.
+
+    ``on_record(record)`` (rank 0 only) sees every metrics record as it is written, for progress
+    displays; ``on_start(trainer)`` is called once the start step is known.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None,
+                 on_record: Callable[[dict[str, Any]], None] | None = None):
+        from mtnlg.data.datasets import BatchSampler, build_datasets, prepare_tokenizer
+        from mtnlg.device import pick_device
+        from mtnlg.parallel.engine import build_engine, init_distributed
+
+        self.cfg = cfg
+        self.on_record = on_record
+        self.device = pick_device(cfg.train.device)
+        self.rank, self.world = init_distributed(self.device)
+        self.is_main = self.rank == 0
+        if run_dir is None:
+            run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = Path(_broadcast(str(run_dir)))
+        self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+        # Rank 0 fills the tokenizer / data caches first; the others then read them.
+        for turn in (True, False):
+            if self.is_main == turn:
+                self.tokenizer = prepare_tokenizer(cfg, self.run_dir if self.is_main else None)
+                self.datasets = build_datasets(cfg, self.tokenizer)
+            if _dist():
+                dist.barrier()
+
+        seed_everything(cfg.train.seed)
+        self.engine = build_engine(cfg, self.device)
+        self.model_parts = list(self.engine.model_parts)
+        apply_activation_checkpointing(self.model_parts, cfg.train.activation_checkpointing)
+        if cfg.train.compile:
+            apply_compile(self.model_parts)
+        self.optimizers = [build_optimizer([part], cfg.train) for part in self.model_parts]
+        self.schedulers = [build_scheduler(opt, cfg.train) for opt in self.optimizers]
+        self.ramp = BatchRamp(cfg.train, self.engine.dp_size)
+        self.sampler = BatchSampler(len(self.datasets["train"]), seed=cfg.data.seed,
+                                    dp_rank=self.engine.dp_rank, dp_size=self.engine.dp_size)
+        self.step = 0
+        self.bad_in_a_row = 0
+        self.skipped_steps = 0
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
+        self.peak_tflops: float | None = None
+        self.writer: MetricsWriter | None = None
+        self._stop_signal: int | None = None
+        self.resumed_from: Path | None = None
+
+    # -- state ------------------------------------------------------------------------------------
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "sampler": self.sampler.state_dict(),
+                "schedulers": [s.state_dict() for s in self.schedulers],
+                "bad_in_a_row": self.bad_in_a_row, "skipped_steps": self.skipped_steps}
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.model_parts, self.optimizers,
+                                    self.trainer_state(), keep=self.cfg.checkpoint.keep, config=self.cfg,
+                                    tokenizer_dir=self.run_dir / "tokenizer")
+
+    def resume(self) -> Path | None:
+        """Load the checkpoint chosen by ``checkpoint.resume`` (rank 0 verifies, all ranks load)."""
+        found: Any = None
+        if self.is_main:
+            ckpt.remove_stale_temps(self.ckpt_root)
+            try:
+                found = ckpt.resolve_resume(self.cfg.checkpoint, self.ckpt_root)
+            except MtnlgError as e:
+                found = e
+        found = _broadcast(found)
+        if isinstance(found, BaseException):
+            raise found
+        if found is None:
+            return None
+        state = ckpt.load_checkpoint(found, self.model_parts, self.optimizers)
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        for sched, s in zip(self.schedulers, state["schedulers"]):
+            sched.load_state_dict(s)
+        self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if state.get("world_size") == self.world:
+            ckpt.set_rng_state(state["rng"])
+        else:
+            seed_everything(self.cfg.train.seed + self.step)
+        self.resumed_from = Path(found)
+        log.info("resumed from %s at step %d", found, self.step)
+        return self.resumed_from
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _batch(self, indices: list[int], dataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        tokens = torch.stack([dataset[i] for i in indices]).to(self.device, non_blocking=True)
+        mbs = self.cfg.train.micro_batch_size
+        return [(t[:, :-1], t[:, 1:]) for t in tokens.split(mbs)]
+
+    def _agree(self, bad: bool) -> tuple[bool, bool]:
+        """All ranks agree on (skip this update, stop now) so that no rank waits alone."""
+        stop = self._stop_signal is not None
+        if not _dist():
+            return bad, stop
+        flags = torch.tensor([float(bad), float(stop)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (or a skipped one); returns its metrics record."""
+        tc = self.cfg.train
+        t0 = time.perf_counter()
+        batch_size = self.ramp.batch_size(self.sampler.consumed)
+        micro = self._batch(self.sampler.next_batch(batch_size), self.datasets["train"])
+        with autocast(self.device, tc.precision):
+            out = self.engine.train_step(micro)
+        loss = float(out.loss)
+        grad_norm = float(self.engine.clip_grad_norm_(tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+        bad = not (math.isfinite(loss) and math.isfinite(grad_norm) and self.engine.grads_finite())
+        bad, stop = self._agree(bad)
+        lr = self.optimizers[0].param_groups[0]["lr"]
+        if bad:
+            self.bad_in_a_row += 1
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss or gradients (loss=%s, grad norm=%s); update skipped (%d in a row)",
+                        self.step + 1, loss, grad_norm, self.bad_in_a_row)
+        else:
+            self.bad_in_a_row = 0
+            for opt in self.optimizers:
+                opt.step()
+            for sched in self.schedulers:
+                sched.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.step += 1
+        if not bad:
+            self.engine.after_optimizer_step(self.step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        tokens = batch_size * tc.seq_len
+        tflops = self.flops_per_token * tokens / dt / self.world / 1e12
+        record = {"step": self.step, "split": "train", "loss": loss, "ppl": perplexity(loss), "lr": lr,
+                  "grad_norm": grad_norm, "batch_size": batch_size, "tokens": self.sampler.consumed * tc.seq_len,
+                  "tokens_per_s": tokens / dt, "step_time_s": dt, "tflops": tflops,
+                  "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                  "mem_mb": peak_memory_mb(self.device), "comm_bytes": self.engine.comm_bytes(),
+                  "skipped": bad, "skipped_steps": self.skipped_steps}
+        if self.bad_in_a_row >= tc.max_bad_steps:
+            raise MtnlgError(f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradients (train."
+                             f"max_bad_steps={tc.max_bad_steps}); aborting without saving. Lower train.lr, check the "
+                             f"data, or resume from the last checkpoint in {self.ckpt_root}")
+        self._stop_now = stop
+        return record
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """Mean loss over the first ``eval_batches`` global batches of ``split`` (fixed samples)."""
+        tc = self.cfg.train
+        ds = self.datasets[split]
+        unit = tc.micro_batch_size * self.engine.dp_size
+        n = min(len(ds), tc.eval_batches * tc.global_batch_size)
+        n = max(unit, n // unit * unit)  # whole micro-batches on every rank (small splits wrap around)
+        per = n // self.engine.dp_size
+        indices = [i % len(ds) for i in range(self.engine.dp_rank * per, (self.engine.dp_rank + 1) * per)]
+        for part in self.model_parts:
+            part.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, tc.precision):
+                loss_sum, count = self.engine.eval_loss(self._batch(indices, ds))
+        finally:
+            for part in self.model_parts:
+                part.train()
+        loss = float(loss_sum) / max(1.0, float(count))
+        return {"step": self.step, "split": split, "loss": loss, "ppl": perplexity(loss), "tokens": int(count)}
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _emit(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        if self.writer is not None:
+            self.writer.write(record)
+        if self.on_record is not None:
+            self.on_record(record)
+        if record["split"] != "train":
+            log.info("step %d %s loss %.4f ppl %.2f", record["step"], record["split"], record["loss"], record["ppl"])
+        elif record["step"] % self.cfg.log.interval == 0:
+            log.debug("step %d loss %.4f lr %.2e %.0f tok/s", record["step"], record["loss"], record["lr"],
+                      record["tokens_per_s"])
+
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        def handler(signum, _frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            self._stop_signal = signum
+            log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    def fit(self) -> TrainResult:
+        cfg, tc = self.cfg, self.cfg.train
+        self.resume()
+        if self.is_main:
+            self.peak_tflops = peak_tflops(self.device, _compute_dtype(self.device, tc.precision), cfg.log.peak_tflops)
+            metrics = self.run_dir / "metrics.jsonl"
+            if metrics.is_file():  # drop what a killed run logged after its last checkpoint
+                _truncate_metrics(metrics, self.step)
+            if cfg.log.jsonl or cfg.log.tensorboard:
+                self.writer = MetricsWriter(self.run_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard)
+        result = TrainResult(run_dir=self.run_dir, step=self.step, status="finished", resumed_from=self.resumed_from)
+        previous = self._install_signals()
+        self._stop_now = False
+        start_time = time.monotonic()
+        last_saved = self.step if self.resumed_from else None
+        tok_rates: list[float] = []
+        try:
+            for part in self.model_parts:
+                part.train()
+            while self.step < tc.steps:
+                record = self.train_step()
+                tok_rates.append(record["tokens_per_s"])
+                result.train_loss = record["loss"]
+                self._emit(record)
+                if self.step % tc.eval_interval == 0 or self.step == tc.steps:
+                    valid = self.evaluate("valid")
+                    result.valid_loss = valid["loss"]
+                    self._emit(valid)
+                timed_out = tc.max_time_s is not None and time.monotonic() - start_time > tc.max_time_s
+                if timed_out and _dist():
+                    timed_out = bool(_broadcast(timed_out))
+                if self._stop_now or timed_out:
+                    result.status = "interrupted" if self._stop_now else "time_limit"
+                    break
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    result.checkpoint = self.save()
+                    last_saved = self.step
+            if last_saved != self.step:
+                result.checkpoint = self.save()
+            if result.status == "finished":
+                test = self.evaluate("test")
+                result.test_loss = test["loss"]
+                self._emit(test)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+        result.step = self.step
+        result.skipped_steps = self.skipped_steps
+        if tok_rates:
+            result.tokens_per_s = float(np.median(tok_rates))
+        if self.is_main and cfg.log.jsonl:
+            try:
+                from mtnlg.train.plot import plot_run
+
+                plot_run(self.run_dir)
+            except Exception as e:  # a plot must never fail a finished run
+                log.warning("could not plot %s: %s", self.run_dir, e)
+        return result
+
+
+def _compute_dtype(device: torch.device, precision: str) -> torch.dtype:
+    from mtnlg.device import compute_dtype
+
+    return compute_dtype(device, precision)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step`` (those a resumed run will not repeat)."""
+    import json
+
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(rec.get("step", 0)) <= step and not (rec.get("split") == "test"):
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+def train(cfg: Config, run_dir: str | Path | None = None,
+          on_record: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train ``cfg`` into ``run_dir`` (resuming per ``checkpoint.resume``)."""
+    return Trainer(cfg, run_dir, on_record).fit()

@@ -1,0 +1,99 @@
+"""AdamW groups, the LR schedule and the MT-NLG batch ramp at chosen steps; activation checkpointing parity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mtnlg.config import TrainConfig
+from mtnlg.errors import ConfigError
+from mtnlg.train.optim import (
+    BatchRamp,
+    apply_activation_checkpointing,
+    build_optimizer,
+    build_scheduler,
+    lr_at,
+)
+
+
+def test_adamw_hyperparameters_and_no_decay_groups(tiny_model):
+    opt = build_optimizer([tiny_model], TrainConfig())
+    decay, plain = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert decay["betas"] == (0.9, 0.95) and decay["eps"] == 1e-8
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    assert all(names[id(p)].endswith("weight") and p.dim() == 2 for p in decay["params"])
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert "layers.0.ln_1.weight" in plain_names and "layers.0.attn.qkv.bias" in plain_names
+    assert "norm.weight" in plain_names
+    # The tied LM head is one parameter, optimized once.
+    n_params = len({id(p) for p in tiny_model.parameters()})
+    assert len(decay["params"]) + len(plain["params"]) == n_params
+
+
+def test_lr_warmup_cosine_values():
+    cfg = TrainConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=10, steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)  # (0 + 1) / 10 of the peak
+    assert lr_at(4, cfg) == pytest.approx(5e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half way: the mean of peak and floor
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+    assert lr_at(500, cfg) == pytest.approx(1e-4)  # flat after lr_decay_steps
+    cfg2 = TrainConfig(lr=2e-3, min_lr_ratio=0.0, warmup_steps=0, steps=100, lr_decay_steps=50)
+    assert lr_at(25, cfg2) == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(75, cfg2) == 0.0
+
+
+def test_scheduler_follows_lr_at(tiny_model):
+    cfg = TrainConfig(lr=1e-3, warmup_steps=3, steps=20)
+    opt = build_optimizer([tiny_model], cfg)
+    sched = build_scheduler(opt, cfg)
+    for step in range(20):
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(step, cfg))
+        opt.step()
+        sched.step()
+
+
+def test_batch_ramp_values():
+    # 32 -> 128 by 32 over 3 increments; 96_000 tokens / seq 64 = 1500 samples, 500 per increment.
+    cfg = TrainConfig(global_batch_size=128, micro_batch_size=8, seq_len=64, rampup_batch_start=32,
+                      rampup_batch_increment=32, rampup_tokens=96_000)
+    ramp = BatchRamp(cfg, dp_size=2)
+    assert [ramp.batch_size(c) for c in (0, 499, 500, 999, 1000, 1499, 1500, 10**6)] == \
+        [32, 32, 64, 64, 96, 96, 128, 128]
+    assert ramp.num_micro_batches(0) == 2 and ramp.num_micro_batches(2000) == 8
+    # Walking it as the loop does: consumed grows by the batch size of each step.
+    consumed, sizes = 0, []
+    while consumed < 1700:
+        sizes.append(ramp.batch_size(consumed))
+        consumed += sizes[-1]
+    assert sizes[:16] == [32] * 16  # 16 * 32 = 512 >= 500
+    assert sizes[16] == 64
+    assert BatchRamp(TrainConfig(global_batch_size=16, micro_batch_size=4)).batch_size(0) == 16  # no ramp
+
+
+def test_batch_ramp_rejects_uneven_sizes():
+    with pytest.raises(ConfigError, match="rampup_batch_increment"):
+        BatchRamp(TrainConfig(global_batch_size=100, micro_batch_size=4, rampup_batch_start=32,
+                              rampup_batch_increment=24, rampup_tokens=1000))
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        BatchRamp(TrainConfig(global_batch_size=16, micro_batch_size=6))
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_same_gradients(tiny_cfg, mode):
+    from mtnlg.model.init import build_model, materialize
+
+    tokens = torch.randint(0, tiny_cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for m in ("none", mode):
+        model = materialize(build_model(tiny_cfg), seed=0).train()
+        assert apply_activation_checkpointing([model], m) == (0 if m == "none" else tiny_cfg.num_layers)
+        model(tokens).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        assert "layers.0.attn.qkv.weight" in dict(model.named_parameters())  # names unchanged
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
