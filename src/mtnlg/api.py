@@ -311,12 +311,23 @@ class MegatronLmModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> MegatronLmModel:
-        """Load what :meth:`save_pretrained` wrote."""
+        """Load what :meth:`save_pretrained` wrote, or a training run: a RUN dir (its newest complete
+        checkpoint), its ``checkpoints/`` dir or one checkpoint dir (any layout, see ``mtnlg.train.checkpoint``)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         d = Path(directory)
         cfg_path, weights = d / CONFIG_FILE, d / WEIGHTS_FILE
+        if not cfg_path.is_file() and ((d / "manifest.json").is_file() or (d / "checkpoints").is_dir()
+                                       or any(d.glob("step_*"))):
+            from mtnlg.train.checkpoint import load_for_inference
+
+            mcfg, state, tok = load_for_inference(d)
+            model = cls(MegatronModelConfig.from_model_config(mcfg), tokenizer=tok)
+            materialize(model.model, device=device, dtype=dtype, init=False)
+            model.model.load_state_dict(state)
+            model.model.tie_weights()
+            return model
         if not cfg_path.is_file() or not weights.is_file():
             raise CheckpointError(f"{d} is not a saved MegatronLmModel (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
         try:
