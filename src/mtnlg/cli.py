@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("mtnlg.commands.config", "print the resolved configuration and the model's size"),
     "plan": ("mtnlg.commands.plan", "memory, FLOPs and time of 3D-parallel layouts; search; schedule timelines"),
     "convert": ("mtnlg.commands.convert", "export to / import from Hugging Face (GPT-2 safetensors)"),
+    "eval": ("mtnlg.commands.eval", "held-out loss / perplexity / bits per byte, or lm-evaluation-harness tasks"),
     "serve": ("mtnlg.commands.serve", "serve a model over an OpenAI-compatible HTTP API with a chat page"),
 }
 
