@@ -1,0 +1,123 @@
+"""Communication accounting: bytes moved per mesh dimension, counted at the collective calls.
+
+A ``TorchDispatchMode`` sees every collective that reaches the dispatcher: DTensor's redistributions
+(functional collectives, desugared first by returning ``NotImplemented`` for DTensor ops, as
+``CommDebugMode`` does), FSDP2's all-gathers / reduce-scatters and the pipeline's point-to-point
+sends. Each is charged to the mesh dimension whose process group it runs on ("world" for the
+default group).
+
+Convention (Megatron's message sizes): an all-reduce counts its tensor, an all-gather its gathered
+output, a reduce-scatter its full input, a send its tensor (receives are not counted, so a
+transfer counts once, on the sender). Per rank, per call of :meth:`CommCounter.take`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_c10d = torch.ops.c10d
+_fc = torch.ops._c10d_functional
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return 0
+
+
+def _group_name(x) -> str | None:
+    if isinstance(x, str):
+        return x
+    name = getattr(x, "group_name", None)
+    return name if isinstance(name, str) else None
+
+
+# op packet -> (index of the counted tensor argument, multiply by group size?)
+_FUNCOL = {
+    "all_reduce": 0, "all_reduce_coalesced": 0, "reduce_scatter_tensor": 0, "reduce_scatter_tensor_coalesced": 0,
+    "all_to_all_single": 0, "broadcast": 0,
+}
+_C10D_IN = {  # name -> index of the counted tensor(s)
+    "allreduce_": 0, "allreduce_coalesced_": 0, "broadcast_": 0, "send": 0,
+    "_allgather_base_": 0, "allgather_": 0, "allgather_into_tensor_coalesced_": 0, "allgather_coalesced_": 0,
+    "_reduce_scatter_base_": 1, "reduce_scatter_": 1, "reduce_scatter_tensor_coalesced_": 1,
+    "alltoall_base_": 1, "alltoall_": 1,
+}
+
+
+class CommCounter(TorchDispatchMode):
+    """Re-entrant context manager that adds up collective bytes per mesh dimension."""
+
+    def __init__(self, mesh: DeviceMesh | None):
+        super().__init__()
+        self.names: dict[str, str] = {}
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.enabled = mesh is not None
+        self._depth = 0
+        if mesh is not None:
+            for dim in mesh.mesh_dim_names or ():
+                self.names.setdefault(mesh[dim].get_group().group_name, dim)
+            for dim in ("dp",):
+                try:
+                    self.names.setdefault(mesh[dim].get_group().group_name, dim)
+                except (KeyError, RuntimeError):
+                    pass
+            import torch.distributed as dist
+
+            self.names.setdefault(dist.group.WORLD.group_name, "world")
+
+    def register(self, group, dim: str) -> None:
+        """Charge traffic on ``group`` (an extra process group) to ``dim``."""
+        self.names[group.group_name] = dim
+
+    def take(self) -> dict[str, int]:
+        """Bytes per dimension since the last call (and reset)."""
+        out = dict(self.bytes)
+        self.bytes.clear()
+        return out
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        self._depth += 1
+        if self._depth == 1:
+            return super().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            return False
+        self._depth -= 1
+        if self._depth == 0:
+            return super().__exit__(*exc)
+        return False
+
+    def _charge(self, group, nbytes: int) -> None:
+        name = _group_name(group)
+        self.bytes[self.names.get(name, name or "other")] += nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **kwargs)
+        from torch.distributed.tensor import DTensor
+
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # let DTensor desugar into local ops + collectives, seen next
+        ns = func.namespace
+        name = func._overloadpacket.__name__
+        if ns == "_c10d_functional":
+            if name in _FUNCOL:
+                self._charge(args[-1], _nbytes(args[0]))
+            elif name in ("all_gather_into_tensor", "all_gather_into_tensor_coalesced"):
+                self._charge(args[-1], _nbytes(args[0]) * int(args[1]))
+        elif ns == "c10d" and name in _C10D_IN:
+            pg = next((a for a in args if _group_name(a) is not None and not isinstance(a, str)), None)
+            self._charge(pg, _nbytes(args[_C10D_IN[name]]))
+        return func(*args, **kwargs)

@@ -1,0 +1,104 @@
+"""Build the 4-D DeviceMesh ``pp x dp_replicate x dp_shard x tp`` from the parallel config.
+
+::
+
+    world = pp * dp_replicate * dp_shard * tp          (dp_shard = -1 takes what is left)
+
+    mesh dims (outermost first):  "pp"  "dp_replicate"  "dp_shard"  "tp"
+    flattened:                    "dp" = dp_replicate x dp_shard   (ranks that read different data)
+
+``tp`` is innermost so tensor-parallel peers are neighbours (same node on GPUs). The backend comes
+from :func:`mtnlg.device.backend_for` (nccl on CUDA, gloo on CPU), the one place that decides it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from mtnlg.config import ParallelConfig
+from mtnlg.device import backend_for
+from mtnlg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class Degrees:
+    """Resolved parallel degrees (every one >= 1; their product is the world size)."""
+
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    def as_dict(self) -> dict[str, int]:
+        return {d: getattr(self, d) for d in DIMS}
+
+
+def resolve_degrees(pcfg: ParallelConfig, world_size: int) -> Degrees:
+    """Fill ``dp_shard=-1`` with what is left of the world and check the product equals the world size."""
+    rest = pcfg.dp_replicate * pcfg.tp * pcfg.pp
+    dp_shard = pcfg.dp_shard
+    if dp_shard == -1:
+        if world_size % rest:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.dp_replicate*tp*pp = "
+                f"{pcfg.dp_replicate}*{pcfg.tp}*{pcfg.pp} = {rest}; change the degrees or the number of processes")
+        dp_shard = world_size // rest
+    deg = Degrees(pp=pcfg.pp, dp_replicate=pcfg.dp_replicate, dp_shard=dp_shard, tp=pcfg.tp)
+    if deg.world != world_size:
+        raise ConfigError(
+            f"parallel.dp_replicate*dp_shard*tp*pp = {pcfg.dp_replicate}*{dp_shard}*{pcfg.tp}*{pcfg.pp} = "
+            f"{deg.world} but the world size is {world_size}; set parallel.dp_shard=-1 or launch {deg.world} processes")
+    return deg
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group when launched by torchrun with WORLD_SIZE > 1; return ``(rank, world)``.
+
+    A no-op (returns ``(0, 1)``) for a plain single process.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend_for(device))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_mesh(pcfg: ParallelConfig, device: torch.device, world_size: int | None = None) -> DeviceMesh | None:
+    """The 4-D mesh (plus the flattened ``"dp"`` dim), or None for a single process."""
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    deg = resolve_degrees(pcfg, world_size)
+    if world_size == 1:
+        return None
+    mesh = init_device_mesh(device.type, tuple(getattr(deg, d) for d in DIMS), mesh_dim_names=DIMS)
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    log.info("device mesh %s", " x ".join(f"{d}={getattr(deg, d)}" for d in DIMS))
+    return mesh
+
+
+def mesh_degrees(mesh: DeviceMesh | None) -> Degrees:
+    """The degrees of a mesh built by :func:`build_mesh` (all 1 for None)."""
+    if mesh is None:
+        return Degrees(1, 1, 1, 1)
+    return Degrees(*(mesh[d].size() for d in DIMS))

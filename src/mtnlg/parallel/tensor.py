@@ -1,0 +1,111 @@
+"""Tensor and sequence parallelism for :class:`mtnlg.model.GPT` with DTensor plans (Megatron's split).
+
+Per block (sequence parallel on)::
+
+    x [B, T/tp, h] ─ ln_1 (SequenceParallel) ─ all-gather T ─► qkv (colwise: whole heads per rank)
+                   ─ attention on local heads ─► proj (rowwise) ─ reduce-scatter T ─► + x
+                   ─ ln_2 (SequenceParallel) ─ all-gather T ─► fc1 (colwise) ─ act ─► fc2 (rowwise)
+                   ─ reduce-scatter T ─► + x
+
+The token embedding is vocab-parallel (rows split, masked lookup + all-reduce); the tied LM head is
+column-parallel over the vocabulary and, with loss parallel, its logits stay sharded
+(``Shard(-1)``) into a vocab-parallel cross entropy that never gathers them. Without sequence
+parallel the LayerNorms stay replicated and the rowwise layers all-reduce instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from mtnlg.config import ModelConfig
+from mtnlg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """Heads and the FFN width must split evenly over ``tp`` ranks."""
+    if cfg.num_heads % tp:
+        raise ConfigError(f"model.num_heads={cfg.num_heads} is not divisible by parallel.tp={tp}; "
+                          f"choose parallel.tp among {[d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0]}")
+    if cfg.ffn_hidden_size % tp:
+        raise ConfigError(f"model.ffn_hidden_size={cfg.ffn_hidden_size} is not divisible by parallel.tp={tp}; "
+                          f"change one of them")
+
+
+def tp_model_config(cfg: ModelConfig, tp: int) -> ModelConfig:
+    """The model config to build under ``tp``: the vocabulary padded to a multiple of ``tp`` as well.
+
+    The extra rows are initialised to zero and their logits masked out of the loss, so the loss is
+    that of one process; but the embedding's shape then differs from the ``tp=1`` shape, so a
+    checkpoint is portable across tp degrees only when ``model.make_vocab_size_divisible_by`` is
+    already a multiple of tp (a warning says so).
+    """
+    check_tp(cfg, tp)
+    if tp == 1 or cfg.padded_vocab_size() % tp == 0:
+        return cfg
+    log.warning("vocabulary %d padded to %d for parallel.tp=%d; set model.make_vocab_size_divisible_by to a "
+                "multiple of %d to keep checkpoint shapes independent of tp", cfg.vocab_size,
+                cfg.padded_vocab_size(tp), tp, tp)
+    return dataclasses.replace(cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * tp)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
+                          loss_parallel: bool = True) -> nn.Module:
+    """Shard ``model`` (a GPT or a pipeline stage of one, on any device incl. meta) over ``tp_mesh``.
+
+    The activations between blocks are plain local tensors: ``[B, T/tp, h]`` with sequence
+    parallel, ``[B, T, h]`` without. With ``loss_parallel`` the head returns a ``Shard(-1)`` DTensor.
+    """
+    sp = sequence_parallel
+    tied = model.output is not None and model.tok_embeddings is not None \
+        and model.output.weight is model.tok_embeddings.weight
+    plan: dict[str, object] = {}
+    if model.tok_embeddings is not None:
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        if sp:  # position embeddings are added on the full sequence, then the stream is split along T
+            plan["emb_dropout"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),))
+    for name in model.layers:
+        p = f"layers.{name}."
+        plan[p + "attn.qkv"] = ColwiseParallel()
+        plan[p + "attn.proj"] = RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
+        plan[p + "mlp.fc1"] = ColwiseParallel()
+        plan[p + "mlp.fc2"] = RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
+        if sp:
+            plan[p + "ln_1"] = SequenceParallel()
+            plan[p + "ln_2"] = SequenceParallel()
+            plan[p + "attn"] = PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                                  desired_input_layouts=(Replicate(), None, None))
+            plan[p + "mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    if model.norm is not None and sp:
+        plan["norm"] = SequenceParallel()
+    if model.output is not None:
+        plan["output"] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(),
+                                         output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                         use_local_output=not loss_parallel)
+    parallelize_module(model, tp_mesh, plan)
+    if tied:  # both are Shard(0) over the vocabulary: re-tie the head to the (now DTensor) embedding
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def vocab_mask(vocab_size: int, padded: int, device: torch.device) -> torch.Tensor | None:
+    """Additive mask (0 / -inf) that removes the padded vocabulary rows from the softmax; None if none."""
+    if padded == vocab_size:
+        return None
+    mask = torch.zeros(padded, device=device)
+    mask[vocab_size:] = float("-inf")
+    return mask
