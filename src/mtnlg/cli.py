@@ -19,6 +19,8 @@ from mtnlg.errors import MtnlgError, did_you_mean
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("mtnlg.commands.config", "print the resolved configuration and the model's size"),
+    "train": ("mtnlg.commands.train", "train a model (default: ~14M params on the built-in poems corpus, on CPU)"),
+    "plot": ("mtnlg.commands.plot", "plot a run's loss and throughput (loss.png, throughput.png)"),
     "plan": ("mtnlg.commands.plan", "memory, FLOPs and time of 3D-parallel layouts; search; schedule timelines"),
     "convert": ("mtnlg.commands.convert", "export to / import from Hugging Face (GPT-2 safetensors)"),
     "eval": ("mtnlg.commands.eval", "held-out loss / perplexity / bits per byte, or lm-evaluation-harness tasks"),
