@@ -251,34 +251,43 @@ class MegatronLmModel(nn.Module):
         """Continue ``text``. ``max_length`` counts prompt + new tokens (as in Hugging Face);
         ``max_new_tokens`` overrides it. Returns the prompt followed by its continuation, or the
         continuation alone with ``return_full_text=False``. ``sampling``: temperature, top_k, top_p, seed."""
-        from mtnlg.infer.generate import SamplingParams, generate_ids
+        from mtnlg.infer.generate import SamplingParams, generate
 
         if not isinstance(text, str):
             raise ConfigError(f"generate() takes a str prompt, got {type(text).__name__}")
         self._ensure_materialized()
-        prompt = self.tokenizer.encode(text)
+        known = {f.name for f in dataclasses.fields(SamplingParams)} - {"max_new_tokens", "max_length", "use_cache",
+                                                                         "vocab_limit"}
+        for key in sampling:
+            if key not in known:
+                raise ConfigError(f"generate() got an unknown sampling option '{key}'" + did_you_mean(key, known))
+        prompt, soft = self.encode_prompt(text)
         if max_new_tokens is None:
             if max_length <= len(prompt):
                 raise ConfigError(f"max_length={max_length} leaves no room after the {len(prompt)}-token prompt; "
                                   f"raise max_length or pass max_new_tokens")
             max_new_tokens = max_length - len(prompt)
-        known = {f.name for f in dataclasses.fields(SamplingParams)} - {"max_new_tokens", "use_cache", "vocab_limit"}
-        for key in sampling:
-            if key not in known:
-                raise ConfigError(f"generate() got an unknown sampling option '{key}'" + did_you_mean(key, known))
         params = SamplingParams(max_new_tokens=max_new_tokens, use_cache=self.config.use_cache,
-                                stop_token_ids=[self.tokenizer.eod_id], vocab_limit=self.tokenizer.vocab_size,
-                                **sampling)
+                                stop_token_ids=sampling.pop("stop_token_ids", [self.tokenizer.eod_id]),
+                                vocab_limit=self.tokenizer.vocab_size, **sampling)
         was_training = self.model.training
         self.model.eval()
         try:
-            new = generate_ids(self.model, prompt, params)
+            continuation = generate(self.model, [prompt], params, self.tokenizer, soft_prompt=soft)[0].text
         finally:
             self.model.train(was_training)
-        if new and new[-1] == self.tokenizer.eod_id:
-            new = new[:-1]
-        continuation = self.tokenizer.decode(new)
         return text + continuation if return_full_text else continuation
+
+    def encode_prompt(self, text: str):
+        """Token ids of ``text`` as the model sees them, and the soft prompt to splice in (or None).
+
+        With prompt tuning the ids carry placeholder tokens where the soft-prompt embeddings go
+        (:meth:`mtnlg.model.prompt_tuning.SoftPromptEmbedding.format`)."""
+        ids = self.tokenizer.encode(text)
+        soft = getattr(self, "soft_prompt", None)
+        if soft is None:
+            return ids, None
+        return soft.format_for_generation(ids, self.tokenizer)
 
     # -- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
