@@ -341,7 +341,7 @@ class Engine:
 
     def _finish_silently(self, req: Request) -> None:
         req.finished = True
-        self._deliver([(req, Output("", [], finish_reason="abort", prompt_tokens=len(req.prompt_ids)))])
+        self._deliver([(req, self._final(req, "abort"))])
 
     @torch.inference_mode()
     def _step(self, admitted: list[Request]) -> None:
@@ -474,6 +474,7 @@ class Engine:
         return delta, False
 
     def _final(self, req: Request, reason: str) -> Output:
+        self.metrics.requests_finished[reason] = self.metrics.requests_finished.get(reason, 0) + 1
         return Output("", [], finish_reason=reason, prompt_tokens=len(req.prompt_ids),
                       completion_tokens=len(req.generated))
 

@@ -1,0 +1,291 @@
+"""The OpenAI-compatible server, tested over real HTTP (uvicorn on 127.0.0.1) with the official client."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+
+from mtnlg.api import MegatronLmModel, MegatronModelConfig
+from mtnlg.data.tokenizer import train_bpe
+from mtnlg.infer.engine import Engine
+from mtnlg.infer.server import BackgroundServer, create_app
+
+KEY = "sk-test-key"
+TEXT = ["the moon is bright over the quiet river", "a small boat drifts under the willow tree",
+        "spring wind brings rain to the green hills", "床前明月光，疑是地上霜。举头望明月，低头思故乡。"] * 20
+
+
+@pytest.fixture(scope="module")
+def lm():
+    tok = train_bpe(TEXT, vocab_size=320)
+    cfg = MegatronModelConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=128, max_position_embeddings=128)
+    return MegatronLmModel(cfg, tokenizer=tok).materialize(seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    engine = Engine(lm, max_batch=8, max_model_len=128, max_queue=64)
+    with BackgroundServer(create_app(engine, "tiny", api_key=KEY)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        yield c
+
+
+def err(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in resp.text
+    return body["error"]
+
+
+# -- the contract, with the official client ----------------------------------------------------------------
+def test_completions_with_openai_client(client, http):
+    r = client.completions.create(model="tiny", prompt="the moon", max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and r.model == "tiny" and len(r.choices) == 1
+    c = r.choices[0]
+    assert c.finish_reason in ("stop", "length") and c.index == 0
+    n_prompt = http.post("/tokenize", json={"prompt": "the moon"}).json()["count"]
+    assert r.usage.prompt_tokens == n_prompt and r.usage.total_tokens == n_prompt + r.usage.completion_tokens
+    assert 1 <= r.usage.completion_tokens <= 8
+    # streaming gives the same text, then a usage chunk
+    chunks = list(client.completions.create(model="tiny", prompt="the moon", max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == c.finish_reason
+
+
+def test_chat_with_openai_client(client):
+    msgs = [{"role": "system", "content": "You write poems."}, {"role": "user", "content": "the moon"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 10
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == r.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_raw_sse_framing(http):
+    with http.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 3, "stream": True}) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        events = [e for e in resp.read().decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    for e in events[:-1]:
+        assert "usage" not in json.loads(e[6:])  # no include_usage: no usage field at all
+
+
+def test_n_lists_logprobs_echo_and_stop(client):
+    r = client.completions.create(model="tiny", prompt=["the moon", "a boat"], n=2, max_tokens=4, temperature=0.9,
+                                  seed=7, logprobs=2, echo=True)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert r.choices[0].text.startswith("the moon") and r.choices[2].text.startswith("a boat")
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) <= 4
+    assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)
+    again = client.completions.create(model="tiny", prompt=["the moon", "a boat"], n=2, max_tokens=4,
+                                      temperature=0.9, seed=7, logprobs=2, echo=True)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]  # a seed makes it reproducible
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    full = client.completions.create(model="tiny", prompt="the moon", max_tokens=20, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[4:6]
+    cut = client.completions.create(model="tiny", prompt="the moon", max_tokens=20, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
+
+
+def test_models_health_metrics_tokenize(http, server):
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    assert httpx.get(server.url + "/health").status_code == 200  # no key needed
+    ids = http.post("/tokenize", json={"prompt": "床前明月光"}).json()["tokens"]
+    assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "床前明月光"
+    http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("mtnlg_http_requests_total", "mtnlg_prompt_tokens_total", "mtnlg_generation_tokens_total",
+                 "mtnlg_time_to_first_token_seconds_bucket", "mtnlg_inter_token_latency_seconds_bucket",
+                 "mtnlg_num_requests_waiting", "mtnlg_num_requests_running", "mtnlg_request_success_total"):
+        assert name in text
+    gen = next(line for line in text.splitlines() if line.startswith("mtnlg_generation_tokens_total "))
+    assert int(gen.split()[1]) > 0
+
+
+def test_web_page_is_self_contained(server):
+    html = httpx.get(server.url + "/").text
+    assert "<script" in html and "http://" not in html and "https://" not in html
+    for name in ("chat.js", "chat.css"):
+        r = httpx.get(f"{server.url}/web/{name}")
+        assert r.status_code == 200 and "https://" not in r.text
+
+
+def test_concurrent_seeds_equal_solo(client):
+    def ask(seed):
+        return client.completions.create(model="tiny", prompt="the quiet river", max_tokens=12, temperature=1.0,
+                                         seed=seed).choices[0].text
+
+    solo = [ask(s) for s in range(6)]
+    got = [None] * 6
+
+    def run(i):
+        got[i] = ask(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == solo and len(set(solo)) > 1
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+def test_400s_name_the_field(http):
+    e = err(http.post("/v1/completions", content=b"{not json"), 400)
+    assert "JSON" in e["message"]
+    e = err(http.post("/v1/completions", json={"prompt": "x", "max_tokens": "ten"}), 400)
+    assert e["param"] == "max_tokens" and "max_tokens" in e["message"] and "integer" in e["message"]
+    e = err(http.post("/v1/completions", json={"prompt": "x", "temperature": [1]}), 400)
+    assert e["param"] == "temperature"
+    e = err(http.post("/v1/completions", json={"max_tokens": 3}), 400)
+    assert e["param"] == "prompt"
+    e = err(http.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]}), 400)
+    assert e["param"] == "messages" and "role" in e["message"]
+    e = err(http.post("/v1/completions", json=[1, 2]), 400)
+    assert "object" in e["message"]
+    e = err(http.post("/v1/completions", content=b'{"prompt": "x", "temperature": NaN}'), 400)
+    e = err(http.post("/v1/completions", json={"prompt": "x", "stream": "yes"}), 400)
+    assert e["param"] == "stream"
+
+
+def test_context_overflow_names_both_numbers(http):
+    e = err(http.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 500}), 400)
+    assert "128" in e["message"] and "500" in e["message"] and e["param"] == "max_tokens"
+    e = err(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "the moon " * 100}]}),
+            400)
+    assert "128" in e["message"]
+
+
+def test_401_without_the_key(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        e = err(httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, headers=headers), 401)
+        assert e["code"] == "invalid_api_key"
+    err(httpx.get(server.url + "/v1/models"), 401)
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_413_over_one_mib(http):
+    e = err(http.post("/v1/completions", content=b'{"prompt": "' + b"a" * (1 << 20) + b'"}'), 413)
+    assert "1 MiB" in e["message"]
+
+    def chunks():  # no Content-Length: the limit holds while reading
+        for _ in range(20):
+            yield b" " * 65536
+        yield b"{}"
+
+    err(http.post("/v1/completions", content=chunks()), 413)
+
+
+def test_404_and_405_are_json(http):
+    err(http.get("/nope"), 404)
+    err(http.get("/v1/completions"), 405)
+    e = err(http.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"}), 404)
+    assert e["code"] == "model_not_found"
+
+
+def test_429_when_the_queue_is_full_and_disconnect_frees_the_slot(lm):
+    """One slot, one queue place: a long stream holds the slot, a second request waits, a third gets 429.
+    Closing the long stream frees its slot at once, so the waiting request then completes."""
+    cfg = MegatronModelConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=4096)
+    long_lm = MegatronLmModel(cfg, tokenizer=lm.tokenizer).materialize(seed=0)  # a long context: a long stream
+    engine = Engine(long_lm, max_batch=1, max_queue=1)
+    with BackgroundServer(create_app(engine, "tiny")) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        long_body = {"prompt": "a", "max_tokens": 4000, "stream": True, "ignore_eos": True}
+        with http.stream("POST", "/v1/completions", json=long_body) as stream:
+            chunks = stream.iter_raw()
+            next(chunks)  # it is running
+            waiting: dict = {}
+            t = threading.Thread(target=lambda: waiting.update(
+                r=httpx.post(srv.url + "/v1/completions", json={"prompt": "b", "max_tokens": 2}, timeout=60)))
+            t.start()
+            while engine.queue_depth < 1 and t.is_alive():
+                pass
+            e = err(http.post("/v1/completions", json={"prompt": "c", "max_tokens": 2}), 429)
+            assert e["type"] == "rate_limit_error"
+        # leaving the `with` closed the stream: the slot is freed and the waiting request runs
+        t.join(60)
+        assert waiting["r"].status_code == 200 and waiting["r"].json()["usage"]["completion_tokens"] == 2
+        assert engine.metrics.requests_finished.get("abort") == 1
+        r429 = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert r429.status_code == 200
+    assert engine.num_running == 0
+
+
+# -- fuzzing -----------------------------------------------------------------------------------------------
+def _json_values():
+    from hypothesis import strategies as st
+
+    leaves = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8)
+    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                            max_size=3), max_leaves=8)
+
+
+FIELDS = ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
+          "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
+          "repetition_penalty", "echo", "model", "min_p", "stop_token_ids", "ignore_eos", "tokens"]
+
+
+def test_fuzzed_requests_never_5xx(server):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    seen = {"n": 0}
+    paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"])
+    valid_prompt = st.sampled_from([{"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]}, {}])
+    body = st.one_of(
+        st.binary(max_size=64),  # raw bytes
+        st.builds(lambda base, d: json.dumps({**base, **d}).encode(), valid_prompt,
+                  st.dictionaries(st.sampled_from(FIELDS), _json_values(), max_size=4)),
+        _json_values().map(lambda v: json.dumps(v).encode()),
+    )
+
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http:
+        @settings(max_examples=220, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(path=paths, content=body)
+        def check(path, content):
+            seen["n"] += 1
+            r = http.post(path, content=content)
+            assert r.status_code < 500, (path, content, r.text)
+            if r.status_code >= 400:
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+                assert "Traceback" not in r.text and "pydantic" not in r.text.lower()
+
+        check()
+        assert seen["n"] >= 200
+        assert http.get("/health").json() == {"status": "ok"}
+        assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
