@@ -49,11 +49,8 @@ class _Progress:
         self.t0 = time.monotonic()
 
     def _line(self, record: dict) -> None:
-        """Without a terminal: one line every log.interval steps (and for each evaluation)."""
-        if record["split"] != "train":
-            print(f"step {record['step']}: {record['split']} loss {record['loss']:.4f} ppl {record['ppl']:.2f}",
-                  file=sys.stderr, flush=True)
-        elif record["step"] % self.interval == 0 or record["step"] == self.total:
+        """Without a terminal: one line every log.interval steps (evaluations are logged by the loop)."""
+        if record["split"] == "train" and (record["step"] % self.interval == 0 or record["step"] == self.total):
             print(f"step {record['step']}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
                   f"{record['tokens_per_s']:.0f} tok/s elapsed {time.monotonic() - self.t0:.0f}s",
                   file=sys.stderr, flush=True)

@@ -321,6 +321,8 @@ class Trainer:
                 timed_out = tc.max_time_s is not None and time.monotonic() - start_time > tc.max_time_s
                 if timed_out and _dist():
                     timed_out = bool(_broadcast(timed_out))
+                if not _dist() and self._stop_signal is not None:  # distributed: agreed in the next step
+                    self._stop_now = True
                 if self._stop_now or timed_out:
                     result.status = "interrupted" if self._stop_now else "time_limit"
                     break

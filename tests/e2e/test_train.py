@@ -1,0 +1,168 @@
+"""``mtnlg train`` end to end on examples/tiny.yaml: run dir, metrics, plots, exact resume after a
+signal or a crash, checkpoint corruption, the NaN guard and loading a run for inference.
+
+One uninterrupted 20-step run (module fixture) is the reference every other run is compared to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtnlg.cli import main
+from mtnlg.config import Config
+from mtnlg.errors import MtnlgError
+from mtnlg.train.metrics import read_metrics
+
+TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml"
+FAST = ["--log.peak_tflops=1.0"]  # skip the matmul microbenchmark
+
+
+def _train(out: Path, *extra: str) -> int:
+    return main(["train", "--config", str(TINY), "--output", str(out), "--no-progress", *FAST, *extra])
+
+
+def _curve(run: Path, split: str = "train") -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == split}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("train") / "full"
+    assert _train(run) == 0
+    return run
+
+
+def test_run_directory_metrics_and_plots(full_run, tmp_path, capsys):
+    assert Config.load(full_run / "config.yaml").train.steps == 20
+    assert (full_run / "tokenizer" / "tokenizer.json").is_file()
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ["step_00000010", "step_00000020"]
+    records = read_metrics(full_run / "metrics.jsonl")
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    for r in train:
+        for key in ("loss", "ppl", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "mem_mb"):
+            assert isinstance(r[key], float) and r[key] > 0, key
+        assert isinstance(r["comm_bytes"], dict) and r["skipped"] is False
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5  # it learns
+    assert [r["step"] for r in records if r["split"] == "valid"] == [10, 20]
+    (test,) = [r for r in records if r["split"] == "test"]
+    assert test["step"] == 20 and test["ppl"] == pytest.approx(2.718281828 ** test["loss"], rel=1e-6)
+    # TensorBoard events hold the same scalars.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(full_run / "tb"))
+    acc.Reload()
+    tb = [e.value for e in acc.Scalars("train/loss")]
+    assert tb == pytest.approx([r["loss"] for r in train], rel=1e-6)
+    assert "valid/loss" in acc.Tags()["scalars"]
+    # Plots: written by the run, and again by `mtnlg plot`.
+    assert (full_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(full_run), "--output", str(tmp_path)]) == 0
+    for name in ("loss.png", "throughput.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_resume_after_sigterm_is_bit_exact(full_run, tmp_path):
+    """SIGTERM at step 7 saves a checkpoint and stops; resuming gives exactly the uninterrupted curve."""
+    from mtnlg.train.loop import Trainer
+
+    run = tmp_path / "run"
+    cfg = Config.load(TINY, FAST)
+
+    def kill_at_7(record):
+        if record["split"] == "train" and record["step"] == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = Trainer(cfg, run, on_record=kill_at_7).fit()
+    assert result.status == "interrupted" and result.step == 7
+    assert (run / "checkpoints" / "step_00000007" / "manifest.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler restored
+    assert _train(run) == 0  # checkpoint.resume=auto
+    assert _curve(run) == _curve(full_run)  # exactly equal floats, every step
+    assert _curve(run, "valid") == _curve(full_run, "valid")
+    assert _curve(run, "test") == _curve(full_run, "test")
+
+
+def test_resume_after_crash_from_last_interval_checkpoint(full_run, tmp_path):
+    """A run killed hard after step 14 (newest checkpoint: step 10, a half-written temp dir left
+    behind) resumes from step 10, drops the orphaned metrics and reproduces steps 11-20 exactly."""
+    run = tmp_path / "crashed"
+    shutil.copytree(full_run, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000020")
+    (run / "checkpoints" / ".step_00000020.tmp-dead").mkdir()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    kept = [x for x in lines if json.loads(x)["step"] <= 14 and json.loads(x)["split"] == "train"]
+    (run / "metrics.jsonl").write_text("\n".join(kept) + '\n{"step": 15, "spl')  # torn last line
+    assert _train(run) == 0
+    assert _curve(run) == _curve(full_run)
+    assert not list((run / "checkpoints").glob(".*"))
+
+
+def test_corrupt_checkpoint_is_named_and_fallback_is_opt_in(full_run, tmp_path, capsys):
+    run = tmp_path / "corrupt"
+    shutil.copytree(full_run, run)
+    shard = next((run / "checkpoints" / "step_00000020").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    assert _train(run, "--train.steps=21") == 2
+    err = capsys.readouterr().err
+    assert "truncated" in err and shard.name in err and "checkpoint.fallback" in err
+    assert _train(run, "--train.steps=21", "--checkpoint.fallback=true") == 0  # resumes from step 10
+    assert max(_curve(run)) == 21
+
+
+def test_nan_guard_skips_then_aborts(tmp_path):
+    from mtnlg.train.loop import Trainer
+
+    cfg = Config.load(TINY, FAST + ["--train.steps=6", "--train.max_bad_steps=3"])
+    trainer = Trainer(cfg, tmp_path / "skip")
+    p = dict(trainer.model_parts[0].named_parameters())["layers.0.mlp.fc1.weight"]
+    p.register_hook(lambda g: g * float("nan") if trainer.step == 2 else g)  # poison step 3's gradients
+    before = {}
+
+    def snapshot(record):
+        if record["split"] == "train" and record["step"] == 2:
+            before.update({n: q.detach().clone() for n, q in trainer.model_parts[0].named_parameters()})
+        if record["split"] == "train" and record["step"] == 3:
+            for n, q in trainer.model_parts[0].named_parameters():
+                assert torch.equal(q, before[n]), f"{n} changed on a skipped step"
+
+    trainer.on_record = snapshot
+    result = trainer.fit()
+    assert result.status == "finished" and result.skipped_steps == 1
+    recs = {r["step"]: r for r in read_metrics(tmp_path / "skip" / "metrics.jsonl") if r["split"] == "train"}
+    assert recs[3]["skipped"] is True and recs[4]["skipped"] is False and recs[6]["skipped_steps"] == 1
+    assert all(torch.isfinite(q).all() for q in trainer.model_parts[0].parameters())
+
+    trainer = Trainer(cfg, tmp_path / "abort")
+    p = dict(trainer.model_parts[0].named_parameters())["layers.0.mlp.fc1.weight"]
+    p.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(MtnlgError, match="3 steps in a row.*max_bad_steps=3"):
+        trainer.fit()
+    assert not (tmp_path / "abort" / "checkpoints").exists() or not any((tmp_path / "abort" / "checkpoints").iterdir())
+
+
+def test_from_pretrained_loads_the_run(full_run):
+    from mtnlg.api import MegatronLmModel
+    from mtnlg.train.checkpoint import load_for_inference
+
+    model = MegatronLmModel.from_pretrained(full_run)
+    _, state, tok = load_for_inference(full_run / "checkpoints" / "step_00000020")
+    ids = tok.encode("床前明月光")
+    logits = model(ids)
+    assert logits.shape == (1, len(ids), tok.vocab_size) and torch.isfinite(logits).all()
+    assert torch.equal(model.model.layers["1"].mlp.fc2.weight, state["layers.1.mlp.fc2.weight"])
+    text = model.generate("床前", max_new_tokens=5, seed=0)
+    assert text.startswith("床前")
+
+
+def test_bad_override_is_one_line_error(capsys):
+    assert main(["train", "--train.stepz=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.steps" in err and "\n" not in err
