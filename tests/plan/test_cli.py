@@ -84,3 +84,22 @@ def test_timeline_command(capsys, tmp_path):
     d = json.loads(out)
     assert rc == 0 and out_png.read_bytes()[:4] == b"\x89PNG"
     assert d["bubble_fraction"] == pytest.approx(3 / 15)
+
+
+def test_schedules_change_bubble_and_memory(capsys):
+    base = ["--model", "gpt3-175b", "--gpus", "1024", "--tp", "8", "--pp", "8", "--global-batch", "1536", "--json"]
+    res = {}
+    for extra in (["--schedule", "gpipe"], ["--schedule", "1f1b"], ["--vpp", "2"], ["--schedule", "zb"]):
+        rc, out, _ = run(capsys, *base, *extra)
+        assert rc == 0
+        d = json.loads(out)
+        res[d["layout"]["schedule"]] = d
+    p, m = 8, 96
+    assert res["gpipe"]["bubble_fraction"] == res["1f1b"]["bubble_fraction"] == pytest.approx((p - 1) / (m + p - 1))
+    assert res["interleaved"]["bubble_fraction"] == pytest.approx((7 / 2) / (96 + 7 / 2))
+    assert res["zb"]["bubble_fraction"] < res["interleaved"]["bubble_fraction"]
+    acts = {k: v["memory_breakdown"]["activations"] for k, v in res.items()}
+    assert acts["gpipe"] == pytest.approx(acts["1f1b"] * m / p)  # m vs p microbatches in flight
+    assert acts["interleaved"] == pytest.approx(acts["1f1b"] * (1 + (p - 1) / (p * 2)))
+    rc, _, err = run(capsys, *base, "--schedule", "gpipe", "--vpp", "2")
+    assert rc == 2 and "--vpp" in err

@@ -55,6 +55,11 @@ class Layout:
     def effective_schedule(self) -> str:
         return "interleaved" if self.vpp > 1 and self.schedule == "1f1b" else self.schedule
 
+    @property
+    def chunks(self) -> int:
+        """Model chunks per pipeline rank: 2 for ZB-V, ``vpp`` otherwise."""
+        return 2 if self.schedule == "zb" and self.pp > 1 else self.vpp
+
 
 def validate_layout(model: PlanModel, layout: Layout) -> None:
     """Raise :class:`ConfigError` naming the flag to change when a layout breaks divisibility."""
@@ -67,8 +72,12 @@ def validate_layout(model: PlanModel, layout: Layout) -> None:
     if cfg.num_heads % lo.tp or cfg.ffn_hidden_size % lo.tp:
         raise ConfigError(f"--tp {lo.tp} must divide num_heads={cfg.num_heads} and ffn_hidden_size="
                           f"{cfg.ffn_hidden_size}")
-    if cfg.num_layers % (lo.pp * lo.vpp):
-        raise ConfigError(f"pp x vpp = {lo.pp * lo.vpp} must divide num_layers={cfg.num_layers}")
+    if lo.vpp > 1 and lo.schedule == "gpipe":
+        raise ConfigError("--vpp > 1 runs interleaved 1F1B; drop --schedule gpipe or set --vpp 1")
+    if lo.schedule == "zb" and lo.vpp not in (1, 2):
+        raise ConfigError("--schedule zb (ZB-V) runs exactly 2 model chunks per rank; use --vpp 2 or omit it")
+    if cfg.num_layers % (lo.pp * lo.chunks):
+        raise ConfigError(f"pp x model chunks per rank = {lo.pp * lo.chunks} must divide num_layers={cfg.num_layers}")
     if lo.global_batch % (lo.micro_batch * lo.dp):
         raise ConfigError(f"--global-batch {lo.global_batch} must be a multiple of micro-batch x dp = "
                           f"{lo.micro_batch} x {lo.dp}")
@@ -83,7 +92,7 @@ def validate_layout(model: PlanModel, layout: Layout) -> None:
             raise ConfigError(f"--zero {lo.zero} shards the gradients that pipeline microbatches accumulate into; "
                               "with --pp > 1 use --zero 0 or 1 (as DeepSpeed and Megatron do)")
         sched = lo.effective_schedule
-        check_schedule(sched, lo.pp, lo.microbatches, 2 if sched == "zb" else lo.vpp)
+        check_schedule(sched, lo.pp, lo.microbatches, lo.chunks)
     elif lo.vpp > 1:
         raise ConfigError("--vpp > 1 needs --pp > 1")
     if model.seq_len > cfg.max_seq_len:
@@ -128,7 +137,7 @@ class Plan:
         out = {
             "model": self.model.name,
             "gpu": self.gpu.name,
-            "layout": {"gpus": lo.gpus, "tp": lo.tp, "pp": lo.pp, "vpp": lo.vpp, "dp": lo.dp,
+            "layout": {"gpus": lo.gpus, "tp": lo.tp, "pp": lo.pp, "vpp": lo.chunks, "dp": lo.dp,
                        "global_batch": lo.global_batch, "micro_batch": lo.micro_batch,
                        "microbatches": lo.microbatches, "seq_len": self.model.seq_len, "recompute": lo.recompute,
                        "zero": lo.zero, "schedule": lo.effective_schedule,
@@ -163,15 +172,15 @@ def plan(model: PlanModel, layout: Layout, gpu: GPU, *, efficiency: float = COMP
     flops = flops_per_iteration(lo.global_batch, s, cfg.num_layers, cfg.hidden_size, V, lo.recompute)
     m = lo.microbatches
     sched = lo.effective_schedule
-    mem = estimate_memory(cfg, s, lo.micro_batch, lo.tp, lo.pp, lo.dp, m, sched, lo.vpp, lo.recompute, lo.zero,
+    mem = estimate_memory(cfg, s, lo.micro_batch, lo.tp, lo.pp, lo.dp, m, sched, lo.chunks, lo.recompute, lo.zero,
                           lo.sequence_parallel, gpu.dtype_bytes, gpu.mixed_precision)
     ppg = params_per_gpu(cfg, lo.tp, lo.pp)
     comm = communication(hidden=cfg.hidden_size, seq=s, micro_batch=lo.micro_batch,
                          layers_per_stage=cfg.num_layers // lo.pp, microbatches=m, params_per_gpu=ppg, tp=lo.tp,
-                         pp=lo.pp, dp=lo.dp, vpp=lo.vpp, recompute=lo.recompute, zero=lo.zero,
+                         pp=lo.pp, dp=lo.dp, vpp=lo.chunks, recompute=lo.recompute, zero=lo.zero,
                          dtype_bytes=gpu.dtype_bytes, grad_bytes=gpu.dtype_bytes, nvlink_bw=gpu.nvlink_bw,
                          ib_bw=gpu.ib_bw, gpus_per_node=gpus_per_node)
-    bubble = bubble_fraction(sched, lo.pp, m, lo.vpp) if lo.pp > 1 else 0.0
+    bubble = bubble_fraction(sched, lo.pp, m, lo.chunks) if lo.pp > 1 else 0.0
     compute = flops / (lo.gpus * gpu.peak_flops * efficiency)
     times = {"compute": compute, "tp_comm": comm.tp_s,
              "bubble": bubble / (1 - bubble) * (compute + comm.tp_s) if bubble < 1 else float("inf"),
