@@ -82,3 +82,30 @@ def test_530b_on_one_80gb_gpu_per_replica_does_not_fit(zero):
     ok = plan(PRESETS["mtnlg-530b"], Layout(gpus=2240, tp=8, pp=35, global_batch=1920, zero=zero),
               get_gpu("a100-80gb"))
     assert ok.fits
+
+
+@pytest.mark.parametrize("seq,hidden,heads", [(64, 128, 4), (256, 256, 4)])
+def test_korthikanti_matches_what_autograd_saves(seq, hidden, heads):
+    """The no-recompute formula vs the bytes autograd keeps for one of our Blocks (fp32 activations,
+    dropout on as in the paper's accounting, math attention that keeps the softmax): within 15%."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from mtnlg.model import build_model, materialize
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=hidden, num_layers=1, num_heads=heads, ffn_hidden_size=4 * hidden,
+                      max_seq_len=seq, dropout=0.1, attention_dropout=0.1)
+    block = materialize(build_model(cfg), seed=0).train().layers["0"]
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(2, seq, hidden, requires_grad=True)
+    with sdpa_kernel(SDPBackend.MATH), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    predicted = activation_bytes_per_layer(seq, 2, hidden, heads, recompute="none", dtype_bytes=4)
+    assert sum(saved.values()) == pytest.approx(predicted, rel=0.15)
