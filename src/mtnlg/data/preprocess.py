@@ -17,12 +17,14 @@ Nothing is dropped silently.
 
 ::
 
-    main process: read 1 MB chunks ──► pool of N workers: decode, parse, encode_batch ──► main: write in order
+    main process: read 256 KiB chunks ──► pool of N workers: decode, parse, encode_batch ──► main: write in order
 """
 
 from __future__ import annotations
 
 import collections
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import gzip
 import json
 import logging
@@ -42,7 +44,7 @@ from mtnlg.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20  # work unit handed to a worker
+CHUNK_BYTES = 1 << 18  # work unit handed to a worker (256 KiB: small enough to balance load)
 MAX_REPORTED = 10  # bad lines reported individually
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 
@@ -264,11 +266,7 @@ def _record_bad(stats: PreprocessStats, bad: list[BadLine], on_error: str) -> No
         more = f" (and {len(bad) - 1} more in this chunk)" if len(bad) > 1 else ""
         raise DataError(f"{bad[0]}{more}; fix the input or pass --on-error skip")
     stats.bad_lines += len(bad)
-    room = MAX_REPORTED - len(stats.errors)
-    if room > 0:
-        stats.errors += bad[:room]
-        for b in bad[:room]:
-            log.warning("skipped %s", b)
+    stats.errors += bad[:max(0, MAX_REPORTED - len(stats.errors))]
 
 
 def preprocess(inputs: list[str], tokenizer: Tokenizer, output: str | Path, *, json_key: str = "text",
@@ -299,26 +297,36 @@ def preprocess(inputs: list[str], tokenizer: Tokenizer, output: str | Path, *, j
     with IndexedWriter(output, tokenizer.vocab_size, tokenizer.eod_id) as writer:
         if workers == 1:
             _init_worker(*init[:3], serial=False)
-            for task in iter_tasks(inputs):
-                consume(_encode_task(task))
-        else:
-            ctx = mp.get_context("spawn")  # fork is unsafe after torch / Rayon threads exist
-            with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
-                window: collections.deque = collections.deque()
+            try:
                 for task in iter_tasks(inputs):
-                    window.append(pool.apply_async(_encode_task, (task,)))
-                    if len(window) >= 2 * workers + 1:  # bounded read-ahead keeps memory flat
-                        consume(window.popleft().get())
-                while window:
-                    consume(window.popleft().get())
+                    consume(_encode_task(task))
+            finally:
+                _W.clear()
+        else:
+            # spawn, not fork: forking after torch / Rayon threads exist can deadlock. The executor (unlike
+            # multiprocessing.Pool) raises instead of hanging when a worker dies.
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                     initargs=init) as pool:
+                window: collections.deque = collections.deque()
+                try:
+                    for task in iter_tasks(inputs):
+                        window.append(pool.submit(_encode_task, task))
+                        if len(window) >= 2 * workers + 1:  # bounded read-ahead keeps memory flat
+                            consume(window.popleft().result())
+                    while window:
+                        consume(window.popleft().result())
+                except BrokenProcessPool as e:
+                    raise DataError(f"a preprocessing worker died ({e}); retry with --workers 1") from None
+                finally:
+                    for fut in window:
+                        fut.cancel()
         stats.documents, stats.tokens = writer.num_docs, writer.num_tokens
         if stats.documents == 0:  # raised inside `with`: nothing is written
             raise DataError(f"no documents found in {', '.join(map(str, inputs))}" +
                             (f" (all {stats.bad_lines} non-blank lines were bad)" if stats.bad_lines else ""))
-    _W.clear()
     tokenizer.hf.save(str(tokenizer_path(output)))  # so `data inspect` and training find the matching tokenizer
     stats.seconds = time.perf_counter() - t0
     if stats.bad_lines:
-        log.warning("skipped %d bad line(s) in total; the first %d are listed above", stats.bad_lines,
-                    len(stats.errors))
+        log.warning("skipped %d bad line(s): %s%s", stats.bad_lines, "; ".join(map(str, stats.errors[:3])),
+                    " ..." if stats.bad_lines > 3 else "")
     return stats
