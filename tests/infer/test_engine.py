@@ -10,7 +10,7 @@ import torch
 from mtnlg.api import MegatronLmModel, MegatronModelConfig
 from mtnlg.errors import ConfigError
 from mtnlg.infer.engine import Engine, QueueFull, SlotKVCache, merge_outputs
-from mtnlg.infer.server import SamplingParams
+from mtnlg.infer.sampling import SamplingParams
 
 GREEDY = dict(temperature=0.0)
 

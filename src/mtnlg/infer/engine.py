@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from mtnlg.errors import ConfigError
-from mtnlg.infer._interim import IncrementalDetokenizer, SamplingParams, process_logits, sample
+from mtnlg.infer.sampling import SamplingParams, process_logits, sample, top_logprobs
+from mtnlg.infer.streaming import StopStringFilter, StreamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,8 @@ class Request:
         self.cancelled = False
         self.finished = False
         self.generator: torch.Generator | None = None
-        self.detok: IncrementalDetokenizer | None = None
-        self.text = ""  # complete characters decoded so far
-        self.emitted = 0  # characters of ``text`` already sent
+        self.detok: StreamDecoder | None = None  # token ids -> complete UTF-8 characters
+        self.stops: StopStringFilter | None = None  # holds back what could become a stop string
 
     def cancel(self) -> None:
         """Stop generating and free the slot at the engine's next step (client disconnected)."""
@@ -384,7 +384,8 @@ class Engine:
         p = req.params
         seed = p.seed if p.seed is not None else int.from_bytes(torch.randint(0, 2**31, (1,)).numpy().tobytes()[:4], "little")
         req.generator = torch.Generator(device=self.device).manual_seed(seed)
-        req.detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+        req.detok = StreamDecoder(self.tokenizer, skip_special_tokens=True)
+        req.stops = StopStringFilter(p.stop)
 
     def _release(self, req: Request) -> None:
         if req in self._running:
@@ -393,26 +394,27 @@ class Engine:
         req.finished = True
 
     def _emit(self, batch: list[Request], logits: torch.Tensor) -> list[tuple[Request, Output]]:
-        """Sample one token per row, record it, check the stop conditions and build the events."""
+        """Sample one token per row (each with its own params and generator), record it, check the stop
+        conditions and build the events."""
         logits = logits.float()
         params = [r.params for r in batch]
-        histories = [r.prompt_ids + r.generated for r in batch]
+        histories = [r.prompt_ids + r.generated for r in batch] if any(p.needs_history() for p in params) else None
         processed = process_logits(logits, params, histories, [len(r.prompt_ids) for r in batch])
-        tokens = sample(processed, params, [r.generator for r in batch]).tolist()
-        want_lp = [r.params.logprobs is not None for r in batch]
-        logprobs_rows: list[TokenLogprob | None] = [None] * len(batch)
-        if any(want_lp):
-            lp = torch.log_softmax(logits, dim=-1)
-            for i, r in enumerate(batch):
-                if want_lp[i]:
-                    k = int(r.params.logprobs or 0)
-                    top = torch.topk(lp[i], min(k, lp.shape[-1])) if k else None
-                    logprobs_rows[i] = TokenLogprob(tokens[i], float(lp[i, tokens[i]]),
-                                                    list(zip(top.indices.tolist(), top.values.tolist())) if top else [])
+        tokens_t, logprobs_t = sample(processed, params, [r.generator for r in batch], raw_logits=logits)
+        tokens = tokens_t.tolist()
+        want = [p.logprobs is not None for p in params]
+        top_ids: list[list[int]] = [[] for _ in batch]
+        top_lps: list[list[float]] = [[] for _ in batch]
+        if any(want):
+            k = max(p.logprobs or 0 for p in params)
+            if k:
+                ids, lps = top_logprobs(logits, k)
+                top_ids, top_lps = ids.tolist(), lps.tolist()
+        chosen_lps = logprobs_t.tolist() if any(want) else [0.0] * len(batch)
         now = time.perf_counter()
         events = []
         for i, r in enumerate(batch):
-            tok = tokens[i]
+            tok, p = tokens[i], params[i]
             if not r.generated:
                 self.metrics.ttft.observe(now - r.arrival)
             else:
@@ -422,21 +424,21 @@ class Engine:
             r.next_token = tok
             self.metrics.generation_tokens += 1
             reason = None
-            delta = ""
-            if tok in r.params.stop_token_ids and not r.params.ignore_eos:
+            if tok in p.stop_token_ids and not p.ignore_eos:
                 reason = "stop"
+                delta = self._drain(r)
             else:
-                r.text += r.detok.push(tok)
-                delta, hit = self._safe_text(r)
+                delta, hit = r.stops.push(r.detok.push(tok))
                 if hit:
                     reason = "stop"
-            if reason is None and (len(r.generated) >= r.max_tokens or r.length + 1 >= self.max_model_len):
-                reason = "length"
-            if reason is not None and not (reason == "stop"):
-                r.text += r.detok.flush()
-                delta += r.text[r.emitted:]
-                r.emitted = len(r.text)
-            out = Output(delta, [tok], [logprobs_rows[i]] if want_lp[i] else None)
+                elif len(r.generated) >= r.max_tokens or r.length + 1 >= self.max_model_len:
+                    reason = "length"
+                    delta += self._drain(r)
+            lp = None
+            if want[i]:
+                n = p.logprobs or 0
+                lp = [TokenLogprob(tok, chosen_lps[i], list(zip(top_ids[i][:n], top_lps[i][:n])))]
+            out = Output(delta, [tok], lp)
             if reason is not None:
                 r.finished = True
                 out.finish_reason = reason
@@ -446,32 +448,10 @@ class Engine:
         return events
 
     @staticmethod
-    def _safe_text(r: Request) -> tuple[str, bool]:
-        """The text that can be sent now: up to a stop string (then True), or holding back a tail that
-        could still grow into one."""
-        stops = r.params.stop
-        if not stops:
-            delta = r.text[r.emitted:]
-            r.emitted = len(r.text)
-            return delta, False
-        longest = max(len(s) for s in stops)
-        start = max(0, r.emitted - longest + 1)
-        hits = [i for i in (r.text.find(s, start) for s in stops) if i >= 0]
-        if hits:
-            end = max(min(hits), r.emitted)
-            delta = r.text[r.emitted:end]
-            r.emitted = end
-            return delta, True
-        hold = 0
-        for s in stops:
-            for n in range(min(len(s) - 1, len(r.text)), 0, -1):
-                if r.text.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        end = max(len(r.text) - hold, r.emitted)
-        delta = r.text[r.emitted:end]
-        r.emitted = end
-        return delta, False
+    def _drain(r: Request) -> str:
+        """Generation ended for a reason other than a stop string: release every held-back character."""
+        delta, _ = r.stops.push(r.detok.flush())
+        return delta + r.stops.finish()
 
     def _final(self, req: Request, reason: str) -> Output:
         self.metrics.requests_finished[reason] = self.metrics.requests_finished.get(reason, 0) + 1

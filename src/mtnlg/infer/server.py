@@ -35,7 +35,7 @@ from mtnlg.data.tokenizer import END_OF_TURN, ROLE_TOKENS
 from mtnlg.errors import ConfigError
 from mtnlg.infer.engine import Engine, EngineStopped, Output, QueueFull, Request as EngineRequest, RequestTooLong
 from mtnlg.infer.engine import TokenLogprob
-from mtnlg.infer._interim import SamplingParams
+from mtnlg.infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
