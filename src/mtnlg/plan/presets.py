@@ -74,7 +74,8 @@ def load_model(spec: str) -> PlanModel:
         return PlanModel(path.stem, cfg, seq)
     for key in data:
         if key not in FLAT_KEYS:
-            raise ConfigError(f"--model {spec}: unknown key '{key}'; use {list(FLAT_KEYS)}" + did_you_mean(key, FLAT_KEYS))
+            raise ConfigError(f"--model {spec}: unknown key '{key}'; use {list(FLAT_KEYS)}"
+                              + did_you_mean(key, FLAT_KEYS))
     missing = [k for k in ("num_layers", "hidden_size", "num_heads", "vocab_size", "seq_len") if k not in data]
     if missing:
         raise ConfigError(f"--model {spec}: missing {missing}; a model YAML needs num_layers, hidden_size, "
@@ -83,7 +84,8 @@ def load_model(spec: str) -> PlanModel:
         h, seq = int(data["hidden_size"]), int(data["seq_len"])
         cfg = ModelConfig(vocab_size=int(data["vocab_size"]), hidden_size=h, num_layers=int(data["num_layers"]),
                           num_heads=int(data["num_heads"]), ffn_hidden_size=int(data.get("ffn_hidden_size", 4 * h)),
-                          max_seq_len=seq, make_vocab_size_divisible_by=int(data.get("make_vocab_size_divisible_by", 128)))
+                          max_seq_len=seq,
+                          make_vocab_size_divisible_by=int(data.get("make_vocab_size_divisible_by", 128)))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--model {spec}: every size must be an integer ({e})") from None
     cfg.validate()
