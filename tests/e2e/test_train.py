@@ -166,3 +166,23 @@ def test_bad_override_is_one_line_error(capsys):
     assert main(["train", "--train.stepz=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "train.steps" in err and "\n" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resume_tp2_checkpoint_in_one_process(full_run, tmp_path):
+    """10 steps with 2 gloo ranks in tensor parallelism (``--nproc 2``), then 10 more in one process:
+    the whole curve matches the single-process run within 1e-5 relative."""
+    run = tmp_path / "tp2"
+    schedule = "--train.lr_decay_steps=20"  # the 20-step run's schedule, stopped after 10 steps
+    assert _train(run, "--nproc", "2", "--parallel.tp=2", "--train.steps=10", schedule) == 0
+    manifest = json.loads((run / "checkpoints" / "step_00000010" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    assert _train(run, schedule) == 0
+    got, want = _curve(run), _curve(full_run)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    for split in ("valid", "test"):
+        for step, loss in _curve(full_run, split).items():
+            assert _curve(run, split)[step] == pytest.approx(loss, rel=1e-5)

@@ -128,6 +128,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def perplexity(loss: float) -> float:
+    if math.isnan(loss):
+        return loss
     return math.exp(loss) if loss < 50 else float("inf")
 
 
