@@ -7,6 +7,7 @@ const log = $("log"), input = $("input"), stats = $("stats");
 let history = [];          // [{role, content}] of the chat so far
 let busy = false;
 let controller = null;
+let seed = null;           // ?seed=N makes sampling reproducible
 
 $("api-key").value = localStorage.getItem("mtnlg-api-key") || "";
 $("api-key").addEventListener("change", (e) => localStorage.setItem("mtnlg-api-key", e.target.value));
@@ -85,6 +86,7 @@ async function send(text) {
     url = "/v1/chat/completions";
     body = { messages: history, max_tokens: maxTokens, temperature };
   }
+  if (seed !== null) body.seed = seed;
   body.stream = true;
   body.stream_options = { include_usage: true };
   const out = bubble("assistant", "", "streaming" + (poem ? " poem" : ""));
@@ -151,4 +153,6 @@ fetch("/v1/models", { headers: headers() }).then((r) => r.json()).then((j) => {
 const params = new URLSearchParams(location.search);
 if (params.get("mode") === "poem") setMode("poem");
 if (params.get("temperature") !== null) $("temperature").value = params.get("temperature");
+if (params.get("max_tokens") !== null) $("max-tokens").value = params.get("max_tokens");
+if (params.get("seed") !== null) seed = parseInt(params.get("seed"), 10);
 if (params.get("q")) send(params.get("q"));
