@@ -48,3 +48,19 @@ def run_harness(argv: list[str], checkpoint: str | None = None) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def evaluate_tasks(checkpoint: str, tasks: list[str], limit: int | float | None = None, batch_size: int = 8,
+                   device: str | None = None, include_defaults: bool = False, **kwargs) -> dict:
+    """lm-eval's ``simple_evaluate`` on ``checkpoint`` with mtnlg's local tasks; returns its results dict.
+
+    ``include_defaults=False`` indexes only mtnlg's tasks (lm-eval's ~14k built-in task files take
+    most of a CLI run's start-up); set it to True to mix in lm-eval's own (downloadable) tasks.
+    """
+    import mtnlg.eval.lm_eval_adapter  # noqa: F401  (registers "mtnlg")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
+    return simple_evaluate(model="mtnlg", model_args={"checkpoint": str(checkpoint)}, tasks=list(tasks),
+                           limit=limit, batch_size=batch_size, device=device, task_manager=manager, **kwargs)

@@ -68,15 +68,17 @@ def evaluate(model: torch.nn.Module, samples: Iterable[torch.Tensor], byte_lengt
              batch_size: int = 8, progress: Callable[[int], None] | None = None) -> EvalResult:
     """Loss/perplexity/bits-per-byte of ``model`` (a :class:`~mtnlg.model.transformer.GPT`) over ``samples``.
 
-    Each sample is a 1-D tensor of ``seq_len + 1`` ids; logits are taken in fp32 and only the real
-    vocabulary (``len(byte_lengths)`` columns) is scored, so padded embedding rows never leak into
-    the softmax. ``progress(n)`` is called after each batch with the number of samples done.
+    Each sample is a 1-D tensor of ``seq_len + 1`` ids; logits are taken in fp32 over the model's
+    real vocabulary (``model.vocab_size``, as training masks it), so padded embedding rows never
+    leak into the softmax. ``progress(n)`` is called after each batch with the number of samples done.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    vocab = len(byte_lengths)
-    blen = torch.as_tensor(byte_lengths, device=device)
+    vocab = int(model.vocab_size)
+    lengths = np.zeros(max(vocab, len(byte_lengths)), dtype=np.int64)  # ids beyond the tokenizer: 0 bytes
+    lengths[:len(byte_lengths)] = byte_lengths
+    blen = torch.as_tensor(lengths, device=device)
     nll_sum, tokens, nbytes, done = 0.0, 0, 0, 0
     batch: list[torch.Tensor] = []
 

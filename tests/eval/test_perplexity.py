@@ -1,0 +1,94 @@
+"""``mtnlg eval``: perplexity = exp(mean token loss) and bits per byte, checked against an independent loop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtnlg.api import MegatronLmModel, MegatronModelConfig
+from mtnlg.cli import main
+from mtnlg.config import Config
+from mtnlg.data.tokenizer import byte_tokenizer
+
+DOCS = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs",
+        "how vexingly quick daft zebras jump", "sphinx of black quartz, judge my vow"] * 3
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    cfg = MegatronModelConfig(vocab_size=263, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=64)
+    MegatronLmModel(cfg).materialize(seed=11).save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def independent_loss(model: MegatronLmModel, stream: list[int], seq_len: int) -> tuple[list[float], list[int]]:
+    """Per-token NLLs and target ids, sample by sample, through the public API's forward."""
+    n = (len(stream) - 1) // seq_len
+    losses, targets = [], []
+    for i in range(n):
+        x = torch.tensor(stream[i * seq_len:i * seq_len + seq_len + 1])
+        with torch.no_grad():
+            logp = F.log_softmax(model(x[:-1])[0], dim=-1)
+        for pos, t in enumerate(x[1:].tolist()):
+            losses.append(-float(logp[pos, t]))
+            targets.append(t)
+    return losses, targets
+
+
+def test_perplexity_of_a_prefix_equals_exp_mean_loss(tmp_path, model_dir, capsys):
+    from mtnlg.data.preprocess import preprocess
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    tok = byte_tokenizer()
+    preprocess([str(tmp_path / "docs.jsonl")], tok, tmp_path / "tokens")
+    seq_len = 16
+    rc = main(["eval", "--checkpoint", str(model_dir), "--data", str(tmp_path / "tokens"), "--json",
+               "--batch-size", "3", f"--train.seq_len={seq_len}"])
+    assert rc == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    stream = [t for d in DOCS for t in [*tok.encode(d), tok.eod_id]]  # documents back to back, each + EOD
+    losses, targets = independent_loss(MegatronLmModel.from_pretrained(model_dir), stream, seq_len)
+    mean = sum(losses) / len(losses)
+    assert got["tokens"] == len(losses)
+    assert got["loss"] == pytest.approx(mean, rel=1e-6)
+    assert got["perplexity"] == pytest.approx(math.exp(mean), rel=1e-6)
+    # ASCII text, byte tokenizer: every target is one byte except the EOD separators (0 bytes)
+    text_bytes = sum(1 for t in targets if t != tok.eod_id)
+    assert got["bytes"] == text_bytes
+    assert got["bits_per_byte"] == pytest.approx(sum(losses) / math.log(2) / text_bytes, rel=1e-6)
+
+
+def test_split_eval_uses_the_data_module(tmp_path, model_dir, monkeypatch, capsys):
+    """--split valid/test evaluates exactly build_datasets(cfg)[split] (the built-in poems corpus here)."""
+    monkeypatch.setenv("MTNLG_CACHE", str(tmp_path / "cache"))
+    from mtnlg.data.datasets import build_datasets
+
+    seq_len = 48
+    rc = main(["eval", "--checkpoint", str(model_dir), "--split", "valid", "--json", f"--train.seq_len={seq_len}"])
+    assert rc == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = MegatronLmModel.from_pretrained(model_dir)
+    cfg = Config.load(None, [f"--train.seq_len={seq_len}"])
+    valid = build_datasets(cfg, model.tokenizer)["valid"]
+    nll, count = 0.0, 0
+    for i in range(len(valid)):
+        x = valid[i]
+        with torch.no_grad():
+            nll += float(F.cross_entropy(model(x[:-1])[0], x[1:], reduction="sum"))
+        count += seq_len
+    assert got["split"] == "valid" and got["samples"] == len(valid) and got["tokens"] == count
+    assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-6)
+
+
+def test_eval_errors_are_one_line(tmp_path, model_dir, capsys):
+    rc = main(["eval", "--checkpoint", str(model_dir), "--data", str(tmp_path / "missing")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "missing" in err
+    assert main(["eval"]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
