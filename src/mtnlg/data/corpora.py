@@ -112,8 +112,13 @@ def _load_python() -> list[str]:
     return docs
 
 
-@functools.lru_cache(maxsize=4)
 def _load(name: str) -> tuple[str, ...]:
+    spec = CORPORA[name]
+    return _load_cached(name, str(fortunes_dir()) if spec.files else "")
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(name: str, where: str) -> tuple[str, ...]:  # keyed by location: a changed dir reloads
     spec = CORPORA[name]
     return tuple(_load_fortunes(spec) if spec.files else _load_python())
 
