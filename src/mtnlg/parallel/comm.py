@@ -32,8 +32,18 @@ def _nbytes(x) -> int:
 
 
 def _group_name(x) -> str | None:
+    """The name of a process group given as a name, a ProcessGroup or its TorchScript box."""
     if isinstance(x, str):
         return x
+    if isinstance(x, torch.ScriptObject):
+        try:
+            if "ProcessGroup" not in str(x._type()):
+                return None
+            import torch.distributed as dist
+
+            return dist.ProcessGroup.unbox(x).group_name
+        except (AttributeError, RuntimeError):
+            return None
     name = getattr(x, "group_name", None)
     return name if isinstance(name, str) else None
 
@@ -63,11 +73,9 @@ class CommCounter(TorchDispatchMode):
         if mesh is not None:
             for dim in mesh.mesh_dim_names or ():
                 self.names.setdefault(mesh[dim].get_group().group_name, dim)
-            for dim in ("dp",):
-                try:
-                    self.names.setdefault(mesh[dim].get_group().group_name, dim)
-                except (KeyError, RuntimeError):
-                    pass
+            from mtnlg.parallel.mesh import sub
+
+            self.names.setdefault(sub(mesh, "dp").get_group().group_name, "dp")
             import torch.distributed as dist
 
             self.names.setdefault(dist.group.WORLD.group_name, "world")
@@ -118,6 +126,6 @@ class CommCounter(TorchDispatchMode):
             elif name in ("all_gather_into_tensor", "all_gather_into_tensor_coalesced"):
                 self._charge(args[-1], _nbytes(args[0]) * int(args[1]))
         elif ns == "c10d" and name in _C10D_IN:
-            pg = next((a for a in args if _group_name(a) is not None and not isinstance(a, str)), None)
+            pg = next((a for a in args if not isinstance(a, str) and _group_name(a) is not None), None)
             self._charge(pg, _nbytes(args[_C10D_IN[name]]))
         return func(*args, **kwargs)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from mtnlg.config import Config
@@ -40,7 +40,7 @@ from mtnlg.model.init import build_model, init_value
 from mtnlg.parallel import pipeline as pipe
 from mtnlg.parallel.comm import CommCounter
 from mtnlg.parallel.data import OuterSync, apply_fsdp, dp_mesh_for, local
-from mtnlg.parallel.mesh import build_mesh, init_distributed, mesh_degrees
+from mtnlg.parallel.mesh import build_mesh, init_distributed, mesh_degrees, sub
 from mtnlg.parallel.tensor import apply_tensor_parallel, tp_model_config, vocab_mask
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Engine:
         m = self.mesh
         self.tp_rank = m["tp"].get_local_rank() if m is not None else 0
         self.pp_rank = m["pp"].get_local_rank() if m is not None else 0
-        self.dp_rank = m["dp"].get_local_rank() if m is not None else 0
+        self.dp_rank = sub(m, "dp").get_local_rank() if m is not None else 0
         self.dp_size = deg.dp
         self.loss_parallel = deg.tp > 1 and pc.loss_parallel
 
@@ -228,12 +228,12 @@ class Engine:
         if self.mesh is None:
             return local_tokens, 1
         dim = "dp_shard" if self.outer is not None else "dp"
-        group_size = self.mesh[dim].size()
+        group_size = sub(self.mesh, dim).size()
         if group_size == 1:
             return local_tokens, 1
         t = torch.tensor([local_tokens], dtype=torch.int64, device=self.device)
         with self.comm:
-            dist.all_reduce(t, group=self.mesh[dim].get_group())
+            dist.all_reduce(t, group=sub(self.mesh, dim).get_group())
         return int(t.item()), group_size
 
     def _reduce_loss(self, loss_sum: float, tokens: int, dp_tokens: int | None = None) -> tuple[float, int]:
@@ -279,6 +279,7 @@ class Engine:
                     (s * scale).backward()
                     loss_sum += float(self._scalar(s.detach()))
             del fsdp
+        self._reduce_partial_grads()
         if self._emb_params:
             self._sum_embedding_grads()
         total, tokens = self._reduce_loss(loss_sum, local_tokens)
@@ -302,7 +303,8 @@ class Engine:
                 schedule.step(*args, **kwargs)
             else:
                 schedule.eval(*args, **kwargs)
-        return float(sum(self._acc)) if self._acc else 0.0
+        # the first step's shape inference also calls the loss (on placeholder values): keep the last n
+        return float(sum(self._acc[-n:])) if self.is_last_stage else 0.0
 
     def _pipe_loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         s = self._loss_sum(out, target)
@@ -313,6 +315,23 @@ class Engine:
         if n not in self._schedules:
             self._schedules[n] = pipe.build_schedule(self.cfg.parallel.pp_schedule, self.stages, n, self._pipe_loss)
         return self._schedules[n]
+
+    @torch.no_grad()
+    def _reduce_partial_grads(self) -> None:
+        """Sequence-parallel LayerNorm weights see only T/tp tokens per rank, so their grads come
+        back ``Partial(sum)`` over tp: sum them (one flat all-reduce) into ``Replicate`` grads."""
+        partial = [p for part in self.model_parts for p in part.parameters()
+                   if isinstance(p.grad, DTensor) and any(pl.is_partial() for pl in p.grad.placements)]
+        if not partial:
+            return
+        flat = torch.cat([p.grad.to_local().flatten() for p in partial])
+        with self.comm:
+            dist.all_reduce(flat, group=self.mesh["tp"].get_group())
+        for p, g in zip(partial, torch.split(flat, [p.grad.to_local().numel() for p in partial])):
+            old = p.grad
+            placements = [Replicate() if pl.is_partial() else pl for pl in old.placements]
+            p.grad = DTensor.from_local(g.view_as(old.to_local()), old.device_mesh, placements,
+                                        shape=old.shape, stride=old.stride())
 
     @torch.no_grad()
     def _sum_embedding_grads(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -92,9 +93,16 @@ def build_mesh(pcfg: ParallelConfig, device: torch.device, world_size: int | Non
     if world_size == 1:
         return None
     mesh = init_device_mesh(device.type, tuple(getattr(deg, d) for d in DIMS), mesh_dim_names=DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")  # mesh["dp"] then names this flattened dim
     log.info("device mesh %s", " x ".join(f"{d}={getattr(deg, d)}" for d in DIMS))
     return mesh
+
+
+def sub(mesh: DeviceMesh, dim: str) -> DeviceMesh:
+    """``mesh[dim]``, including the flattened ``"dp"`` (without torch's slicing deprecation warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return mesh[dim]
 
 
 def mesh_degrees(mesh: DeviceMesh | None) -> Degrees:

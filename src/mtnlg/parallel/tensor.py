@@ -77,7 +77,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     if model.tok_embeddings is not None:
         plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
         if sp:  # position embeddings are added on the full sequence, then the stream is split along T
-            plan["emb_dropout"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),))
+            plan["emb_dropout"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                                                     use_local_output=True)
     for name in model.layers:
         p = f"layers.{name}."
         plan[p + "attn.qkv"] = ColwiseParallel()
