@@ -1,10 +1,11 @@
 """Calibrate the planner's time model on this CPU.
 
-1. Measure the fp32 matmul peak (square ``torch.mm``, best of several runs).
+1. Measure the fp32 matmul peak (square ``torch.mm``, best of many runs, measured before and after the
+   step and the higher kept: the CPU is shared, so the best run is the least disturbed one).
 2. Predict one training step of a tiny mtnlg GPT with the planner (gpu=cpu, peak = the measured
    matmul rate, efficiency 1.0, no parallelism, no recomputation): eq. 3's FLOPs / peak.
 3. Measure the real step: forward + cross entropy + backward + AdamW on a plain ``mtnlg.model.GPT``
-   (median of the timed steps after warm-up).
+   (the fastest of the timed steps after warm-up, like the peak: the least disturbed one).
 4. Print predicted / measured. Below 1 means the step runs slower than its matmuls alone would at
    peak (attention at a short sequence, GELU, LayerNorm, the optimizer and framework overhead).
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -26,7 +26,7 @@ from mtnlg.model import build_model, materialize
 from mtnlg.plan import Layout, PlanModel, get_gpu, plan
 
 
-def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
+def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
     """Best fp32 FLOP/s of an n x n x n matmul."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
@@ -40,7 +40,7 @@ def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
 
 
 def measure_step(cfg: ModelConfig, batch: int, seq: int, steps: int, warmup: int = 2) -> float:
-    """Median seconds of forward + loss + backward + AdamW step."""
+    """Fastest seconds of forward + loss + backward + AdamW step (after ``warmup`` untimed steps)."""
     model = materialize(build_model(cfg), seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
@@ -55,7 +55,7 @@ def measure_step(cfg: ModelConfig, batch: int, seq: int, steps: int, warmup: int
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def main() -> None:
@@ -75,11 +75,12 @@ def main() -> None:
     cfg = ModelConfig(vocab_size=4096, hidden_size=h, num_layers=args.layers, num_heads=max(1, h // 64),
                       ffn_hidden_size=4 * h, max_seq_len=args.seq)
     peak = matmul_peak()
+    measured = measure_step(cfg, args.batch, args.seq, args.steps)
+    peak = max(peak, matmul_peak())
     model = PlanModel("calibration", cfg, args.seq)
     layout = Layout(gpus=1, global_batch=args.batch, micro_batch=args.batch, recompute="none", zero=0)
     predicted_plan = plan(model, layout, get_gpu("cpu", peak_tflops=peak / 1e12), efficiency=1.0)
     predicted = predicted_plan.est_iteration_time_s
-    measured = measure_step(cfg, args.batch, args.seq, args.steps)
     result = {
         "threads": args.threads,
         "model": {"hidden": h, "layers": args.layers, "heads": cfg.num_heads, "vocab": cfg.vocab_size,
