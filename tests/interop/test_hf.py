@@ -177,3 +177,21 @@ def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
     rc = main(["convert", "--to", "hf", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "hf")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "nope" in err
+
+
+def test_import_gpt2_vocab_and_merges_files(tmp_path):
+    """GPT-2's original tokenizer files (vocab.json + merges.txt, no tokenizer.json) import too."""
+    corpus = ["low lower lowest newer newest wider widest"] * 20
+    tok = train_bpe(corpus, vocab_size=280, min_frequency=1)
+    raw = json.loads(tok.hf.to_str())
+    random_gpt2(tmp_path, vocab_size=300)
+    vocab = {k: v for k, v in raw["model"]["vocab"].items()}
+    (tmp_path / "gpt2" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in raw["model"]["merges"]]
+    (tmp_path / "gpt2" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    from mtnlg.interop.hf import import_hf
+
+    model = import_hf(tmp_path / "gpt2")
+    for text in ["the lowest and the newest", "床前明月光", "wider  widest"]:
+        assert model.tokenizer.encode(text) == tok.encode(text), text
+    assert model.tokenizer.eod_id == tok.eod_id

@@ -180,7 +180,8 @@ def save_hf_tokenizer(tokenizer: Any, directory: Path, max_length: int) -> None:
 
 
 def load_hf_tokenizer(directory: Path):
-    """Our :class:`~mtnlg.data.tokenizer.Tokenizer` from a HF ``tokenizer.json``, or None if there is none.
+    """Our :class:`~mtnlg.data.tokenizer.Tokenizer` from a HF ``tokenizer.json`` (or GPT-2's original
+    ``vocab.json`` + ``merges.txt``), or None if there is none.
 
     mtnlg needs ``<|endoftext|>`` and ``<|pad|>``: a missing one is added as a special token (GPT-2's
     own tokenizer has no pad token); returns ``(tokenizer, added)``."""
@@ -189,12 +190,22 @@ def load_hf_tokenizer(directory: Path):
     from mtnlg.data.tokenizer import EOD, PAD, Tokenizer
 
     path = directory / "tokenizer.json"
-    if not path.is_file():
-        return None, []
+    vocab, merges = directory / "vocab.json", directory / "merges.txt"
     try:
-        hf = HFTokenizer.from_file(str(path))
+        if path.is_file():
+            hf = HFTokenizer.from_file(str(path))
+        elif vocab.is_file() and merges.is_file():  # GPT-2's original (slow tokenizer) files
+            from tokenizers import models
+
+            from mtnlg.data.tokenizer import _finish
+
+            hf = _finish(HFTokenizer(models.BPE.from_file(str(vocab), str(merges))))
+            if hf.token_to_id(EOD) is not None:
+                hf.add_special_tokens([EOD])
+        else:
+            return None, []
     except Exception as e:  # tokenizers raises a bare Exception
-        raise CheckpointError(f"{path} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{directory}: invalid tokenizer files ({str(e).splitlines()[0]})") from None
     missing = [t for t in (EOD, PAD) if hf.token_to_id(t) is None]
     if missing:
         hf.add_special_tokens(missing)
