@@ -113,6 +113,7 @@ class Output:
 
 
 _ids = itertools.count()
+PREFILL_TOKENS = 4096  # padded tokens per batched prefill forward
 
 
 class Request:
@@ -151,9 +152,10 @@ class Request:
 class SlotKVCache:
     """Keys and values for ``slots`` independent sequences; implements the model's ``LayerCache``.
 
-    Before each forward the engine says which rows take part: :meth:`for_prefill` (one slot, positions
-    0..T-1) or :meth:`for_decode` (a token per row at that row's own position). Rows attend only to
-    their own slot; the engine's attention mask hides positions past each row's length.
+    Before each forward the engine says which rows take part: :meth:`for_prefill` (new prompts, right-
+    padded to one length, written from position 0 of their slots) or :meth:`for_decode` (a token per row
+    at that row's own position). Rows attend only to their own slot; the engine's attention mask hides
+    padding and positions past each row's length.
     """
 
     def __init__(self, num_layers: int, slots: int, heads: int, max_len: int, head_dim: int,
@@ -162,7 +164,7 @@ class SlotKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # unused: the engine always passes explicit positions
-        self._slot = 0
+        self._slots: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
         self._rows_slice: slice | None = None
         self._pos: torch.Tensor | None = None
@@ -172,8 +174,8 @@ class SlotKVCache:
     def bytes_per_slot(num_layers: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * heads * max_len * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def for_prefill(self, slot: int) -> None:
-        self._slot, self._rows = slot, None
+    def for_prefill(self, slots: list[int]) -> None:
+        self._slots, self._rows = torch.tensor(slots, device=self.k.device), None
 
     def for_decode(self, rows: list[int], pos: torch.Tensor, span: int) -> None:
         self._rows = torch.tensor(rows, device=self.k.device)
@@ -182,10 +184,10 @@ class SlotKVCache:
         self._pos, self._span = pos, span
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rows is None:  # prefill of one slot from position 0: attend over the new keys only
+        if self._rows is None:  # prefill from position 0: attend over the new keys only
             T = k.shape[2]
-            self.k[layer, self._slot, :, :T] = k[0]
-            self.v[layer, self._slot, :, :T] = v[0]
+            self.k[layer, self._slots, :, :T] = k
+            self.v[layer, self._slots, :, :T] = v
             return k, v
         self.k[layer, self._rows, :, self._pos] = k[:, :, 0]
         self.v[layer, self._rows, :, self._pos] = v[:, :, 0]
@@ -350,17 +352,12 @@ class Engine:
         for req in [r for r in self._running if r.cancelled]:
             self._release(req)
             events.append((req, self._final(req, "abort")))
-        # 2. prefill each admitted request into its slot; its first token comes from the last prompt position
-        for req in admitted:
-            self._start(req)
-            self.cache.for_prefill(req.slot)
-            ids = torch.tensor([req.prompt_ids], device=self.device)
-            logits = self.model(ids, positions=torch.arange(len(req.prompt_ids), device=self.device),
-                                cache=self.cache)[:, -1, : self.vocab_size]
-            req.length = len(req.prompt_ids)
-            self.metrics.prompt_tokens += req.length
-            self._running.append(req)
-            events += self._emit([req], logits)
+        # 2. prefill the admitted requests together (right-padded) into their slots; each one's first token
+        #    comes from its last prompt position and goes out before the decode step
+        for group in self._prefill_groups(admitted):
+            for req in group:
+                self._start(req)
+            self._deliver(self._prefill(group))
         # 3. one batched decode step over every running request that has a token to feed
         batch = [r for r in self._running if not r.finished and r.next_token >= 0 and r not in admitted]
         if batch:
@@ -379,6 +376,34 @@ class Engine:
             self._release(req)
         self.steps += 1
         self._deliver(events)
+
+    def _prefill_groups(self, admitted: list[Request]) -> list[list[Request]]:
+        """Split the admitted requests into prefill batches of at most ``PREFILL_TOKENS`` padded tokens."""
+        groups: list[list[Request]] = []
+        for req in sorted(admitted, key=lambda r: len(r.prompt_ids)):
+            g = groups[-1] if groups else None
+            if g is not None and (len(g) + 1) * len(req.prompt_ids) <= PREFILL_TOKENS:
+                g.append(req)
+            else:
+                groups.append([req])
+        return groups
+
+    def _prefill(self, group: list[Request]) -> list[tuple[Request, Output]]:
+        lens = torch.tensor([len(r.prompt_ids) for r in group], device=self.device)
+        T = int(lens.max())
+        ids = torch.zeros(len(group), T, dtype=torch.long, device=self.device)
+        for i, r in enumerate(group):
+            ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids, device=self.device)
+        ar = torch.arange(T, device=self.device)
+        mask = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < lens[:, None, None])  # [B, T, T]
+        self.cache.for_prefill([r.slot for r in group])
+        logits = self.model(ids, positions=ar, cache=self.cache, attn_mask=mask[:, None])
+        logits = logits[torch.arange(len(group), device=self.device), lens - 1, : self.vocab_size]
+        for r in group:
+            r.length = len(r.prompt_ids)
+            self.metrics.prompt_tokens += r.length
+            self._running.append(r)
+        return self._emit(group, logits)
 
     def _start(self, req: Request) -> None:
         p = req.params

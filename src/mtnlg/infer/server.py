@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mtnlg.data.tokenizer import END_OF_TURN, ROLE_TOKENS
 from mtnlg.errors import ConfigError
 from mtnlg.infer.engine import Engine, EngineStopped, Output, QueueFull, Request as EngineRequest, RequestTooLong
-from mtnlg.infer.engine import TokenLogprob
+from mtnlg.infer.engine import TokenLogprob, merge_outputs
 from mtnlg.infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -346,6 +346,18 @@ class OpenAIServer:
                             for lp in lps]}
 
 
+async def _coalesced(queue: asyncio.Queue) -> list[tuple[_Choice, Output]]:
+    """Wait for output, then take everything queued so far, merged into one event per choice: when the
+    client side falls behind the engine, several tokens travel in one SSE event instead of many."""
+    items = [await queue.get()]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    merged: dict[int, tuple[_Choice, list[Output]]] = {}
+    for c, outs in items:
+        merged.setdefault(c.index, (c, []))[1].extend(outs)
+    return [(c, merge_outputs(outs)) for c, outs in merged.values()]
+
+
 def _replace(params: SamplingParams, **changes: Any) -> SamplingParams:
     import dataclasses
 
@@ -469,13 +481,10 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
                             yield _sse(chunk([{"index": c.index, "text": c.prefix, "logprobs": None,
                                                "finish_reason": None}], None))
                     while pending:
-                        c, outs = await queue.get()
-                        for o in outs:
+                        for c, o in await _coalesced(queue):
                             if o.finish_reason is not None:
                                 c.finish_reason, c.completion_tokens = o.finish_reason, o.completion_tokens
                                 pending -= 1
-                            if not o.text and o.finish_reason is None:
-                                continue
                             lp = None
                             if logprobs is not None and o.logprobs:
                                 lp = srv.completion_logprobs(o.logprobs, offsets[c.index])
@@ -533,15 +542,12 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
                         yield _sse(chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                            "logprobs": None, "finish_reason": None}], None))
                     while pending:
-                        c, outs = await queue.get()
-                        for o in outs:
+                        for c, o in await _coalesced(queue):
                             if o.finish_reason is not None:
                                 c.finish_reason, c.completion_tokens = o.finish_reason, o.completion_tokens
                                 pending -= 1
-                            if not o.text and o.finish_reason is None:
-                                continue
                             lp = srv.chat_logprobs(o.logprobs) if want_lp and o.logprobs else None
-                            delta = {"content": o.text} if o.text else {}
+                            delta = {"content": o.text} if o.text or o.finish_reason is None else {}
                             yield _sse(chunk([{"index": c.index, "delta": delta, "logprobs": lp,
                                                "finish_reason": o.finish_reason}], None))
                     if include_usage:
