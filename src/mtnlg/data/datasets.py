@@ -75,8 +75,12 @@ def prepare_tokenizer(cfg, run_dir: Path | None = None) -> Tokenizer:
     if tok.vocab_size > padded:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size} "
                           f"tokens; set --model.vocab_size={tok.vocab_size}")
-    if run_dir is not None:
-        tok.save(Path(run_dir) / "tokenizer")
+    if run_dir is not None:  # atomic, so ranks that all save it never leave a torn file
+        dest = Path(run_dir) / "tokenizer"
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = dest / f".{TOKENIZER_FILE}.{os.getpid()}.tmp"
+        tok.hf.save(str(tmp))
+        os.replace(tmp, dest / TOKENIZER_FILE)
     return tok
 
 

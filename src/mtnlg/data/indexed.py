@@ -69,6 +69,14 @@ def exists(prefix: str | Path) -> bool:
     return b.is_file() and i.is_file()
 
 
+def _crc32(data: np.ndarray, step: int = 1 << 24) -> int:
+    """CRC-32 of a (memory-mapped) byte array, read in 16 MiB pieces."""
+    crc = 0
+    for s in range(0, data.size, step):
+        crc = zlib.crc32(data[s:s + step], crc)
+    return crc & 0xFFFFFFFF
+
+
 class IndexedWriter:
     """Append documents (token arrays) and finish with ``close()``; use as a context manager.
 
@@ -147,11 +155,12 @@ class IndexedDataset:
         for p in (self.idx_path, self.bin_path):
             if not p.is_file():
                 raise DataError(f"{p} does not exist; create it with `mtnlg preprocess --output {self.prefix}`")
-        raw = self.idx_path.read_bytes()
-        if len(raw) < HEADER_SIZE:
-            raise DataError(f"{self.idx_path} is truncated ({len(raw)} bytes, header needs {HEADER_SIZE}); "
+        idx_size = self.idx_path.stat().st_size
+        if idx_size < HEADER_SIZE:
+            raise DataError(f"{self.idx_path} is truncated ({idx_size} bytes, header needs {HEADER_SIZE}); "
                             f"re-run `mtnlg preprocess`")
-        magic, version, code, vocab, eod, docs, tokens, bin_crc, idx_crc = _HEADER.unpack_from(raw)
+        raw = np.memmap(self.idx_path, dtype=np.uint8, mode="r")  # the index is mapped too, never copied
+        magic, version, code, vocab, eod, docs, tokens, bin_crc, idx_crc = _HEADER.unpack(bytes(raw[:HEADER_SIZE]))
         if magic != MAGIC:
             raise DataError(f"{self.idx_path} is not an mtnlg index (bad magic {magic!r}); re-run `mtnlg preprocess`")
         if version != VERSION:
@@ -159,19 +168,18 @@ class IndexedDataset:
         if code not in DTYPES:
             raise DataError(f"{self.idx_path} is corrupt (unknown dtype code {code}); re-run `mtnlg preprocess`")
         want = HEADER_SIZE + docs * 12
-        if len(raw) != want:
-            raise DataError(f"{self.idx_path} is {'truncated' if len(raw) < want else 'corrupt'}: {len(raw)} bytes, "
+        if idx_size != want:
+            raise DataError(f"{self.idx_path} is {'truncated' if idx_size < want else 'corrupt'}: {idx_size} bytes, "
                             f"expected {want} for {docs} documents; re-run `mtnlg preprocess`")
-        body = memoryview(raw)[HEADER_SIZE:]
-        if zlib.crc32(body) & 0xFFFFFFFF != idx_crc:
+        if _crc32(raw[HEADER_SIZE:]) != idx_crc:
             raise DataError(f"{self.idx_path} is corrupt (index checksum mismatch); re-run `mtnlg preprocess`")
         self.dtype = DTYPES[code]
         self.vocab_size: int = vocab
         self.eod_id: int | None = None if eod < 0 else eod
         self.num_tokens: int = tokens
         self._bin_crc = bin_crc
-        self.offsets = np.frombuffer(raw, "<i8", count=docs, offset=HEADER_SIZE)
-        self.lengths = np.frombuffer(raw, "<u4", count=docs, offset=HEADER_SIZE + 8 * docs)
+        self.offsets = raw[HEADER_SIZE:HEADER_SIZE + 8 * docs].view("<i8")
+        self.lengths = raw[HEADER_SIZE + 8 * docs:].view("<u4")
         if docs and (int(self.offsets[-1]) + int(self.lengths[-1]) != tokens or self.offsets[0] != 0):
             raise DataError(f"{self.idx_path} is corrupt (document offsets do not add up to {tokens} tokens)")
         size = self.bin_path.stat().st_size
@@ -201,11 +209,7 @@ class IndexedDataset:
 
     def verify(self) -> None:
         """Read the whole ``.bin``: check its CRC-32 and that every token is below the vocabulary size."""
-        crc, step = 0, 1 << 24
-        raw = np.asarray(self.tokens).view(np.uint8)
-        for s in range(0, raw.size, step):
-            crc = zlib.crc32(raw[s:s + step], crc)
-        if crc & 0xFFFFFFFF != self._bin_crc:
+        if _crc32(np.asarray(self.tokens).view(np.uint8)) != self._bin_crc:
             raise DataError(f"{self.bin_path} is corrupt (checksum mismatch); re-run `mtnlg preprocess`")
         if self.num_tokens and int(self.tokens.max()) >= self.vocab_size:
             raise DataError(f"{self.bin_path} has token id {int(self.tokens.max())} >= vocab size {self.vocab_size}")

@@ -191,15 +191,22 @@ def parse_task(task: _Task, json_key: str = "text", separator: str | None = None
                 cur.append(line)
         docs.append("\n".join(cur).strip("\r\n"))
         return [d for d in docs if d.strip()], bad
+    try:  # decode the chunk once (fast); only a chunk with invalid UTF-8 is decoded line by line
+        lines: list = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        lines = data.split(b"\n")
     docs = []
-    for i, raw in enumerate(data.split(b"\n")):
-        if not raw.strip():
+    for i, line in enumerate(lines):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append(BadLine(task.source, task.first + i, f"invalid UTF-8 at byte {e.start} of the line"))
+                continue
+        if not line.strip():
             continue  # blank line: no data, nothing dropped
         try:
-            obj = json.loads(raw)
-        except UnicodeDecodeError as e:
-            bad.append(BadLine(task.source, task.first + i, f"invalid UTF-8 at byte {e.start} of the line"))
-            continue
+            obj = json.loads(line)
         except ValueError as e:
             bad.append(BadLine(task.source, task.first + i, f"invalid JSON ({str(e).split(':')[0]})"))
             continue
@@ -229,12 +236,12 @@ def iter_documents(inputs: list[str], json_key: str = "text", separator: str | N
 _W: dict = {}
 
 
-def _init_worker(tokenizer_json: str, json_key: str, separator: str | None, serial: bool) -> None:
+def _init_worker(tokenizer: str | Tokenizer, json_key: str, separator: str | None, serial: bool) -> None:
     if serial:  # one process = one core: the pool, not Rayon, provides the parallelism
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer as HFTokenizer
 
-    tok = Tokenizer(HFTokenizer.from_str(tokenizer_json))
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(HFTokenizer.from_str(tokenizer))
     _W.update(tok=tok, json_key=json_key, separator=separator, dtype=dtype_for_vocab(tok.vocab_size))
 
 
@@ -283,7 +290,6 @@ def preprocess(inputs: list[str], tokenizer: Tokenizer, output: str | Path, *, j
     expand_inputs(inputs)  # fail fast on a missing input, before any worker starts
     stats = PreprocessStats(prefix=str(output))
     t0 = time.perf_counter()
-    init = (tokenizer.hf.to_str(), json_key, separator, workers > 1)
 
     def consume(result) -> None:
         tokens, lengths, bad, nbytes = result
@@ -296,7 +302,7 @@ def preprocess(inputs: list[str], tokenizer: Tokenizer, output: str | Path, *, j
 
     with IndexedWriter(output, tokenizer.vocab_size, tokenizer.eod_id) as writer:
         if workers == 1:
-            _init_worker(*init[:3], serial=False)
+            _init_worker(tokenizer, json_key, separator, serial=False)
             try:
                 for task in iter_tasks(inputs):
                     consume(_encode_task(task))
@@ -306,7 +312,7 @@ def preprocess(inputs: list[str], tokenizer: Tokenizer, output: str | Path, *, j
             # spawn, not fork: forking after torch / Rayon threads exist can deadlock. The executor (unlike
             # multiprocessing.Pool) raises instead of hanging when a worker dies.
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=init) as pool:
+                                     initargs=(tokenizer.hf.to_str(), json_key, separator, True)) as pool:
                 window: collections.deque = collections.deque()
                 try:
                     for task in iter_tasks(inputs):
