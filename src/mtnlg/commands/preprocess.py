@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from mtnlg.data.tokenizer import Tokenizer
 
     tok = Tokenizer.load(args.tokenizer)
+    tqdm.monitor_interval = 0  # no monitor thread: workers can then be forked (fast start-up)
     bar = tqdm(total=_total_bytes(args.input), unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing",
                disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
     with bar:

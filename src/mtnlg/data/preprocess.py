@@ -30,6 +30,8 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -261,6 +263,17 @@ def _encode_task(task: _Task) -> tuple[np.ndarray, np.ndarray, list[BadLine], in
     return np.array(flat, dtype=_W["dtype"]), lengths, bad, task.nbytes
 
 
+def _mp_context():
+    """fork (fast start-up) when this process runs no other Python thread, else spawn (always safe).
+
+    Workers tokenize serially (TOKENIZERS_PARALLELISM=false), so a Rayon pool left in the parent is
+    never touched in a forked child; other threads could hold locks across a fork, hence spawn then.
+    """
+    if sys.platform == "linux" and threading.active_count() == 1:
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
+
+
 def _check_on_error(on_error: str) -> None:
     if on_error not in ("skip", "fail"):
         raise ConfigError(f"--on-error {on_error!r} must be 'skip' or 'fail'")
@@ -309,9 +322,8 @@ def preprocess(inputs: list[str], tokenizer: Tokenizer, output: str | Path, *, j
             finally:
                 _W.clear()
         else:
-            # spawn, not fork: forking after torch / Rayon threads exist can deadlock. The executor (unlike
-            # multiprocessing.Pool) raises instead of hanging when a worker dies.
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+            # The executor (unlike multiprocessing.Pool) raises instead of hanging when a worker dies.
+            with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
                                      initargs=(tokenizer.hf.to_str(), json_key, separator, True)) as pool:
                 window: collections.deque = collections.deque()
                 try:
