@@ -1,5 +1,6 @@
 import gzip
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -64,6 +65,16 @@ def test_workers_give_identical_output(tmp_path, poem_tok, monkeypatch):
     assert (tmp_path / "w1.idx").read_bytes() == (tmp_path / "w2.idx").read_bytes()
     assert one.documents == two.documents == len(POEMS)
     assert sum(seen) == (tmp_path / "p.jsonl").stat().st_size and len(seen) > 3
+    # With another thread alive the workers are spawned instead of forked: same bytes again.
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        preprocess([str(tmp_path / "p.jsonl")], poem_tok, tmp_path / "w3", workers=2)
+    finally:
+        stop.set()
+        t.join()
+    assert (tmp_path / "w1.bin").read_bytes() == (tmp_path / "w3.bin").read_bytes()
 
 
 def _bad_jsonl(path):
