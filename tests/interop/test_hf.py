@@ -195,3 +195,17 @@ def test_import_gpt2_vocab_and_merges_files(tmp_path):
     for text in ["the lowest and the newest", "床前明月光", "wider  widest"]:
         assert model.tokenizer.encode(text) == tok.encode(text), text
     assert model.tokenizer.eod_id == tok.eod_id
+
+
+def test_export_bfloat16(tmp_path):
+    model = MegatronLmModel(tiny_config()).materialize(seed=2)
+    model.save_pretrained(tmp_path / "mt")
+    assert main(["convert", "--to", "hf", "--checkpoint", str(tmp_path / "mt"), "--output", str(tmp_path / "hf"),
+                 "--dtype", "bfloat16"]) == 0
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert {v.dtype for v in state.values()} == {torch.bfloat16}
+    want = model.model.tok_embeddings.weight.detach().to(torch.bfloat16)
+    assert torch.equal(state["transformer.wte.weight"], want)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="(--to) a run dir, a checkpoint dir or a save_pretrained dir")
     parser.add_argument("--input", metavar="DIR", help="(--from) a Hugging Face model directory (safetensors)")
     parser.add_argument("--output", metavar="DIR", required=True, help="directory to write (replaced atomically)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="(--to) weight dtype of the export (default float32)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.to:
         if not args.checkpoint:
             raise ConfigError("--to hf needs --checkpoint PATH (a run dir, checkpoint dir or save_pretrained dir)")
-        out = hf.export_checkpoint(args.checkpoint, args.output)
+        out = hf.export_checkpoint(args.checkpoint, args.output, args.dtype)
         summary = {"format": "hf", "direction": "export", "source": args.checkpoint, "output": str(out),
                    "files": sorted(p.name for p in out.iterdir())}
     else:

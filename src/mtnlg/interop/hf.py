@@ -112,7 +112,8 @@ def from_gpt2_state_dict(hf: dict[str, torch.Tensor], num_layers: int, num_heads
 
 
 # -- configs ---------------------------------------------------------------------------------------
-def gpt2_config(config: Any, eod_id: int | None = None, pad_id: int | None = None) -> dict[str, Any]:
+def gpt2_config(config: Any, eod_id: int | None = None, pad_id: int | None = None,
+                dtype: str = "float32") -> dict[str, Any]:
     """The ``config.json`` of a GPT2LMHeadModel equivalent to a :class:`~mtnlg.api.MegatronModelConfig`."""
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -124,7 +125,7 @@ def gpt2_config(config: Any, eod_id: int | None = None, pad_id: int | None = Non
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
         "add_cross_attention": False, "tie_word_embeddings": True, "use_cache": config.use_cache,
         "bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": pad_id,
-        "torch_dtype": "float32", "dtype": "float32",
+        "torch_dtype": dtype, "dtype": dtype,
     }
 
 
@@ -230,9 +231,15 @@ def _publish(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def export_hf(model: Any, output: str | Path) -> Path:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_hf(model: Any, output: str | Path, dtype: str = "float32") -> Path:
     """Write ``model`` (a :class:`~mtnlg.api.MegatronLmModel`) as a Hugging Face GPT-2 directory:
-    ``config.json``, ``model.safetensors`` (fp32), tokenizer files and ``generation_config.json``."""
+    ``config.json``, ``model.safetensors`` (``dtype``: float32, bfloat16 or float16), tokenizer files
+    and ``generation_config.json``."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype} is not one of {list(DTYPES)}")
     from safetensors.torch import save_file
 
     model._ensure_materialized()
@@ -241,10 +248,11 @@ def export_hf(model: Any, output: str | Path) -> Path:
     out = Path(output)
     state = {k: v.float() for k, v in model.model.state_dict().items()}
     hf_state = to_gpt2_state_dict(state, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.vocab_size)
+    hf_state = {k: v.to(DTYPES[dtype]) for k, v in hf_state.items()}
     tmp = _atomic_dir(out)
     try:
         save_file(hf_state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(gpt2_config(cfg, tok.eod_id, tok.pad_id), indent=2))
+        (tmp / "config.json").write_text(json.dumps(gpt2_config(cfg, tok.eod_id, tok.pad_id, dtype), indent=2))
         gen = {"bos_token_id": tok.eod_id, "eos_token_id": tok.eod_id, "pad_token_id": tok.pad_id,
                "max_length": cfg.max_position_embeddings, "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -257,11 +265,11 @@ def export_hf(model: Any, output: str | Path) -> Path:
     return out
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
+def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "float32") -> Path:
     """Load ``checkpoint`` through :meth:`MegatronLmModel.from_pretrained` and :func:`export_hf` it."""
     from mtnlg.api import MegatronLmModel
 
-    return export_hf(MegatronLmModel.from_pretrained(checkpoint), output)
+    return export_hf(MegatronLmModel.from_pretrained(checkpoint), output, dtype)
 
 
 def read_gpt2_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
