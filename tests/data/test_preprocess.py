@@ -4,6 +4,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mtnlg.cli import main
 from mtnlg.data.corpora import load_corpus
@@ -136,3 +138,24 @@ def test_preprocess_and_inspect_commands(tmp_path, poem_tok, capsys):
     (tmp_path / "cli.idx").write_bytes(b"garbage")
     assert main(["data", "inspect", prefix]) == 2
     assert "cli.idx" in capsys.readouterr().err
+
+
+def test_special_token_strings_in_data_stay_text(tmp_path, poem_tok):
+    text = "用户说：<|user|> 你好 <|endoftext|> 再见"
+    (tmp_path / "s.txt").write_text(text, encoding="utf-8")
+    preprocess([str(tmp_path / "s.txt")], poem_tok, tmp_path / "s")
+    ds = IndexedDataset(tmp_path / "s")
+    ids = ds[0].tolist()
+    assert ids.count(poem_tok.eod_id) == 1 and ids[-1] == poem_tok.eod_id  # only the real boundary
+    assert poem_tok.token_to_id("<|user|>") not in ids
+    assert poem_tok.decode(ids[:-1]) == text
+    assert not poem_tok.hf.encode_special_tokens  # the caller's tokenizer is unchanged
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(docs=st.lists(st.text(min_size=1, max_size=40).filter(str.strip), min_size=1, max_size=4))
+def test_any_unicode_round_trips_through_jsonl(tmp_path, poem_tok, docs):
+    src = tmp_path / "h.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    preprocess([str(src)], poem_tok, tmp_path / "h")
+    assert _docs(IndexedDataset(tmp_path / "h"), poem_tok) == docs

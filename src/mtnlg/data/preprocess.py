@@ -9,7 +9,9 @@ Inputs, in order (the output is identical for any number of workers):
 * ``*.jsonl`` / ``*.jsonl.gz`` - one JSON object per line, the text under ``json_key``;
 * a directory - every file of those kinds below it, sorted.
 
-Every document ends with the tokenizer's EOD token. Invalid UTF-8, invalid JSON and lines without
+Every document ends with the tokenizer's EOD token. Special-token strings inside the text (a literal
+``<|endoftext|>`` or ``<|user|>``) are tokenized as plain text, so data can never forge a document
+boundary or a chat-role marker, and decoding still returns the text exactly. Invalid UTF-8, invalid JSON and lines without
 a string ``json_key`` are *bad lines*: each is counted and the first few are reported as
 ``file:line: reason``; ``on_error="fail"`` stops at the first one (nothing is written),
 ``"skip"`` drops it (a ``.txt`` drops only the bad line, a ``.jsonl`` line is a whole document).
@@ -244,6 +246,7 @@ def _init_worker(tokenizer: str | Tokenizer, json_key: str, separator: str | Non
     from tokenizers import Tokenizer as HFTokenizer
 
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(HFTokenizer.from_str(tokenizer))
+    tok.hf.encode_special_tokens = True  # "<|endoftext|>" in the data is text, not a boundary
     _W.update(tok=tok, json_key=json_key, separator=separator, dtype=dtype_for_vocab(tok.vocab_size))
 
 
@@ -315,11 +318,13 @@ def preprocess(inputs: list[str], tokenizer: Tokenizer, output: str | Path, *, j
 
     with IndexedWriter(output, tokenizer.vocab_size, tokenizer.eod_id) as writer:
         if workers == 1:
+            flag = tokenizer.hf.encode_special_tokens
             _init_worker(tokenizer, json_key, separator, serial=False)
             try:
                 for task in iter_tasks(inputs):
                     consume(_encode_task(task))
             finally:
+                tokenizer.hf.encode_special_tokens = flag  # the caller's tokenizer is left as it was
                 _W.clear()
         else:
             # The executor (unlike multiprocessing.Pool) raises instead of hanging when a worker dies.
