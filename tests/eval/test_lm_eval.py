@@ -68,9 +68,12 @@ def test_adapter_scores_match_the_model(model_dir):
     (long_lp,) = lm.loglikelihood_rolling(requests("loglikelihood_rolling", ("abcdefgh" * 20,)))
     assert long_lp < rolling < 0
     # generation is greedy, stops at `until` and equals the model's own greedy continuation
-    (out,) = lm.generate_until(requests("generate_until", ("床前", {"until": ["\n"], "max_gen_toks": 8})))
-    full = ref.generate("床前", max_new_tokens=8, return_full_text=False)
-    assert out == full.split("\n")[0]
+    # (prompts of different lengths share a left-padded batch)
+    prompts = ["床前", "举头望明月，低头"]
+    outs = lm.generate_until(requests("generate_until", *[(t, {"until": ["\n"], "max_gen_toks": 8}) for t in prompts]))
+    for text, out in zip(prompts, outs):
+        full = ref.generate(text, max_new_tokens=8, return_full_text=False)
+        assert out == full.split("\n")[0]
 
 
 def test_lm_eval_end_to_end_on_local_tasks(model_dir):

@@ -135,29 +135,31 @@ class MtnlgLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from mtnlg.infer.generate import SamplingParams, generate_ids
+        """Continue each context (left-truncated to leave room for ``max_gen_toks``) in batches of
+        ``batch_size`` through mtnlg's KV-cache engine; the text stops before the first ``until`` string."""
+        from mtnlg.infer.generate import SamplingParams, generate
 
-        out = []
+        rows = []
         for req in requests:
             context, gen_kwargs = req.args
             kw = dict(gen_kwargs or {})
             until = kw.pop("until", None) or [self.tokenizer.decode([self.eot_token_id])]
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kw.pop("max_gen_toks", kw.pop("max_new_tokens", 256)))
+            until = [until] if isinstance(until, str) else [u for u in until if u]
+            max_new = max(1, min(int(kw.pop("max_gen_toks", kw.pop("max_new_tokens", 256))), self.max_length - 1))
             do_sample = bool(kw.pop("do_sample", False))
-            temperature = float(kw.pop("temperature", 0.0)) if do_sample else 0.0
-            params = SamplingParams(max_new_tokens=max_new, temperature=temperature,
-                                    top_k=int(kw.pop("top_k", 0) or 0), top_p=float(kw.pop("top_p", 1.0) or 1.0),
-                                    seed=kw.pop("seed", None), stop_token_ids=[self.eot_token_id],
-                                    use_cache=True, vocab_limit=self.tokenizer.vocab_size)
-            room = max(1, self.max_length - max(1, min(max_new, self.max_length - 1)))
-            prompt = (self.tok_encode(context) or [self.eot_token_id])[-room:]
-            new = generate_ids(self.lm.model, prompt, params)
-            if new and new[-1] == self.eot_token_id:
-                new = new[:-1]
-            text = self.tok_decode(new)
-            cut = min([text.find(s) for s in until if s and s in text], default=len(text))
-            text = text[:cut]
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
+            params = SamplingParams(
+                max_new_tokens=max_new, temperature=float(kw.pop("temperature", 0.0) or 0.0) if do_sample else 0.0,
+                top_k=int(kw.pop("top_k", 0) or 0), top_p=float(kw.pop("top_p", 1.0) or 1.0), seed=kw.pop("seed", None),
+                stop=until, stop_token_ids=[self.eot_token_id], vocab_limit=self.tokenizer.vocab_size)
+            prompt = (self.tok_encode(context) or [self.eot_token_id])[-(self.max_length - max_new):]
+            rows.append((context, gen_kwargs, until, prompt, params))
+        out = []
+        for s in range(0, len(rows), self.batch_size):
+            chunk = rows[s:s + self.batch_size]
+            comps = generate(self.lm.model, [r[3] for r in chunk], [r[4] for r in chunk], tokenizer=self.tokenizer)
+            for (context, gen_kwargs, until, _, _), c in zip(chunk, comps):
+                text = c.text
+                text = text[:min([text.find(u) for u in until if u in text], default=len(text))]
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                out.append(text)
         return out
