@@ -1,5 +1,8 @@
 import gzip
 import json
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -159,3 +162,17 @@ def test_any_unicode_round_trips_through_jsonl(tmp_path, poem_tok, docs):
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     preprocess([str(src)], poem_tok, tmp_path / "h")
     assert _docs(IndexedDataset(tmp_path / "h"), poem_tok) == docs
+
+
+def test_cli_subprocess_shows_progress_with_throughput(tmp_path, poem_tok):
+    poem_tok.save(tmp_path / "tok")
+    with open(tmp_path / "p.jsonl", "w", encoding="utf-8") as f:
+        for d in POEMS:
+            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+    r = subprocess.run([sys.executable, "-m", "mtnlg", "preprocess", "--input", str(tmp_path / "p.jsonl"),
+                        "--tokenizer", str(tmp_path / "tok"), "--output", str(tmp_path / "o"), "--workers", "2"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "tokenizing" in r.stderr and "B/s" in r.stderr  # the bar reports bytes per second
+    assert f"{len(POEMS)} documents" in r.stdout and "MB/s" in r.stdout
+    assert len(IndexedDataset(tmp_path / "o")) == len(POEMS)
