@@ -111,6 +111,17 @@ def test_bad_utf8_in_txt_drops_only_that_line(tmp_path, poem_tok):
     assert _docs(IndexedDataset(tmp_path / "t"), poem_tok) == ["第一行\n第三行\n"]
 
 
+def test_truncated_gzip_names_the_file(tmp_path, poem_tok):
+    src = tmp_path / "t.jsonl.gz"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        for d in POEMS:
+            f.write(json.dumps({"text": d}) + "\n")
+    src.write_bytes(src.read_bytes()[:-100])
+    with pytest.raises(DataError, match=f"{src} is a corrupt or truncated gzip"):
+        preprocess([str(src)], poem_tok, tmp_path / "t")
+    assert not list(tmp_path.glob("t.bin")) and not list(tmp_path.glob(".t.*"))
+
+
 def test_missing_input_and_empty_result(tmp_path, poem_tok):
     with pytest.raises(DataError, match="no such file"):
         preprocess([str(tmp_path / "nope.jsonl")], poem_tok, tmp_path / "x")

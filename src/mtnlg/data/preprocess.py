@@ -105,7 +105,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     out: list[str] = []
     for item in inputs:
         if item.startswith("corpus:"):
-            from mtnlg.data.corpora import CORPORA, _check_name
+            from mtnlg.data.corpora import _check_name
 
             _check_name(item[len("corpus:"):])
             out.append(item)
