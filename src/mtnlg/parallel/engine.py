@@ -388,7 +388,7 @@ class Engine:
             shards = 1
             if isinstance(g, DTensor):
                 for mesh_dim, pl in enumerate(g.placements):
-                    if isinstance(pl, Shard):
+                    if not (pl.is_replicate() or pl.is_partial()):  # Shard and FSDP+TP's _StridedShard
                         shards *= g.device_mesh.size(mesh_dim)
             sq += local(g).double().pow(2).sum() * (shards / per_stage)
         if self.world > 1:
