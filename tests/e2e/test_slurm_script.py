@@ -22,5 +22,5 @@ def test_sbatch_script_uses_c10d_rendezvous_and_restarts():
     assert text.startswith("#!/bin/bash")
     assert "#SBATCH --ntasks-per-node=1" in text  # one torchrun per node
     for needle in ("--rdzv-backend c10d", "--rdzv-endpoint", "--max-restarts", "-m mtnlg train",
-                   "--checkpoint.resume=auto", "NCCL_SOCKET_IFNAME"):
+                   "--checkpoint.resume=auto", "NCCL_SOCKET_IFNAME", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
         assert needle in text, needle
