@@ -14,6 +14,9 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
         || "$PY" -m pip install --quiet "torch>=2.6,<2.15" --index-url https://download.pytorch.org/whl/cpu
 fi
 "$PY" -m pip install --quiet -e ".[all]"
+# Let plain `lm_eval --model mtnlg ...` find mtnlg's lm-evaluation-harness model (a one-line .pth hook
+# that registers it lazily when lm-eval loads its model table; `mtnlg eval --uninstall-lm-eval-hook` removes it).
+"$PY" -m mtnlg eval --install-lm-eval-hook >/dev/null
 
 apt_pkgs=(fortunes-zh chromium)
 missing=()
