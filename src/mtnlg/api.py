@@ -211,6 +211,11 @@ class MegatronLmModel(nn.Module):
     def materialize(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     seed: int = 0) -> MegatronLmModel:
         """Allocate and initialise the weights (MT-NLG init, deterministic for ``seed``)."""
+        if self.config.quantize:  # int8 straight from the meta device, one Linear at a time
+            from mtnlg.model.quantize import materialize_quantized
+
+            materialize_quantized(self.model, self.config.quantize_config, seed=seed, device=device)
+            return self
         materialize(self.model, device=device, dtype=dtype, seed=seed)
         return self
 
@@ -336,7 +341,7 @@ class MegatronLmModel(nn.Module):
             materialize(model.model, device=device, dtype=dtype, init=False)
             model.model.load_state_dict(state)
             model.model.tie_weights()
-            return model
+            return model._quantize_if_configured()
         if not cfg_path.is_file() or not weights.is_file():
             raise CheckpointError(f"{d} is not a saved MegatronLmModel (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
         try:
@@ -357,4 +362,22 @@ class MegatronLmModel(nn.Module):
             raise CheckpointError(f"{weights} does not match config.json: missing {missing[:3]}, unexpected "
                                   f"{unexpected[:3]}")
         model.model.tie_weights()
-        return model
+        return model._quantize_if_configured()
+
+    def quantize(self, quantize_config: dict[str, Any] | None = None) -> MegatronLmModel:
+        """Switch a loaded model to int8 weight-only inference (sets ``config.quantize``)."""
+        self.config.quantize = True
+        if quantize_config is not None:
+            self.config.quantize_config = quantize_config
+        self.config.validate()
+        self._ensure_materialized()
+        return self._quantize_if_configured()
+
+    def _quantize_if_configured(self) -> MegatronLmModel:
+        """``config.quantize``: replace the Linears by int8 ones (``mtnlg.model.quantize``)."""
+        if self.config.quantize:
+            from mtnlg.model.quantize import quantize_model
+
+            quantize_model(self.model, self.config.quantize_config)
+            self.model.eval()
+        return self
