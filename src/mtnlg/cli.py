@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("mtnlg.commands.convert", "export to / import from Hugging Face (GPT-2 safetensors)"),
     "eval": ("mtnlg.commands.eval", "held-out loss / perplexity / bits per byte, or lm-evaluation-harness tasks"),
     "serve": ("mtnlg.commands.serve", "serve a model over an OpenAI-compatible HTTP API with a chat page"),
+    "generate": ("mtnlg.commands.generate", "continue a prompt, streaming the text (sampling, beams, int8, soft prompts, TP)"),
 }
 
 

@@ -1,0 +1,163 @@
+"""``mtnlg generate``: continue a prompt, streaming the text to the terminal as it is produced.
+
+Also the shared pieces of the inference commands (``poem``, ``chat``): the sampling flags, and
+loading a model (optionally int8-quantized, with a tuned soft prompt, or tensor-parallel under
+torchrun with ``--parallel.tp=N``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from mtnlg.cli import add_config_arguments, load_config
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a run directory, a checkpoint directory or a save_pretrained directory")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the model")
+    parser.add_argument("--quantize", action="store_true", help="int8 weight-only Linear layers (less memory)")
+    parser.add_argument("--prompt-tuning", metavar="FILE", help="a soft prompt saved by `mtnlg tune-prompt`")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float = 0.0,
+                           max_new_tokens: int = 64) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    g.add_argument("--max-length", type=int, help="prompt + new tokens at most")
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (no streaming)")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length^this")
+    g.add_argument("--seed", type=int, help="seed of the sampler (same seed, same text)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", required=True, help="text to continue ('-' reads standard input)")
+    add_sampling_arguments(parser)
+    parser.add_argument("--logprobs", type=int, metavar="K", help="with --json: per-token logprobs (+ top K)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def sampling_params(args: argparse.Namespace, tokenizer, extra_stop_ids: list[int] | None = None):
+    from mtnlg.infer.sampling import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, seed=args.seed, stop=list(args.stop),
+        stop_token_ids=[tokenizer.eod_id, *args.stop_token_id, *(extra_stop_ids or [])],
+        logprobs=getattr(args, "logprobs", None), vocab_limit=tokenizer.vocab_size).validate()
+
+
+def load_model(args: argparse.Namespace):
+    """The model of ``--checkpoint`` (via ``MegatronLmModel.from_pretrained``) ready for inference.
+
+    Under torchrun with ``--parallel.tp=N`` the model is sharded over N ranks (no sequence
+    parallelism, replicated logits), so every rank runs the same decode loop and picks the same tokens.
+    Returns ``(lm, rank)``.
+    """
+    import torch
+
+    from mtnlg.api import MegatronLmModel
+    from mtnlg.device import compute_dtype, pick_device
+
+    cfg = load_config(args)
+    device = pick_device(args.device)
+    rank = 0
+    tp = cfg.parallel.tp
+    lm = MegatronLmModel.from_pretrained(args.checkpoint, device=device, dtype=compute_dtype(device))
+    if tp > 1:
+        rank = shard_for_inference(lm, cfg.parallel, device)
+    if args.quantize:
+        if tp > 1:
+            from mtnlg.errors import ConfigError
+
+            raise ConfigError("--quantize cannot be combined with --parallel.tp > 1; drop one of them")
+        lm.quantize()
+    if args.prompt_tuning:
+        from mtnlg.model.prompt_tuning import load_soft_prompt
+
+        load_soft_prompt(lm, args.prompt_tuning)
+    lm.model.eval()
+    torch.set_grad_enabled(False)
+    return lm, rank
+
+
+def shard_for_inference(lm, pcfg, device) -> int:
+    """Tensor-parallel inference: shard ``lm.model`` over all torchrun ranks (``parallel.tp`` of them)
+    with Megatron's split (``mtnlg.parallel.tensor``), replicated activations and logits. Returns the rank."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from mtnlg.errors import ConfigError
+    from mtnlg.parallel.mesh import build_mesh, init_distributed, sub
+    from mtnlg.parallel.tensor import apply_tensor_parallel, check_tp
+
+    rank, world = init_distributed(device)
+    if world != pcfg.tp or pcfg.pp != 1:
+        raise ConfigError(f"inference with parallel.tp={pcfg.tp} needs exactly {pcfg.tp} processes (got {world}) "
+                          f"and parallel.pp=1; launch with `torchrun --nproc-per-node {pcfg.tp} -m mtnlg generate ...`")
+    check_tp(lm.model.cfg, pcfg.tp)
+    if lm.model.padded_vocab_size % pcfg.tp:
+        raise ConfigError(f"the checkpoint's vocabulary ({lm.model.padded_vocab_size} rows) does not split over "
+                          f"parallel.tp={pcfg.tp}; use a tp that divides it")
+    mesh = build_mesh(pcfg, device, world)
+    apply_tensor_parallel(lm.model, sub(mesh, "tp"), sequence_parallel=False, loss_parallel=False)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    return rank
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtnlg.infer.generate import generate, stream
+
+    lm, rank = load_model(args)
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt, soft = lm.encode_prompt(text)
+    params = sampling_params(args, lm.tokenizer)
+    t0 = time.perf_counter()
+    if args.json or params.num_beams > 1:
+        c = generate(lm.model, [prompt], params, lm.tokenizer, soft_prompt=soft)[0]
+        dt = time.perf_counter() - t0
+        if rank == 0:
+            if args.json:
+                out = {"prompt": text, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                       "prompt_tokens": len(prompt), "completion_tokens": len(c.token_ids),
+                       "seconds": round(dt, 4), "tokens_per_s": round(len(c.token_ids) / max(dt, 1e-9), 2)}
+                if params.logprobs is not None:
+                    out["logprobs"] = c.logprobs
+                    if c.top_logprobs is not None:
+                        out["top_logprobs"] = [[{"token_id": t, "logprob": lp} for t, lp in row]
+                                               for row in c.top_logprobs]
+                print(json.dumps(out, ensure_ascii=False))
+            else:
+                print(text + c.text)
+        return 0
+    s = stream(lm.model, lm.tokenizer, prompt, params, soft_prompt=soft)
+    if rank == 0:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    for delta in s:
+        if rank == 0:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    if rank == 0:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return 0
