@@ -132,11 +132,12 @@ def test_kill9_worker_restarts_group_and_matches_uninterrupted_run(tmp_path: Pat
     assert resumed, f"no worker resumed from a checkpoint after the kill:\n{log}"
     resume_step = resumed[0][1]
     assert INTERVAL <= resume_step < STEPS and resume_step % INTERVAL == 0
-    first_step = next(t for t, line in out.lines
-                      if t > resumed[0][0] and re.match(rf"step {resume_step + 1}/{STEPS} loss", line))
+    first_step = next((t for t, line in out.lines
+                       if t > resumed[0][0] and re.match(rf"step {resume_step + 1}/{STEPS} loss", line)), None)
+    assert first_step is not None, f"no 'step {resume_step + 1}/{STEPS} loss' line after the resume:\n{log}"
     restart_s = first_step - t_kill
-    print(f"\nelastic restart: kill -9 of rank 1 -> first step after restart (step {resume_step + 1}, "
-          f"resumed from step {resume_step}): {restart_s:.2f} s")
+    print(f"\nelastic restart: kill -9 of rank 1 -> checkpoint loaded {resumed[0][0] - t_kill:.2f} s -> first step "
+          f"after restart (step {resume_step + 1}, resumed from step {resume_step}) {restart_s:.2f} s")
 
     # The same run, never interrupted.
     ref = tmp_path / "reference"
