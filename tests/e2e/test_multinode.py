@@ -32,8 +32,7 @@ STEPS = 3
 RTOL = 1e-5
 
 _no_netns = can_create_namespaces() if sys.platform.startswith("linux") else "network namespaces are Linux-only"
-pytestmark = [pytest.mark.slow, pytest.mark.distributed,
-              pytest.mark.skipif(_no_netns is not None, reason=f"cannot create network namespaces: {_no_netns}")]
+pytestmark = [pytest.mark.skipif(_no_netns is not None, reason=f"cannot create network namespaces: {_no_netns}")]
 
 
 def _train_args(run: Path) -> list[str]:
@@ -49,6 +48,24 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in train]
 
 
+def _namespaces_left(*nodes) -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    return [n.ns for n in nodes if n.ns in listed]
+
+
+def test_namespaces_are_removed_even_on_failure():
+    with pytest.raises(RuntimeError, match="boom"), two_nodes() as (a, b):
+        assert sorted(_namespaces_left(a, b)) == sorted([a.ns, b.ns])
+        ping = subprocess.run(["ip", "netns", "exec", a.ns, sys.executable, "-c",
+                               f"import socket; s = socket.create_connection(('{b.addr}', 9), timeout=2)"],
+                              capture_output=True, text=True)
+        assert "Connection refused" in ping.stderr, ping.stderr  # B answers (RST) over the veth: linked
+        raise RuntimeError("boom")
+    assert not _namespaces_left(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_node_torchrun_tp2_dp2_matches_one_process(tmp_path: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -69,6 +86,7 @@ def test_two_node_torchrun_tp2_dp2_matches_one_process(tmp_path: Path):
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait()
+    assert not _namespaces_left(a, b), "the namespaces outlived the test"
     text = "\n".join(f"--- {log.name}\n{log.read_text()[-4000:]}" for log in logs)
     assert codes == [0, 0], f"torchrun exit codes {codes}\n{text}"
     assert "4 process(es)" in text, text  # one job of 4 ranks over both nodes (rank 0 prints it)
