@@ -136,13 +136,13 @@ class ParallelConfig:
 class TrainConfig:
     """Optimisation, precision and the training schedule."""
 
-    steps: int = 2000
+    steps: int = 250  # the default job: ~10 minutes on 2 CPU cores (~500k tokens)
     seq_len: int = 128
     global_batch_size: int = 16  # sequences per optimizer step (all data-parallel ranks together)
     micro_batch_size: int = 16  # sequences per forward/backward on one rank
-    lr: float = 1e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int = 20
     lr_decay_steps: int | None = None  # None = steps
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -159,7 +159,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
-    eval_interval: int = 200
+    eval_interval: int = 25
     eval_batches: int = 8
     max_bad_steps: int = 5
     max_time_s: float | None = None  # stop (and checkpoint) after this much wall time

@@ -97,3 +97,15 @@ def test_activation_checkpointing_same_gradients(tiny_cfg, mode):
         assert "layers.0.attn.qkv.weight" in dict(model.named_parameters())  # names unchanged
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    from mtnlg.config import Config
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    tiny = Config.load(examples / "tiny.yaml")
+    poems = Config.load(examples / "poems.yaml")
+    assert tiny.model.dropout == 0.0  # exact-resume and reshard tests rely on it
+    assert poems.data.corpus == "poems" and poems.train.steps > Config().train.steps
