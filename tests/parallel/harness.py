@@ -3,6 +3,7 @@ and a spawner for gloo ranks (each rank runs several layouts in sequence to save
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import traceback
@@ -47,8 +48,9 @@ def batch(step: int, uneven: bool = True, vocab: int = 96) -> tuple[torch.Tensor
     return x, y
 
 
-def micro_batches(step: int, dp_rank: int, dp_size: int, uneven: bool = True, micro: int = MICRO):
-    x, y = batch(step, uneven)
+def micro_batches(step: int, dp_rank: int, dp_size: int, uneven: bool = True, micro: int = MICRO,
+                  vocab: int = 96):
+    x, y = batch(step, uneven, vocab)
     per = GLOBAL_BATCH // dp_size
     x, y = x[dp_rank * per:(dp_rank + 1) * per], y[dp_rank * per:(dp_rank + 1) * per]
     return [(x[i:i + micro], y[i:i + micro]) for i in range(0, per, micro)]
@@ -65,7 +67,7 @@ def run_steps(cfg: Config, steps: int = STEPS, uneven: bool = True, micro: int =
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     losses = []
     for step in range(steps):
-        out = eng.train_step(micro_batches(step, eng.dp_rank, eng.dp_size, uneven, micro))
+        out = eng.train_step(micro_batches(step, eng.dp_rank, eng.dp_size, uneven, micro, cfg.model.vocab_size))
         eng.clip_grad_norm_(1.0)
         assert eng.grads_finite()
         opt.step()
@@ -89,6 +91,7 @@ def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    faulthandler.enable()  # a rank killed by a C++ abort still shows its Python stack
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         result = fn(*args)
@@ -109,12 +112,17 @@ def spawn(world: int, fn, *args, timeout: float = 240.0) -> dict[int, object]:
     for p in procs:
         p.start()
     results: dict[int, object] = {}
+    errors: dict[int, str] = {}
     try:
         for _ in range(world):
-            rank, status, value = queue.get(timeout=timeout)
-            if status != "ok":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            try:
+                rank, status, value = queue.get(timeout=timeout if not errors else 20)
+            except Exception:  # noqa: BLE001 - a rank died or hangs after another failed
+                break
+            (results if status == "ok" else errors)[rank] = value
+        if errors or len(results) < world:
+            shown = "\n".join(f"--- rank {r}:\n{e}" for r, e in sorted(errors.items()))
+            raise AssertionError(f"{len(errors)} rank(s) failed, {world - len(results) - len(errors)} silent:\n{shown}")
     finally:
         for p in procs:
             p.join(timeout=10)

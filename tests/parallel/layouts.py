@@ -4,17 +4,47 @@ from __future__ import annotations
 
 import time
 
-from harness import run_steps, tiny_config
+import torch
+
+from harness import micro_batches, run_steps, tiny_config
 
 
 def run_layouts(layouts: list[dict], uneven: bool = True) -> dict[str, object]:
-    """Run each layout (parallel overrides, plus optional "_micro") for 10 steps; losses by name."""
+    """Run each layout (parallel overrides, plus optional "_micro", "_vocab") for 10 steps."""
     out = {}
     for spec in layouts:
         spec = dict(spec)
         name = spec.pop("_name")
         micro = spec.pop("_micro", 2)
+        vocab = spec.pop("_vocab", None)
+        cfg = tiny_config(**spec)
+        if vocab is not None:
+            cfg.model.vocab_size = vocab
         t0 = time.perf_counter()
-        losses, eng = run_steps(tiny_config(**spec), uneven=uneven, micro=micro, with_engine=True)
+        losses, eng = run_steps(cfg, uneven=uneven, micro=micro, with_engine=True)
         out[name] = {"losses": losses, "time": time.perf_counter() - t0, "comm": eng.comm_bytes()}
+    return out
+
+
+def comm_volumes() -> dict[str, object]:
+    """Bytes per mesh dim for one step of known shapes (compared with Megatron's formulas), and the
+    DP bytes of a 4-microbatch step vs a 1-microbatch step (accumulation syncs once)."""
+    from mtnlg.parallel.engine import build_engine
+
+    out: dict[str, object] = {}
+    for sp in (False, True):
+        for layers in (2, 4):
+            cfg = tiny_config(tp=2, dp_shard=1, sequence_parallel=sp)
+            cfg.model.num_layers = layers
+            eng = build_engine(cfg, torch.device("cpu"))
+            eng.train_step(micro_batches(0, eng.dp_rank, eng.dp_size))
+            out[f"tp_sp{int(sp)}_L{layers}"] = eng.comm_bytes().get("tp", 0)
+    cfg = tiny_config(dp_replicate=2, dp_shard=1)
+    eng = build_engine(cfg, torch.device("cpu"))
+    eng.comm_bytes()
+    eng.train_step(micro_batches(0, eng.dp_rank, eng.dp_size, micro=1))  # 4 microbatches
+    out["dp_4mb"] = eng.comm_bytes()
+    eng.train_step(micro_batches(0, eng.dp_rank, eng.dp_size, micro=4))  # 1 microbatch
+    out["dp_1mb"] = eng.comm_bytes()
+    out["dp_params"] = sum(p.numel() for part in eng.model_parts for p in part.parameters())
     return out

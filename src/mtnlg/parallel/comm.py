@@ -79,6 +79,11 @@ class CommCounter(TorchDispatchMode):
             import torch.distributed as dist
 
             self.names.setdefault(dist.group.WORLD.group_name, "world")
+            # groups created elsewhere over the same ranks (e.g. by a stage's mesh cache) map by ranks
+            self.by_ranks: dict[frozenset[int], str] = {}
+            for dim in [*(mesh.mesh_dim_names or ()), "dp"]:
+                group = sub(mesh, dim).get_group()
+                self.by_ranks.setdefault(frozenset(dist.get_process_group_ranks(group)), dim)
 
     def register(self, group, dim: str) -> None:
         """Charge traffic on ``group`` (an extra process group) to ``dim``."""
@@ -108,7 +113,19 @@ class CommCounter(TorchDispatchMode):
 
     def _charge(self, group, nbytes: int) -> None:
         name = _group_name(group)
-        self.bytes[self.names.get(name, name or "other")] += nbytes
+        if name is not None and name not in self.names:
+            self.names[name] = self._resolve(name)
+        self.bytes[self.names.get(name, "other")] += nbytes
+
+    def _resolve(self, name: str) -> str:
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        try:
+            ranks = frozenset(dist.get_process_group_ranks(_resolve_process_group(name)))
+        except (RuntimeError, ValueError, KeyError):
+            return "other"
+        return self.by_ranks.get(ranks, "other")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

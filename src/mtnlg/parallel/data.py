@@ -84,3 +84,17 @@ class OuterSync:
         for a, p in zip(self.anchors, self.params):
             local(p).copy_(a)
         return True
+
+
+def local_param_bytes(modules: list[nn.Module]) -> int:
+    """Bytes of the parameters this rank stores (local shards of DTensors), each tensor once."""
+    seen: set[int] = set()
+    total = 0
+    for m in modules:
+        for p in m.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            t = local(p)
+            total += t.numel() * t.element_size()
+    return total

@@ -39,7 +39,7 @@ from mtnlg.device import compute_dtype
 from mtnlg.model.init import build_model, init_value
 from mtnlg.parallel import pipeline as pipe
 from mtnlg.parallel.comm import CommCounter
-from mtnlg.parallel.data import OuterSync, apply_fsdp, dp_mesh_for, local
+from mtnlg.parallel.data import OuterSync, apply_fsdp, dp_mesh_for, local, local_param_bytes
 from mtnlg.parallel.mesh import build_mesh, init_distributed, mesh_degrees, sub
 from mtnlg.parallel.tensor import apply_tensor_parallel, tp_model_config, vocab_mask
 
@@ -323,6 +323,7 @@ class Engine:
         partial = [p for part in self.model_parts for p in part.parameters()
                    if isinstance(p.grad, DTensor) and any(pl.is_partial() for pl in p.grad.placements)]
         if not partial:
+            self._match_grad_placements()
             return
         flat = torch.cat([p.grad.to_local().flatten() for p in partial])
         with self.comm:
@@ -332,6 +333,17 @@ class Engine:
             placements = [Replicate() if pl.is_partial() else pl for pl in old.placements]
             p.grad = DTensor.from_local(g.view_as(old.to_local()), old.device_mesh, placements,
                                         shape=old.shape, stride=old.stride())
+        self._match_grad_placements()
+
+    @torch.no_grad()
+    def _match_grad_placements(self) -> None:
+        """A grad may come back with another layout than its parameter (the vocab-parallel
+        embedding's is ``Replicate``): bring it to the parameter's placements (a local slice)."""
+        for part in self.model_parts:
+            for p in part.parameters():
+                g = p.grad
+                if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
+                    p.grad = g.redistribute(p.device_mesh, p.placements)
 
     @torch.no_grad()
     def _sum_embedding_grads(self) -> None:
@@ -417,6 +429,10 @@ class Engine:
         if self.outer is not None:
             with self.comm:
                 self.outer.maybe_sync(step)
+
+    def param_bytes(self) -> int:
+        """Bytes of parameters stored on this rank (local shards)."""
+        return local_param_bytes(self.model_parts)
 
     def comm_bytes(self) -> dict[str, int]:
         """Bytes moved per mesh dimension since the last call (see :mod:`mtnlg.parallel.comm`)."""
