@@ -50,6 +50,7 @@ def start(args: list[str], env_extra: dict | None = None) -> tuple[subprocess.Po
     raise AssertionError("server did not come up")
 
 
+@pytest.mark.slow
 def test_serve_answers_and_drains_on_sigint(saved):
     proc, url = start(["--checkpoint", str(saved), "--serve.max_batch=4", "--serve.max_model_len=1024"],
                       {"MTNLG_API_KEY": "k1"})

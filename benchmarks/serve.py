@@ -1,0 +1,229 @@
+"""Serving benchmark: continuous batching vs one request at a time, over real HTTP.
+
+Starts ``mtnlg serve`` (a subprocess) on a tiny random model and streams completions at concurrency
+1, 4 and 16 (closed loop) and with Poisson arrivals at several rates (open loop). Per scenario:
+TTFT, TPOT (time per output token after the first) and ITL (gaps between streamed tokens) at p50 / p99,
+request and output-token throughput. Goal: output-token throughput at 16 concurrent >= 6x the
+sequential throughput, with p50 TTFT at most 2x the single-request TTFT.
+
+    python benchmarks/serve.py            # a table
+    python benchmarks/serve.py --json     # one JSON object (keys: throughput_ratio_16, ttft_ratio_16, ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = ["The moon rose over the quiet river and", "In the spring the wind brings rain to the hills,",
+           "Once upon a time a small boat drifted", "The old man looked at the mountains and said",
+           "Under the willow tree the children sang", "A letter arrived from the far city telling"]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def build_model(directory: Path, hidden: int, layers: int, max_len: int) -> None:
+    import torch
+
+    from mtnlg.api import MegatronLmModel, MegatronModelConfig
+
+    torch.manual_seed(0)
+    cfg = MegatronModelConfig(vocab_size=264, hidden_size=hidden, num_hidden_layers=layers,
+                              num_attention_heads=max(hidden // 32, 1), intermediate_size=4 * hidden,
+                              max_position_embeddings=max_len)
+    MegatronLmModel(cfg).materialize(seed=0).save_pretrained(directory)
+
+
+def start_server(checkpoint: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MTNLG_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "mtnlg", "serve", "--checkpoint", str(checkpoint), "--port",
+                             str(port), f"--serve.max_batch={max_batch}", "--serve.max_queue=1024", "--device=cpu"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the server exited during startup")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start")
+
+
+class RawStream:
+    """A minimal HTTP/1.1 client for one streamed POST (asyncio streams; chunked transfer decoding).
+
+    httpx costs several times more CPU per SSE event; on a 2-core machine that CPU comes out of the
+    server's share and would distort the very latencies being measured.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+
+    async def post_stream(self, path: str, body: dict):
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode()
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+        await writer.drain()
+        status = (await reader.readline()).split()[1]
+        if status != b"200":
+            raise RuntimeError(f"HTTP {status.decode()}")
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        buf = b""
+        try:
+            while True:
+                size = int((await reader.readline()).strip() or b"0", 16)
+                if size == 0:
+                    break
+                buf += await reader.readexactly(size + 2)
+                *events, buf = buf.split(b"\n\n")
+                for e in events:
+                    yield e.decode()
+        finally:
+            writer.close()
+
+
+async def one_request(client: RawStream, prompt: str, max_tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    times: list[float] = []
+    tokens = 0
+    async for event in client.post_stream("/v1/completions", body):
+        line = event.strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        if '"choices": []' not in line:  # a token chunk
+            times.append(time.perf_counter())
+        elif '"usage": {' in line:
+            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return {"ttft": times[0] - t0, "latency": end - t0, "tokens": tokens,
+            "tpot": (times[-1] - times[0]) / max(len(times) - 1, 1),
+            "itl": [b - a for a, b in zip(times, times[1:])], "start": t0, "end": end}
+
+
+def _client(url: str) -> RawStream:
+    host, port = url.removeprefix("http://").split(":")
+    return RawStream(host, int(port))
+
+
+async def closed_loop(url: str, concurrency: int, num_requests: int, max_tokens: int) -> list[dict]:
+    results: list[dict] = []
+    counter = iter(range(num_requests))
+    client = _client(url)
+
+    async def worker() -> None:
+        for i in counter:
+            results.append(await one_request(client, PROMPTS[i % len(PROMPTS)], max_tokens))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+async def poisson(url: str, rate: float, num_requests: int, max_tokens: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    client = _client(url)
+    tasks = []
+    for i in range(num_requests):
+        tasks.append(asyncio.create_task(one_request(client, PROMPTS[i % len(PROMPTS)], max_tokens)))
+        await asyncio.sleep(rng.expovariate(rate))
+    return list(await asyncio.gather(*tasks))
+
+
+def summarize(name: str, results: list[dict]) -> dict:
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    itl = [x for r in results for x in r["itl"]]
+    ms = 1000.0
+    return {
+        "scenario": name, "requests": len(results), "output_tokens": tokens, "wall_s": round(wall, 3),
+        "request_throughput": round(len(results) / wall, 3), "output_throughput": round(tokens / wall, 1),
+        "ttft_p50_ms": round(percentile([r["ttft"] for r in results], 50) * ms, 2),
+        "ttft_p99_ms": round(percentile([r["ttft"] for r in results], 99) * ms, 2),
+        "tpot_p50_ms": round(percentile([r["tpot"] for r in results], 50) * ms, 2),
+        "tpot_p99_ms": round(percentile([r["tpot"] for r in results], 99) * ms, 2),
+        "itl_p50_ms": round(percentile(itl, 50) * ms, 2), "itl_p99_ms": round(percentile(itl, 99) * ms, 2),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rates", default="8,32", help="Poisson arrival rates (requests/s)")
+    ap.add_argument("--requests", type=int, default=48, help="requests per concurrent / Poisson scenario")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "model"
+        build_model(ckpt, args.hidden, args.layers, 512)
+        proc, url = start_server(ckpt, 16, args.threads)
+        try:
+            asyncio.run(closed_loop(url, 4, 8, 8))  # warm up
+            rows = []
+            for c in (1, 4, 16):
+                n = max(8, args.requests // 16 * c) if c > 1 else 8
+                rows.append(summarize(f"concurrency {c}", asyncio.run(closed_loop(url, c, n, args.max_tokens))))
+            for rate in [float(r) for r in args.rates.split(",") if r]:
+                rows.append(summarize(f"poisson {rate:g}/s",
+                                      asyncio.run(poisson(url, rate, args.requests, args.max_tokens))))
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+    seq, c16 = rows[0], rows[2]
+    result = {
+        "model": {"hidden": args.hidden, "layers": args.layers, "max_tokens": args.max_tokens},
+        "scenarios": rows,
+        "throughput_ratio_16": round(c16["output_throughput"] / seq["output_throughput"], 2),
+        "ttft_ratio_16": round(c16["ttft_p50_ms"] / seq["ttft_p50_ms"], 2),
+    }
+    result["goal_met"] = result["throughput_ratio_16"] >= 6 and result["ttft_ratio_16"] <= 2
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    cols = ["scenario", "requests", "output_throughput", "request_throughput", "ttft_p50_ms", "ttft_p99_ms",
+            "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms"]
+    heads = ["scenario", "reqs", "out tok/s", "req/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p50",
+             "ITL p99"]
+    widths = [max(len(h), *(len(str(r[c])) for r in rows)) for h, c in zip(heads, cols)]
+    print("  ".join(h.ljust(w) for h, w in zip(heads, widths)) + "   (latencies in ms)")
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)))
+    print(f"\noutput-token throughput at 16 concurrent / sequential: {result['throughput_ratio_16']}x (goal >= 6x)")
+    print(f"p50 TTFT at 16 concurrent / sequential: {result['ttft_ratio_16']}x (goal <= 2x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
