@@ -215,9 +215,9 @@ class MegatronLmModel(nn.Module):
             from mtnlg.model.quantize import materialize_quantized
 
             materialize_quantized(self.model, self.config.quantize_config, seed=seed, device=device)
-            return self
-        materialize(self.model, device=device, dtype=dtype, seed=seed)
-        return self
+        else:
+            materialize(self.model, device=device, dtype=dtype, seed=seed)
+        return self._quantize_if_configured()
 
     def _ensure_materialized(self) -> None:
         if not self.is_materialized:
@@ -374,10 +374,15 @@ class MegatronLmModel(nn.Module):
         return self._quantize_if_configured()
 
     def _quantize_if_configured(self) -> MegatronLmModel:
-        """``config.quantize``: replace the Linears by int8 ones (``mtnlg.model.quantize``)."""
+        """After the weights exist: ``config.quantize`` replaces the Linears by int8 ones
+        (``mtnlg.model.quantize``); ``config.prompt_tuning`` adds the soft prompt (``mtnlg.model.prompt_tuning``)."""
         if self.config.quantize:
             from mtnlg.model.quantize import quantize_model
 
             quantize_model(self.model, self.config.quantize_config)
             self.model.eval()
+        if self.config.prompt_tuning and getattr(self, "soft_prompt", None) is None:
+            from mtnlg.model.prompt_tuning import SoftPrompt
+
+            self.soft_prompt = SoftPrompt.from_config(self).to(self.model.tok_embeddings.weight.device)
         return self

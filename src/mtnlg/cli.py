@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("mtnlg.commands.eval", "held-out loss / perplexity / bits per byte, or lm-evaluation-harness tasks"),
     "serve": ("mtnlg.commands.serve", "serve a model over an OpenAI-compatible HTTP API with a chat page"),
     "generate": ("mtnlg.commands.generate", "continue a prompt, streaming the text (sampling, beams, int8, soft prompts, TP)"),
+    "tune-prompt": ("mtnlg.commands.tune_prompt", "train a soft prompt (prompt tuning) on a text file, model frozen"),
 }
 
 

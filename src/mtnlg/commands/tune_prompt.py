@@ -1,0 +1,81 @@
+"""``mtnlg tune-prompt``: train a soft prompt on a text file with the model frozen; save it small.
+
+    mtnlg tune-prompt --checkpoint RUN --data pairs.txt --output poem.prompt.safetensors \
+        [--num-tokens 8] [--init-text "..."] [--style prefix_suffix --prefix "Q:" --suffix "A:"]
+    mtnlg generate --checkpoint RUN --prompt-tuning poem.prompt.safetensors --prompt "..."
+
+``--data``: ``input<TAB>target`` lines, plain lines (target only), or JSONL ``{"input", "target"}``.
+Flags left unset take the checkpoint config's ``prompt_tuning_*`` values.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mtnlg.commands.generate import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, metavar="FILE", help="training examples (see above)")
+    parser.add_argument("--output", required=True, metavar="FILE", help="where to save the soft prompt (.safetensors)")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=0.05, help="base lr (times prompt_tuning_lr_multiplier)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-tokens", type=int, help="prompt_tuning_num_tokens (default 8)")
+    parser.add_argument("--init-text", help="prompt_tuning_init_text")
+    parser.add_argument("--style", choices=["prepend", "prefix_suffix"], help="prompt_tuning_prompt_style")
+    parser.add_argument("--prefix", help="prefix text (style prefix_suffix)")
+    parser.add_argument("--suffix", help="suffix text (style prefix_suffix)")
+    parser.add_argument("--lr-multiplier", type=float, help="prompt_tuning_lr_multiplier")
+    parser.add_argument("--update-every", type=int, help="prompt_tuning_update_every_n_steps")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtnlg.api import MegatronLmModel
+    from mtnlg.device import pick_device
+    from mtnlg.model.prompt_tuning import SoftPrompt, read_examples, tune_prompt
+
+    examples = read_examples(args.data)
+    lm = MegatronLmModel.from_pretrained(args.checkpoint, device=pick_device(args.device))
+    c = lm.config
+    c.prompt_tuning = True
+    c.prompt_tuning_num_tokens = args.num_tokens or c.prompt_tuning_num_tokens or 8
+    if args.init_text is not None:
+        c.prompt_tuning_init_text = args.init_text
+    if args.style:
+        c.prompt_tuning_prompt_style = args.style
+    if args.prefix is not None or args.suffix is not None:
+        args_map = c.prompt_style_args
+        keys = ["prefix", "suffix"]
+        vals = [args.prefix if args.prefix is not None else str(args_map.get("prefix", "")),
+                args.suffix if args.suffix is not None else str(args_map.get("suffix", ""))]
+        c.prompt_tuning_prompt_style_args_keys, c.prompt_tuning_prompt_style_args_values = keys, vals
+    if args.lr_multiplier is not None:
+        c.prompt_tuning_lr_multiplier = args.lr_multiplier
+    if args.update_every is not None:
+        c.prompt_tuning_update_every_n_steps = args.update_every
+    c.validate()
+    soft = SoftPrompt.from_config(lm, args.seed).to(lm.model.tok_embeddings.weight.device)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.steps, desc="tune-prompt", unit="step")
+
+    def progress(step: int, loss: float) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+    _, losses = tune_prompt(lm, examples, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                            seed=args.seed, soft=soft, callback=progress)
+    if bar is not None:
+        bar.close()
+    path = soft.save(args.output)
+    k = max(1, len(losses) // 10)
+    print(f"loss {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}; saved {soft.num_tokens} soft tokens "
+          f"({path.stat().st_size:,} bytes) to {path}")
+    return 0
