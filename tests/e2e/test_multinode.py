@@ -90,6 +90,7 @@ def test_two_node_torchrun_tp2_dp2_matches_one_process(tmp_path: Path):
     text = "\n".join(f"--- {log.name}\n{log.read_text()[-4000:]}" for log in logs)
     assert codes == [0, 0], f"torchrun exit codes {codes}\n{text}"
     assert "4 process(es)" in text, text  # one job of 4 ranks over both nodes (rank 0 prints it)
+    assert "dp_shard=2 x tp=2" in text, text  # the TP2 x DP2 layout
 
     ref = tmp_path / "one_process"
     r = subprocess.run([sys.executable, *_train_args(ref)], env=env, capture_output=True, text=True, timeout=240)
