@@ -22,8 +22,15 @@ def run_layouts(layouts: list[dict], uneven: bool = True) -> dict[str, object]:
             cfg.model.vocab_size = vocab
         t0 = time.perf_counter()
         losses, eng = run_steps(cfg, uneven=uneven, micro=micro, with_engine=True)
-        out[name] = {"losses": losses, "time": time.perf_counter() - t0, "comm": eng.comm_bytes()}
+        total, tokens = eng.eval_loss(micro_batches(99, eng.dp_rank, eng.dp_size, vocab=cfg.model.vocab_size))
+        out[name] = {"losses": losses, "eval": total / tokens, "time": time.perf_counter() - t0,
+                     "comm": eng.comm_bytes()}
     return out
+
+
+def two_rank_suite(layouts: list[dict]) -> dict[str, object]:
+    """Everything the 2-rank tests need, in one spawn (process start-up dominates on 2 cores)."""
+    return {"layouts": run_layouts(layouts), "comm": comm_volumes(), "local_sgd": local_sgd()}
 
 
 def comm_volumes() -> dict[str, object]:
@@ -47,4 +54,28 @@ def comm_volumes() -> dict[str, object]:
     eng.train_step(micro_batches(0, eng.dp_rank, eng.dp_size, micro=4))  # 1 microbatch
     out["dp_1mb"] = eng.comm_bytes()
     out["dp_params"] = sum(p.numel() for part in eng.model_parts for p in part.parameters())
+    return out
+
+
+def local_sgd() -> list[dict[str, object]]:
+    """sync_every=2 on 2 replicas: per step, a parameter checksum and the bytes per dim."""
+    import torch.distributed as dist
+
+    from mtnlg.parallel.engine import build_engine
+
+    cfg = tiny_config(dp_replicate=2, dp_shard=1, sync_every=2, outer_lr=0.7, outer_momentum=0.9)
+    eng = build_engine(cfg, torch.device("cpu"))
+    opt = torch.optim.AdamW([p for part in eng.model_parts for p in part.parameters()], lr=1e-2)
+    eng.comm_bytes()
+    out = []
+    for step in range(1, 5):
+        res = eng.train_step(micro_batches(step, eng.dp_rank, eng.dp_size))
+        opt.step()
+        opt.zero_grad()
+        eng.after_optimizer_step(step)
+        w = eng.model_parts[0].layers["0"].mlp.fc1.weight
+        s = torch.tensor([float(w.to_local().double().sum())], dtype=torch.float64)
+        sums = [torch.zeros_like(s) for _ in range(2)]
+        dist.all_gather(sums, s)
+        out.append({"loss": res.loss, "sums": [float(t) for t in sums], "comm": eng.comm_bytes()})
     return out

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import RTOL, max_rel, run_steps, spawn, tiny_config
-from layouts import comm_volumes, run_layouts
+from harness import RTOL, max_rel, micro_batches, run_steps, spawn, tiny_config
+from layouts import run_layouts, two_rank_suite
 
 TW = {"grad_sync": "token_weighted"}
 
@@ -37,23 +37,35 @@ LAYOUTS_4 = [
     dict(_name="pp2_tp2", pp=2, tp=2, **TW),
     dict(_name="pp2_fsdp2", pp=2, dp_shard=2, **TW),
     dict(_name="hsdp_2x2", dp_replicate=2, dp_shard=2, **TW),
-    dict(_name="pp2_tp2_mean", pp=2, tp=2, grad_sync="mean"),
+    dict(_name="tp2_dp2_mean", tp=2, grad_sync="mean"),
 ]
+
+
+def _reference(cfg) -> dict[str, object]:
+    losses, eng = run_steps(cfg, with_engine=True)
+    total, tokens = eng.eval_loss(micro_batches(99, 0, 1, vocab=cfg.model.vocab_size))
+    return {"losses": losses, "eval": total / tokens}
 
 
 @pytest.fixture(scope="module")
 def reference():
     vocab95 = tiny_config(**TW)
     vocab95.model.vocab_size = 95
-    return {"tw": run_steps(tiny_config(**TW)), "mean": run_steps(tiny_config(grad_sync="mean")),
-            "vocab95": run_steps(vocab95)}
+    return {"tw": _reference(tiny_config(**TW)), "mean": _reference(tiny_config(grad_sync="mean")),
+            "vocab95": _reference(vocab95)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return spawn(2, two_rank_suite, LAYOUTS_2)
 
 
 def _check(results: dict, reference: dict) -> dict[str, float]:
     report = {}
     for name, r in results.items():
         ref = reference["vocab95"] if "padded_vocab" in name else reference["tw"]
-        report[name] = max_rel(r["losses"], ref)
+        # 10 training losses, then the eval loss on a held-out batch after training
+        report[name] = max_rel(r["losses"] + [r["eval"]], ref["losses"] + [ref["eval"]])
     print("max relative loss difference vs 1 process:", {k: f"{v:.1e}" for k, v in report.items()})
     for name, err in report.items():
         if name.endswith("_mean"):
@@ -65,9 +77,9 @@ def _check(results: dict, reference: dict) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_two_rank_layouts_match_one_process(reference):
+def test_two_rank_layouts_match_one_process(reference, two_ranks):
     """DP (DDP, FSDP ZeRO-3/2), TP (+SP, loss parallel, padded vocab), PP (4 schedules, splits)."""
-    results = spawn(2, run_layouts, LAYOUTS_2)
+    results = {r: two_ranks[r]["layouts"] for r in two_ranks}
     _check(results[0], reference)
     for r in range(2):  # every rank reports the same global loss
         assert results[r]["pp2_1f1b"]["losses"] == results[0]["pp2_1f1b"]["losses"]
@@ -83,12 +95,12 @@ def test_four_rank_layouts_match_one_process(reference):
 
 
 @pytest.mark.slow
-def test_comm_volumes_match_megatron_formulas():
+def test_comm_volumes_match_megatron_formulas(two_ranks):
     """Measured TP bytes per layer equal Megatron's analytic volume; DP all-reduces the gradients
     once per step whatever the number of microbatches."""
     from harness import GLOBAL_BATCH, SEQ
 
-    v = spawn(2, comm_volumes)[0]
+    v = two_ranks[0]["comm"]
     h, tokens, fp32 = 32, GLOBAL_BATCH * SEQ, 4  # TP ranks see the whole batch (dp = 1)
     # no SP: per layer 2 all-reduces forward + 2 backward of [b, s, h]
     assert v["tp_sp0_L4"] - v["tp_sp0_L2"] == 2 * 4 * tokens * h * fp32
@@ -99,3 +111,14 @@ def test_comm_volumes_match_megatron_formulas():
     grads = v["dp_params"] * fp32
     assert v["dp_4mb"]["dp_replicate"] == v["dp_1mb"]["dp_replicate"]
     assert grads <= v["dp_1mb"]["dp_replicate"] <= grads * 1.001
+
+
+@pytest.mark.slow
+def test_local_sgd_syncs_every_h_steps(two_ranks):
+    """sync_every=2: replicas drift apart on odd steps (no gradient all-reduce), and the outer
+    Nesterov step on the averaged deltas makes them equal again on even steps."""
+    steps = two_ranks[0]["local_sgd"]
+    for i, s in enumerate(steps, start=1):
+        same = s["sums"][0] == s["sums"][1]
+        assert same == (i % 2 == 0), (i, s["sums"])
+        assert s["comm"].get("dp_replicate", 0) == (0 if i % 2 else 4 * 38336)  # the deltas, once

@@ -306,6 +306,40 @@ class Engine:
         # the first step's shape inference also calls the loss (on placeholder values): keep the last n
         return float(sum(self._acc[-n:])) if self.is_last_stage else 0.0
 
+    def _pipeline_eval(self, micro_batches) -> float:
+        """Forward-only pass through the stages in order with plain send/recv (no schedule: eval is
+        rare, and not every schedule supports a forward-only step). Activations travel in fp32."""
+        group = self.mesh["pp"].get_group()
+        owner = {sid: (sid % self.degrees.pp if self.cfg.parallel.pp_schedule != "zb" or self.cfg.parallel.vpp != 2
+                       else (sid if sid < self.degrees.pp else 2 * self.degrees.pp - 1 - sid))
+                 for sid in range(self.num_stages)}
+        parts = dict(zip(self.stage_ids, self.model_parts))
+        sp = self.degrees.tp > 1 and self.cfg.parallel.sequence_parallel
+        loss_sum = 0.0
+        with self._ctx():
+            for x, y in micro_batches:
+                shape = (x.shape[0], x.shape[1] // (self.degrees.tp if sp else 1), self.cfg.model.hidden_size)
+                h = None
+                for sid in range(self.num_stages):
+                    if sid not in parts:
+                        continue
+                    if sid == 0:
+                        inp = x
+                    elif owner[sid - 1] == self.pp_rank:
+                        inp = h
+                    else:
+                        inp = torch.empty(shape, device=self.device)
+                        dist.recv(inp, group=group, group_src=owner[sid - 1])
+                    h = parts[sid](inp)
+                    if sid == self.num_stages - 1:
+                        loss_sum += float(self._scalar(self._loss_sum(h, y)))
+                    elif owner[sid + 1] != self.pp_rank:
+                        dist.send(h.float().contiguous(), group=group, group_dst=owner[sid + 1])
+                        h = None
+                    else:
+                        h = h.float()
+        return loss_sum
+
     def _pipe_loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         s = self._loss_sum(out, target)
         self._acc.append(float(self._scalar(s.detach())))
@@ -365,7 +399,7 @@ class Engine:
         for part in self.model_parts:
             part.eval()
         if self.degrees.pp > 1:
-            loss_sum = self._pipeline_step(micro_batches, 1.0, train=False)
+            loss_sum = self._pipeline_eval(micro_batches)
         else:
             loss_sum = 0.0
             with self._ctx():
