@@ -136,6 +136,7 @@ class Trainer:
         self.peak_tflops: float | None = None
         self.writer: MetricsWriter | None = None
         self._stop_signal: int | None = None
+        self._stop_now = False
         self.resumed_from: Path | None = None
 
     # -- state ------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ class Trainer:
                     result.valid_loss = valid["loss"]
                     self._emit(valid)
                 timed_out = tc.max_time_s is not None and time.monotonic() - start_time > tc.max_time_s
-                if timed_out and _dist():
+                if tc.max_time_s is not None and _dist():  # rank 0's clock decides, for every rank
                     timed_out = bool(_broadcast(timed_out))
                 if not _dist() and self._stop_signal is not None:  # distributed: agreed in the next step
                     self._stop_now = True
