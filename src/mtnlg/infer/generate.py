@@ -227,10 +227,12 @@ def _decode(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[Sampl
             tokens = logits.argmax(dim=-1)
             lps = torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None])[:, 0] if want_lp else None
         else:
-            processed = process_logits(logits, rowp, histories, [len(pr) for pr in prompts])
-            if hook is not None:
+            constrained = logits
+            if hook is not None:  # constraints first, so top-k / top-p choose among allowed tokens
+                constrained = logits.float().clone()
                 for i in alive:
-                    hook(i, comps[i].token_ids, processed[i])
+                    hook(i, comps[i].token_ids, constrained[i])
+            processed = process_logits(constrained, rowp, histories, [len(pr) for pr in prompts])
             tokens, lps = sample(processed, rowp, gens, raw_logits=logits)
         batch.ids[:, end] = tokens
         tok_list = tokens.tolist()
