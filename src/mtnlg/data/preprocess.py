@@ -240,12 +240,10 @@ def iter_documents(inputs: list[str], json_key: str = "text", separator: str | N
 _W: dict = {}
 
 
-def _init_worker(tokenizer: str | Tokenizer, json_key: str, separator: str | None, serial: bool) -> None:
+def _init_worker(tok: Tokenizer, json_key: str, separator: str | None, serial: bool) -> None:
+    """Per-process state. A forked worker inherits ``tok`` for free; a spawned one unpickles it."""
     if serial:  # one process = one core: the pool, not Rayon, provides the parallelism
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer as HFTokenizer
-
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(HFTokenizer.from_str(tokenizer))
     tok.hf.encode_special_tokens = True  # "<|endoftext|>" in the data is text, not a boundary
     _W.update(tok=tok, json_key=json_key, separator=separator, dtype=dtype_for_vocab(tok.vocab_size))
 
@@ -329,7 +327,7 @@ def preprocess(inputs: list[str], tokenizer: Tokenizer, output: str | Path, *, j
         else:
             # The executor (unlike multiprocessing.Pool) raises instead of hanging when a worker dies.
             with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
-                                     initargs=(tokenizer.hf.to_str(), json_key, separator, True)) as pool:
+                                     initargs=(tokenizer, json_key, separator, True)) as pool:
                 window: collections.deque = collections.deque()
                 try:
                     for task in iter_tasks(inputs):
