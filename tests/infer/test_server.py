@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -233,7 +234,8 @@ def test_429_when_the_queue_is_full_and_disconnect_frees_the_slot(lm):
                 r=httpx.post(srv.url + "/v1/completions", json={"prompt": "b", "max_tokens": 2}, timeout=60)))
             t.start()
             while engine.queue_depth < 1 and t.is_alive():
-                pass
+                time.sleep(0.001)
+            assert engine.queue_depth == 1 and engine.num_running == 1, waiting
             e = err(http.post("/v1/completions", json={"prompt": "c", "max_tokens": 2}), 429)
             assert e["type"] == "rate_limit_error"
         # leaving the `with` closed the stream: the slot is freed and the waiting request runs

@@ -238,6 +238,7 @@ class Engine:
         self._running: list[Request] = []
         self._cv = threading.Condition()
         self._stopping = False
+        self._crashed = False
         self._thread: threading.Thread | None = None
         self.steps = 0
         log.info("engine: %d slots x %d tokens (%.1f MiB KV cache), queue %d", self.num_slots, max_model_len,
@@ -251,6 +252,11 @@ class Engine:
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    @property
+    def healthy(self) -> bool:
+        """False once the loop has died (a bug or a device error): /health then answers 503."""
+        return not self._crashed
 
     def start(self) -> Engine:
         if self._thread is None:
@@ -332,6 +338,7 @@ class Engine:
                 self._step(admitted)
         except Exception:  # a bug: fail every request instead of hanging their clients
             log.exception("engine loop crashed")
+            self._crashed = True
             with self._cv:
                 pending = list(self._running) + list(self._waiting)
                 self._running.clear()

@@ -358,6 +358,15 @@ async def _coalesced(queue: asyncio.Queue) -> list[tuple[_Choice, Output]]:
     return [(c, merge_outputs(outs)) for c, outs in merged.values()]
 
 
+ABORTED = {"error": {"message": "generation stopped: the engine failed or is shutting down", "type": "server_error",
+                     "param": None, "code": "generation_aborted"}}
+
+
+def _raise_if_aborted(choices: list[_Choice]) -> None:
+    if any(c.finish_reason == "abort" for c in choices):
+        raise ApiError(503, ABORTED["error"]["message"], type_="server_error", code="generation_aborted")
+
+
 def _replace(params: SamplingParams, **changes: Any) -> SamplingParams:
     import dataclasses
 
@@ -414,6 +423,9 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
 
     @app.get("/health")
     async def health():
+        if not engine.healthy:
+            return error_response(503, "the generation engine stopped after an internal error; restart the server",
+                                  type_="server_error", code="engine_dead")
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -482,6 +494,9 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
                                                "finish_reason": None}], None))
                     while pending:
                         for c, o in await _coalesced(queue):
+                            if o.finish_reason == "abort":
+                                yield _sse(ABORTED)
+                                return
                             if o.finish_reason is not None:
                                 c.finish_reason, c.completion_tokens = o.finish_reason, o.completion_tokens
                                 pending -= 1
@@ -503,6 +518,7 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         await srv.collect(choices, queue)
+        _raise_if_aborted(choices)
         out = []
         for c in sorted(choices, key=lambda c: c.index):
             lp = srv.completion_logprobs(c.logprobs, len(c.prefix)) if logprobs is not None else None
@@ -543,6 +559,9 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
                                            "logprobs": None, "finish_reason": None}], None))
                     while pending:
                         for c, o in await _coalesced(queue):
+                            if o.finish_reason == "abort":
+                                yield _sse(ABORTED)
+                                return
                             if o.finish_reason is not None:
                                 c.finish_reason, c.completion_tokens = o.finish_reason, o.completion_tokens
                                 pending -= 1
@@ -562,6 +581,7 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         await srv.collect(choices, queue)
+        _raise_if_aborted(choices)
         out = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": srv.chat_logprobs(c.logprobs) if want_lp else None, "finish_reason": c.finish_reason}
                for c in choices]
