@@ -186,3 +186,13 @@ def test_resume_tp2_checkpoint_in_one_process(full_run, tmp_path):
     for split in ("valid", "test"):
         for step, loss in _curve(full_run, split).items():
             assert _curve(run, split)[step] == pytest.approx(loss, rel=1e-5)
+
+
+def test_batch_ramp_in_the_loop(tmp_path):
+    """4 -> 8 sequences after 1024 tokens (16 samples of 64): four steps of 4, then 8."""
+    ramp = ["--train.steps=6", "--train.rampup_batch_start=4", "--train.rampup_batch_increment=4",
+            "--train.rampup_tokens=1024", "--log.tensorboard=false"]
+    assert _train(tmp_path / "ramp", *ramp) == 0
+    train = [r for r in read_metrics(tmp_path / "ramp" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["batch_size"] for r in train] == [4, 4, 4, 4, 8, 8]
+    assert [r["tokens"] for r in train] == [256, 512, 768, 1024, 1536, 2048]
