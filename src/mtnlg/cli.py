@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("mtnlg.commands.generate", "continue a prompt, streaming the text (sampling, beams, int8, soft prompts, TP)"),
     "tune-prompt": ("mtnlg.commands.tune_prompt", "train a soft prompt (prompt tuning) on a text file, model frozen"),
     "poem": ("mtnlg.commands.poem", "continue a 5/7-character Chinese poem with lines of the same form"),
+    "chat": ("mtnlg.commands.chat", "multi-turn chat in the terminal (history, /reset, /exit), streamed replies"),
 }
 
 

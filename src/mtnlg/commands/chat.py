@@ -1,0 +1,113 @@
+"""``mtnlg chat``: a multi-turn conversation in the terminal, replies streamed as they are generated.
+
+The history is formatted with the tokenizer's role tokens, the same template the HTTP server uses::
+
+    <|system|>...<|end|><|user|>hi<|end|><|assistant|>hello<|end|><|user|>...<|end|><|assistant|>
+
+When the history no longer fits the context (``max_position_embeddings`` minus the reply budget)
+the oldest turns are dropped (the system message stays). Commands: ``/reset`` forgets the history,
+``/exit`` (or end of input, Ctrl-D) quits. Works in a terminal (line editing via readline) and with
+piped standard input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mtnlg.data.tokenizer import END_OF_TURN, ROLE_TOKENS
+
+
+class Conversation:
+    """The turns so far and how to turn them into a prompt that fits ``budget`` tokens."""
+
+    def __init__(self, tokenizer, system: str | None = None):
+        self.tok = tokenizer
+        self.system = system
+        self.turns: list[tuple[str, str]] = []
+
+    def reset(self) -> None:
+        self.turns.clear()
+
+    def _fmt(self, role: str, text: str) -> str:
+        return f"{ROLE_TOKENS[role]}{text}{END_OF_TURN}"
+
+    def prompt_ids(self, budget: int) -> list[int]:
+        """The prompt for the next assistant reply, dropping the oldest turns until it fits ``budget``."""
+        head = self.tok.encode(self._fmt("system", self.system)) if self.system else []
+        tail = self.tok.encode(ROLE_TOKENS["assistant"])
+        body: list[list[int]] = [self.tok.encode(self._fmt(r, t)) for r, t in self.turns]
+        while body and len(head) + sum(map(len, body)) + len(tail) > budget:
+            body.pop(0)
+        ids = head + [t for b in body for t in b] + tail
+        return ids[-budget:]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mtnlg.commands.generate import add_model_arguments, add_sampling_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--system", help="a system message that stays at the start of the context")
+    add_sampling_arguments(parser, temperature=0.7, max_new_tokens=128)
+
+
+def _read(prompt: str, tty: bool) -> str | None:
+    if tty:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return None if not line else line.rstrip("\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtnlg.commands.generate import load_model, sampling_params
+    from mtnlg.infer.generate import stream
+
+    lm, rank = load_model(args)
+    tok = lm.tokenizer
+    end_id = tok.token_to_id(END_OF_TURN)
+    params = sampling_params(args, tok, extra_stop_ids=[end_id] if end_id is not None else [])
+    params.num_beams = 1
+    conv = Conversation(tok, args.system)
+    tty = sys.stdin.isatty()
+    out = sys.stdout
+    if tty:
+        out.write("mtnlg chat: /reset forgets the conversation, /exit quits.\n")
+    budget = lm.model.cfg.max_seq_len - params.max_new_tokens
+    if budget < 8:
+        from mtnlg.errors import ConfigError
+
+        raise ConfigError(f"--max-new-tokens {params.max_new_tokens} leaves no room for the conversation in the "
+                          f"model's context of {lm.model.cfg.max_seq_len}; lower it")
+    while True:
+        line = _read("you> " if tty else "", tty)
+        if line is None or line.strip() == "/exit":
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            conv.reset()
+            out.write("(history cleared)\n")
+            out.flush()
+            continue
+        conv.turns.append(("user", text))
+        prompt = conv.prompt_ids(budget)
+        out.write("bot> " if tty else "")
+        s = stream(lm.model, tok, prompt, params)
+        reply = []
+        for delta in s:
+            reply.append(delta)
+            if rank == 0:
+                out.write(delta)
+                out.flush()
+        out.write("\n")
+        out.flush()
+        conv.turns.append(("assistant", "".join(reply)))
+    return 0

@@ -1,0 +1,67 @@
+"""The inference commands as a user runs them: generate (--json, streaming), chat over piped stdin."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mtnlg.api import MegatronLmModel, MegatronModelConfig
+from mtnlg.commands.chat import Conversation
+from mtnlg.data.tokenizer import END_OF_TURN, ROLE_TOKENS, byte_tokenizer
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    tok = byte_tokenizer()
+    cfg = MegatronModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=128, init_method_std=0.3)
+    lm = MegatronLmModel(cfg, tok).materialize(seed=0)
+    return lm, lm.save_pretrained(tmp_path_factory.mktemp("m") / "model")
+
+
+def mtnlg(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "mtnlg", *args], input=stdin, capture_output=True, text=True,
+                          env=ENV, timeout=120)
+
+
+def test_generate_json_matches_the_api_and_streaming(ckpt):
+    lm, path = ckpt
+    r = mtnlg("generate", "--checkpoint", str(path), "--prompt", "床前", "--max-new-tokens", "12", "--json",
+              "--logprobs", "1")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["text"] == lm.generate("床前", max_new_tokens=12, return_full_text=False)
+    assert out["completion_tokens"] == len(out["logprobs"]) == len(out["top_logprobs"])
+    s = mtnlg("generate", "--checkpoint", str(path), "--prompt", "床前", "--max-new-tokens", "12")
+    assert s.returncode == 0 and s.stdout == "床前" + out["text"] + "\n"
+    bad = mtnlg("generate", "--checkpoint", str(path), "--prompt", "x", "--top-p", "0")
+    assert bad.returncode == 2 and "top_p" in bad.stderr
+
+
+def test_chat_over_piped_stdin(ckpt):
+    _, path = ckpt
+    r = mtnlg("chat", "--checkpoint", str(path), "--max-new-tokens", "6", "--temperature", "0",
+              stdin="hello\n/reset\nhello\n/exit\nignored\n")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")
+    assert lines[1] == "(history cleared)"
+    assert lines[0] == lines[2]  # after /reset the same question gets the same (greedy) answer
+
+
+def test_conversation_format_and_truncation():
+    tok = byte_tokenizer()
+    conv = Conversation(tok, system="be brief")
+    conv.turns += [("user", "q" * 30), ("assistant", "z" * 30), ("user", "hi")]
+    full = tok.decode(conv.prompt_ids(1000))
+    assert full == (f"{ROLE_TOKENS['system']}be brief{END_OF_TURN}{ROLE_TOKENS['user']}{'q' * 30}{END_OF_TURN}"
+                    f"{ROLE_TOKENS['assistant']}{'z' * 30}{END_OF_TURN}{ROLE_TOKENS['user']}hi{END_OF_TURN}"
+                    f"{ROLE_TOKENS['assistant']}")
+    short = tok.decode(conv.prompt_ids(20))
+    assert short.startswith(f"{ROLE_TOKENS['system']}be brief") and "q" not in short and "z" not in short
+    assert short.endswith(f"{ROLE_TOKENS['user']}hi{END_OF_TURN}{ROLE_TOKENS['assistant']}")
