@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +38,14 @@ def _relaunch(args: argparse.Namespace, output: Path) -> int:
     cmd += list(args.overrides)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+    # Ctrl-C reaches torchrun and its workers through the terminal's process group; they checkpoint
+    # and exit, and this parent waits for them instead of dying first.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Progress:
