@@ -72,8 +72,6 @@ def load_model(args: argparse.Namespace):
     parallelism, replicated logits), so every rank runs the same decode loop and picks the same tokens.
     Returns ``(lm, rank)``.
     """
-    import torch
-
     from mtnlg.api import MegatronLmModel
     from mtnlg.device import compute_dtype, pick_device
 
@@ -95,7 +93,6 @@ def load_model(args: argparse.Namespace):
 
         load_soft_prompt(lm, args.prompt_tuning)
     lm.model.eval()
-    torch.set_grad_enabled(False)
     return lm, rank
 
 

@@ -1,0 +1,116 @@
+"""The spec's full 6B config with ``quantize=True``: streaming materialization, peak RSS, decode speed.
+
+1. Measures the int8 matmul paths on one 4096 x 15360 layer at batch 1 (the choice in
+   ``mtnlg.model.quantize``): ``_weight_int8pack_mm`` with bf16 and fp32 activations, and an fp32
+   gemv over dequantized weights.
+2. Builds ``MegatronModelConfig()`` (the spec's defaults: 30 layers, hidden 4096, FFN 15360,
+   vocab 30522) with ``quantize=True`` and materializes it layer by layer (never the fp32 model).
+3. Prefills an 8-token prompt and decodes 8 greedy tokens; reports tokens/s after the prefill.
+
+    python benchmarks/quantized_6b.py [--json] [--skip-paths]
+
+Heavy (about 6.5 GB of int8 weights, minutes of init): a script, not a CI test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+
+def rss_gib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def current_rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+
+
+def measure_paths(repeats: int = 5) -> dict[str, float]:
+    from mtnlg.model.quantize import quantize_weight
+
+    out_f, in_f = 15360, 4096
+    w = torch.randn(out_f, in_f) * 0.02
+    q, s = quantize_weight(w)
+    deq = q.float() * s[:, None]
+    del w
+    x = torch.randn(1, in_f)
+    xb, sb = x.bfloat16(), s.bfloat16()
+    paths = {
+        "int8pack_bf16": lambda: torch.ops.aten._weight_int8pack_mm(xb, q, sb),
+        "int8pack_fp32": lambda: torch.ops.aten._weight_int8pack_mm(x, q, s),
+        "dequant_fp32_gemv": lambda: torch.nn.functional.linear(x, deq),
+    }
+    res = {}
+    for name, fn in paths.items():
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        res[name + "_ms"] = best * 1e3
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--skip-paths", action="store_true", help="skip the per-layer matmul path measurement")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    from mtnlg.api import MegatronLmModel, MegatronModelConfig
+    from mtnlg.infer.generate import SamplingParams, generate
+    from mtnlg.model.quantize import quantized_bytes
+
+    result: dict[str, object] = {"threads": torch.get_num_threads()}
+    if not args.skip_paths:
+        result["paths_4096x15360_b1"] = measure_paths()
+    base_rss = current_rss_gib()
+    t0 = time.perf_counter()
+    lm = MegatronLmModel(MegatronModelConfig(quantize=True))
+    lm.materialize()
+    lm.model.eval()
+    result["materialize_s"] = time.perf_counter() - t0
+    result["parameters"] = sum(p.numel() for p in lm.model.parameters()) + sum(
+        b.numel() for b in lm.model.buffers() if b.dtype == torch.int8)
+    result["model_gib"] = quantized_bytes(lm.model) / 2**30
+    result["rss_after_materialize_gib"] = current_rss_gib()
+    prompt = list(range(100, 108))
+    t0 = time.perf_counter()
+    generate(lm.model, [prompt], SamplingParams(max_new_tokens=1))
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    c = generate(lm.model, [prompt], SamplingParams(max_new_tokens=args.new_tokens + 1))[0]
+    total = time.perf_counter() - t0
+    decode_s = max(total - prefill, 1e-9)
+    result.update({
+        "prefill_plus_first_token_s": prefill,
+        "decode_tokens": len(c.token_ids) - 1,
+        "decode_tokens_per_s": (len(c.token_ids) - 1) / decode_s,
+        "peak_rss_gib": rss_gib(),
+        "start_rss_gib": base_rss,
+    })
+    if args.json:
+        print(json.dumps(result))
+        return
+    if "paths_4096x15360_b1" in result:
+        print("int8 matmul paths, one 4096x15360 layer, batch 1:")
+        for k, v in result["paths_4096x15360_b1"].items():
+            print(f"  {k:<22} {v:8.2f} ms")
+    print(f"6B (spec config) quantize=True: {result['parameters'] / 1e9:.2f}B params, "
+          f"{result['model_gib']:.2f} GiB in memory, materialized in {result['materialize_s']:.1f}s")
+    print(f"peak RSS {result['peak_rss_gib']:.2f} GiB; prefill (8 tokens) + first token "
+          f"{result['prefill_plus_first_token_s']:.2f}s; decode {result['decode_tokens_per_s']:.2f} tokens/s "
+          f"({result['decode_tokens']} tokens, {result['threads']} threads)")
+
+
+if __name__ == "__main__":
+    main()
