@@ -74,7 +74,7 @@ def local_sgd() -> list[dict[str, object]]:
         opt.zero_grad()
         eng.after_optimizer_step(step)
         w = eng.model_parts[0].layers["0"].mlp.fc1.weight
-        s = torch.tensor([float(w.to_local().double().sum())], dtype=torch.float64)
+        s = torch.tensor([float(w.detach().double().sum())], dtype=torch.float64)
         sums = [torch.zeros_like(s) for _ in range(2)]
         dist.all_gather(sums, s)
         out.append({"loss": res.loss, "sums": [float(t) for t in sums], "comm": eng.comm_bytes()})

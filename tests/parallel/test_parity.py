@@ -121,4 +121,8 @@ def test_local_sgd_syncs_every_h_steps(two_ranks):
     for i, s in enumerate(steps, start=1):
         same = s["sums"][0] == s["sums"][1]
         assert same == (i % 2 == 0), (i, s["sums"])
-        assert s["comm"].get("dp_replicate", 0) == (0 if i % 2 else 4 * 38336)  # the deltas, once
+        moved = s["comm"].get("dp_replicate", 0)  # besides the deltas, only the 16-byte loss all-reduce
+        if i % 2:
+            assert moved <= 16, moved
+        else:
+            assert 4 * 38336 <= moved <= 4 * 38336 + 16, moved  # every parameter's delta, once

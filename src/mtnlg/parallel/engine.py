@@ -105,6 +105,8 @@ class Engine:
                 apply_tensor_parallel(part, m["tp"], pc.sequence_parallel, pc.loss_parallel)
             self._materialize(part)
         self.dp_mesh = dp_mesh_for(m) if m is not None else None
+        if pc.sync_every > 1 and m is not None:  # local SGD: replicas are independent between outer steps
+            self.dp_mesh = m["dp_shard"] if deg.dp_shard > 1 else None
         if self.dp_mesh is not None:
             reshard = pc.fsdp_reshard_after_forward
             param_dtype = self.dtype if self.dtype != torch.float32 else None
@@ -119,12 +121,17 @@ class Engine:
         self._setup_embedding_group()
         self.outer: OuterSync | None = None
         if pc.sync_every > 1:
+            if deg.pp > 1:
+                from mtnlg.errors import ConfigError
+
+                raise ConfigError("parallel.sync_every > 1 (local SGD) is not supported with parallel.pp > 1 (the "
+                                  "pipeline schedules force the cross-replica gradient sync); set parallel.sync_every=1")
+            if deg.dp_replicate == 1:
+                log.warning("parallel.sync_every=%d with parallel.dp_replicate=1: no replicas to average; the outer "
+                            "optimizer still runs every %d steps", pc.sync_every, pc.sync_every)
             group = m["dp_replicate"].get_group() if m is not None and deg.dp_replicate > 1 else None
             params = [p for part in parts for p in part.parameters()]
             self.outer = OuterSync(params, group, pc.sync_every, pc.outer_lr, pc.outer_momentum)
-            if deg.dp_replicate > 1:
-                for f in self._fsdp_modules():
-                    f.set_requires_all_reduce(False)
         log.info("engine: rank %d stages %s dp %d/%d tp %d/%d", self.rank, self.stage_ids, self.dp_rank,
                  self.dp_size, self.tp_rank, deg.tp)
 
@@ -266,10 +273,9 @@ class Engine:
         for part in self.model_parts:
             part.train()
         if self.degrees.pp > 1:
-            loss_sum = self._pipeline_step(micro_batches, scale, train=True)
+            loss_sum = self._pipeline_step(micro_batches, scale)
         else:
             loss_sum = 0.0
-            fsdp = self._fsdp_modules()
             root = self.model_parts[0]
             with self._ctx():
                 for i, (x, y) in enumerate(micro_batches):
@@ -278,14 +284,14 @@ class Engine:
                     s = self._loss_sum(root(x), y)
                     (s * scale).backward()
                     loss_sum += float(self._scalar(s.detach()))
-            del fsdp
         self._reduce_partial_grads()
         if self._emb_params:
             self._sum_embedding_grads()
         total, tokens = self._reduce_loss(loss_sum, local_tokens)
         return StepOutput(loss=total / max(tokens, 1), tokens=tokens)
 
-    def _pipeline_step(self, micro_batches, scale: float, train: bool) -> float:
+    def _pipeline_step(self, micro_batches, scale: float) -> float:
+        """One schedule step over the concatenated microbatches; returns this rank's loss sum."""
         x = torch.cat([b[0] for b in micro_batches])
         y = torch.cat([b[1] for b in micro_batches])
         n = self.cfg.parallel.pp_microbatches or len(micro_batches)
@@ -299,10 +305,7 @@ class Engine:
         args = (x,) if self.is_first_stage else ()
         kwargs = {"target": y, "losses": []} if self.is_last_stage else {}
         with self._ctx():
-            if train:
-                schedule.step(*args, **kwargs)
-            else:
-                schedule.eval(*args, **kwargs)
+            schedule.step(*args, **kwargs)
         # the first step's shape inference also calls the loss (on placeholder values): keep the last n
         return float(sum(self._acc[-n:])) if self.is_last_stage else 0.0
 
