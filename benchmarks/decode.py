@@ -7,7 +7,8 @@ rows regrouped); the two must produce the same tokens, which the script checks b
 
     python benchmarks/decode.py [--new-tokens 128] [--threads N] [--json]
 
-Prints a table of tokens/s and ratios; ``--json`` prints one object with ``ratio_b1`` and ``ratio_b8``.
+Prints a table of tokens/s and ratios; ``--json`` prints one object with ``ratio_b1`` and ``ratio_b8``
+(fp32 vs fp32, token-identical). ``--int8`` adds mtnlg with int8 weights (``ratio_b1_int8`` ...).
 """
 
 from __future__ import annotations
@@ -59,12 +60,18 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--int8", action="store_true", help="also time mtnlg with int8 weights (quantize=True)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     m = build()
     hf = hf_model(m)
+    q = None
+    if args.int8:
+        from mtnlg.model.quantize import quantize_model
+
+        q = quantize_model(build().model).eval()
     n = args.new_tokens
     gen = torch.Generator().manual_seed(1)
     rows = {}
@@ -84,8 +91,13 @@ def main() -> None:
         t_ours, t_hf = time_it(ours, args.repeats), time_it(theirs, args.repeats)
         rows[B] = {"mtnlg_tok_s": B * n / t_ours, "hf_tok_s": B * n / t_hf, "ratio": t_hf / t_ours,
                    "same_tokens_rows": f"{same}/{B}"}
+        if q is not None:
+            t_q = time_it(lambda: generate(q, prompt.tolist(), params), args.repeats)
+            rows[B].update(int8_tok_s=B * n / t_q, ratio_int8=t_hf / t_q)
     result = {"model_params": m.num_parameters(), "new_tokens": n, "threads": torch.get_num_threads(),
               "b1": rows[1], "b8": rows[8], "ratio_b1": rows[1]["ratio"], "ratio_b8": rows[8]["ratio"]}
+    if q is not None:
+        result.update(ratio_b1_int8=rows[1]["ratio_int8"], ratio_b8_int8=rows[8]["ratio_int8"])
     if args.json:
         print(json.dumps(result))
         return
@@ -94,7 +106,8 @@ def main() -> None:
     print(f"{'batch':>5} {'mtnlg tok/s':>12} {'HF tok/s':>10} {'ratio':>7} {'same tokens':>12}")
     for B, r in rows.items():
         print(f"{B:>5} {r['mtnlg_tok_s']:>12.1f} {r['hf_tok_s']:>10.1f} {r['ratio']:>6.2f}x "
-              f"{r['same_tokens_rows']:>12}")
+              f"{r['same_tokens_rows']:>12}" + (f"   int8: {r['int8_tok_s']:.1f} tok/s, {r['ratio_int8']:.2f}x"
+                                                 if "int8_tok_s" in r else ""))
 
 
 if __name__ == "__main__":
