@@ -196,12 +196,9 @@ def _decode(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[Sampl
     max_new = max(budgets)
     batch = _Batch(model, prompts, max(len(p) for p in prompts) + max_new, pad_id, soft)
     P = batch.P
-    vocab = model.vocab_size
-    for p in params:
-        if p.vocab_limit is not None:
-            vocab = min(vocab, p.vocab_limit)
-    limits = [None if p.vocab_limit is None or p.vocab_limit >= vocab else p.vocab_limit for p in params]
-    rowp = [p if lim == p.vocab_limit else _replace_vocab(p, lim) for p, lim in zip(params, limits)]
+    # logits are cut to the smallest vocab_limit of the batch (in practice all rows share the tokenizer)
+    vocab = min([model.vocab_size] + [p.vocab_limit for p in params if p.vocab_limit is not None])
+    rowp = [p if p.vocab_limit is None else _replace_vocab(p, None) for p in params]
     plain = all(p.is_plain_greedy() for p in rowp) and hook is None
     use_cache = all(p.use_cache for p in params)
     gens = [torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None for p in params]
@@ -341,7 +338,7 @@ def beam_search(model: GPT, prompt: Sequence[int], params: SamplingParams,
     ``length_penalty > 0`` favours longer outputs. The search ends when every beam slot holds a
     finished hypothesis that no running beam can still beat (scores only fall as beams grow,
     for ``length_penalty >= 0`` this bound is the one Hugging Face uses). Logit processing
-    (penalties, n-gram ban) applies; temperature and sampling filters do not.
+    (penalties, n-gram ban) applies; temperature, sampling filters and stop strings do not.
     """
     params.validate()
     nb = params.num_beams
