@@ -289,6 +289,9 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParam
     if not prompts:
         return []
     if any(p.num_beams > 1 for p in plist):
+        if soft_prompt is not None or logits_hook is not None:
+            raise ConfigError("beam search (num_beams > 1) does not support soft prompts or constrained decoding; "
+                              "use num_beams=1")
         return [beam_search(model, pr, p, tokenizer) for pr, p in zip(prompts, plist)]
     comps: list[Completion] = [Completion(prompt_ids=list(pr)) for pr in prompts]
     for comps, _ in _decode(model, prompts, plist, tokenizer, soft_prompt, logits_hook):
