@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from harness import micro_batches, run_steps, tiny_config
+from tests.parallel.harness import micro_batches, run_steps, tiny_config
 
 
 def run_layouts(layouts: list[dict], uneven: bool = True) -> dict[str, object]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import RTOL, max_rel, micro_batches, run_steps, spawn, tiny_config
-from layouts import run_layouts, two_rank_suite
+from tests.parallel.harness import RTOL, max_rel, micro_batches, run_steps, spawn, tiny_config
+from tests.parallel.layouts import run_layouts, two_rank_suite
 
 TW = {"grad_sync": "token_weighted"}
 
@@ -77,6 +77,7 @@ def _check(results: dict, reference: dict) -> dict[str, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_rank_layouts_match_one_process(reference, two_ranks):
     """DP (DDP, FSDP ZeRO-3/2), TP (+SP, loss parallel, padded vocab), PP (4 schedules, splits)."""
     results = {r: two_ranks[r]["layouts"] for r in two_ranks}
@@ -87,6 +88,7 @@ def test_two_rank_layouts_match_one_process(reference, two_ranks):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_four_rank_layouts_match_one_process(reference):
     """TP2 x DP2, PP2 x TP2, PP2 x FSDP2, HSDP 2x2; mean sync on uneven padding differs."""
     results = spawn(4, run_layouts, LAYOUTS_4)
@@ -95,10 +97,11 @@ def test_four_rank_layouts_match_one_process(reference):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_comm_volumes_match_megatron_formulas(two_ranks):
     """Measured TP bytes per layer equal Megatron's analytic volume; DP all-reduces the gradients
     once per step whatever the number of microbatches."""
-    from harness import GLOBAL_BATCH, SEQ
+    from tests.parallel.harness import GLOBAL_BATCH, SEQ
 
     v = two_ranks[0]["comm"]
     h, tokens, fp32 = 32, GLOBAL_BATCH * SEQ, 4  # TP ranks see the whole batch (dp = 1)
@@ -114,6 +117,7 @@ def test_comm_volumes_match_megatron_formulas(two_ranks):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_local_sgd_syncs_every_h_steps(two_ranks):
     """sync_every=2: replicas drift apart on odd steps (no gradient all-reduce), and the outer
     Nesterov step on the averaged deltas makes them equal again on even steps."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import micro_batches, tiny_config
+from tests.parallel.harness import micro_batches, tiny_config
 from mtnlg.config import ModelConfig, ParallelConfig
 from mtnlg.errors import ConfigError
 from mtnlg.model import build_model, count_parameters, materialize

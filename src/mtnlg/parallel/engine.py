@@ -124,8 +124,9 @@ class Engine:
             if deg.pp > 1:
                 from mtnlg.errors import ConfigError
 
-                raise ConfigError("parallel.sync_every > 1 (local SGD) is not supported with parallel.pp > 1 (the "
-                                  "pipeline schedules force the cross-replica gradient sync); set parallel.sync_every=1")
+                raise ConfigError("parallel.sync_every > 1 (local SGD) is not supported with parallel.pp > 1 "
+                                  "(the pipeline schedules force the cross-replica gradient sync); "
+                                  "set parallel.sync_every=1")
             if deg.dp_replicate == 1:
                 log.warning("parallel.sync_every=%d with parallel.dp_replicate=1: no replicas to average; the outer "
                             "optimizer still runs every %d steps", pc.sync_every, pc.sync_every)
