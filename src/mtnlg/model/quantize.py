@@ -20,7 +20,6 @@ Linear is initialised in fp32, quantized and freed before the next, so the fp32 
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -161,9 +160,8 @@ def materialize_quantized(model: GPT, config: QuantConfig | dict | None = None, 
         w = init_value(wname, lin.weight.shape, cfg, seed)
         b = init_value(f"{name}.bias", lin.bias.shape, cfg, seed) if lin.bias is not None else None
         q = Int8Linear.from_weight(w, b, c).to(device)
-        del w, b
+        del w, b  # freed here by refcount: only one fp32 Linear is alive at a time
         _set(model, name, q)
-        gc.collect()
     for mod_name, mod in model.named_modules():
         for pname, p in list(mod.named_parameters(recurse=False)):
             if p.is_meta:
