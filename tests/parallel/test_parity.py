@@ -27,6 +27,7 @@ LAYOUTS_2 = [
     dict(_name="pp2_1f1b", pp=2, pp_schedule="1f1b", **TW),
     dict(_name="pp2_interleaved_vpp2", pp=2, vpp=2, pp_schedule="interleaved", **TW),
     dict(_name="pp2_zbv", pp=2, vpp=2, pp_schedule="zb", **TW),
+    dict(_name="pp2_zb_interleaved", pp=2, pp_schedule="zb", **TW),
     dict(_name="pp2_layers_1_3", pp=2, pp_layers=[1, 3], **TW),
     dict(_name="pp2_auto_4mb", pp=2, pp_balance="auto", pp_microbatches=4, **TW),
     dict(_name="pp2_profile", pp=2, pp_balance="profile", **TW),
