@@ -136,7 +136,7 @@ class ParallelConfig:
 class TrainConfig:
     """Optimisation, precision and the training schedule."""
 
-    steps: int = 250  # the default job: ~10 minutes on 2 CPU cores (~500k tokens)
+    steps: int = 150  # the default job: ~300k tokens, ~5-6 minutes on 2 idle CPU cores
     seq_len: int = 128
     global_batch_size: int = 16  # sequences per optimizer step (all data-parallel ranks together)
     micro_batch_size: int = 16  # sequences per forward/backward on one rank

@@ -95,8 +95,10 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.float
 
 
 def peak_tflops(device: torch.device, dtype: torch.dtype, given: float | None = None) -> float:
-    """The per-device peak for MFU: ``given`` (log.peak_tflops), else a measured matmul peak cached
-    in :func:`cache_dir` per device, dtype and thread count (measured once, ~1 s)."""
+    """The per-device peak for MFU: ``given`` (log.peak_tflops), else the best matmul throughput this
+    machine has shown, cached in :func:`cache_dir` per device, dtype and thread count. Each call
+    measures again briefly (0.3 s) and keeps the maximum, so a first measurement taken while other
+    processes loaded the machine does not stay as a too-low peak (and an MFU above 100%)."""
     if given:
         return float(given)
     key = _device_key(device, dtype)
@@ -105,9 +107,9 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, given: float | None = 
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
-    if key in cached:
-        return float(cached[key])
-    value = measure_matmul_tflops(device, dtype)
+    value = max(float(cached.get(key, 0.0)), measure_matmul_tflops(device, dtype, seconds=0.3))
+    if cached.get(key) == value:
+        return value
     cached[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
