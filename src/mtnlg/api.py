@@ -11,9 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtnlg.atomic import atomic_directory
 from mtnlg.config import ACTIVATIONS, OUTPUT_LAYER_INITS, ModelConfig, check_type
 from mtnlg.data.tokenizer import Tokenizer, byte_tokenizer
 from mtnlg.errors import CheckpointError, ConfigError, did_you_mean
@@ -301,25 +299,13 @@ class MegatronLmModel(nn.Module):
 
         self._ensure_materialized()
         out = Path(directory)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_directory(out) as tmp:
             state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
                      if k != "output.weight"}  # tied to tok_embeddings.weight
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mtnlg": "1"})
             (tmp / CONFIG_FILE).write_text(json.dumps({"model_type": "mtnlg", **self.config.to_dict()},
                                                       indent=2, ensure_ascii=False))
             self.tokenizer.save(tmp)
-            if out.exists():
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     @classmethod

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-from tokenizers.pre_tokenizers import ByteLevel
 
 from mtnlg.errors import ConfigError, DataError
 

@@ -18,7 +18,6 @@ makes batch-1 decoding of a small model several times faster than Hugging Face `
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 

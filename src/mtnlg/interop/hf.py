@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mtnlg.atomic import atomic_directory
 from mtnlg.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -214,23 +212,6 @@ def load_hf_tokenizer(directory: Path):
 
 
 # -- files -----------------------------------------------------------------------------------------
-def _atomic_dir(out: Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"--output {out} exists and is not a directory")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -249,18 +230,13 @@ def export_hf(model: Any, output: str | Path, dtype: str = "float32") -> Path:
     state = {k: v.float() for k, v in model.model.state_dict().items()}
     hf_state = to_gpt2_state_dict(state, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.vocab_size)
     hf_state = {k: v.to(DTYPES[dtype]) for k, v in hf_state.items()}
-    tmp = _atomic_dir(out)
-    try:
+    with atomic_directory(out) as tmp:
         save_file(hf_state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(gpt2_config(cfg, tok.eod_id, tok.pad_id, dtype), indent=2))
         gen = {"bos_token_id": tok.eod_id, "eos_token_id": tok.eod_id, "pad_token_id": tok.pad_id,
                "max_length": cfg.max_position_embeddings, "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         save_hf_tokenizer(tok, tmp, cfg.max_position_embeddings)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s parameters to %s", f"{sum(v.numel() for v in hf_state.values()):,}", out)
     return out
 
