@@ -269,7 +269,8 @@ def save_checkpoint(root: str | Path, step: int, model_parts: Sequence[nn.Module
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     _barrier()
-    log.info("saved checkpoint %s", final)
+    if rank == 0:  # one line per checkpoint, not one per rank
+        log.info("saved checkpoint %s", final)
     return final
 
 
