@@ -23,7 +23,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -484,38 +484,19 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
                     "choices": choice_list, **({"usage": usage} if include_usage else {})}
 
         if stream:
-            async def events() -> AsyncIterator[str]:
-                pending = len(choices)
-                offsets = {c.index: len(c.prefix) for c in choices}
-                try:
-                    for c in choices:
-                        if c.prefix:
-                            yield _sse(chunk([{"index": c.index, "text": c.prefix, "logprobs": None,
-                                               "finish_reason": None}], None))
-                    while pending:
-                        for c, o in await _coalesced(queue):
-                            if o.finish_reason == "abort":
-                                yield _sse(ABORTED)
-                                return
-                            if o.finish_reason is not None:
-                                c.finish_reason, c.completion_tokens = o.finish_reason, o.completion_tokens
-                                pending -= 1
-                            lp = None
-                            if logprobs is not None and o.logprobs:
-                                lp = srv.completion_logprobs(o.logprobs, offsets[c.index])
-                            offsets[c.index] += len(o.text)
-                            yield _sse(chunk([{"index": c.index, "text": o.text, "logprobs": lp,
-                                               "finish_reason": o.finish_reason}], None))
-                    if include_usage:
-                        yield _sse(chunk([], srv.usage(choices, prompts)))
-                    yield "data: [DONE]\n\n"
-                finally:
-                    for c in choices:
-                        if c.req is not None and c.finish_reason is None:
-                            c.req.cancel()
+            offsets = {c.index: len(c.prefix) for c in choices}
 
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            def render(c: _Choice, o: Output) -> dict:
+                lp = None
+                if logprobs is not None and o.logprobs:
+                    lp = srv.completion_logprobs(o.logprobs, offsets[c.index])
+                offsets[c.index] += len(o.text)
+                return {"index": c.index, "text": o.text, "logprobs": lp, "finish_reason": o.finish_reason}
+
+            openers = [{"index": c.index, "text": c.prefix, "logprobs": None, "finish_reason": None}
+                       for c in choices if c.prefix]
+            return _sse_response(choices, queue, chunk, openers, render,
+                                 (lambda: srv.usage(choices, prompts)) if include_usage else None)
 
         await srv.collect(choices, queue)
         _raise_if_aborted(choices)
@@ -551,34 +532,15 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
                     "choices": choice_list, **({"usage": usage} if include_usage else {})}
 
         if stream:
-            async def events() -> AsyncIterator[str]:
-                pending = len(choices)
-                try:
-                    for c in choices:
-                        yield _sse(chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                           "logprobs": None, "finish_reason": None}], None))
-                    while pending:
-                        for c, o in await _coalesced(queue):
-                            if o.finish_reason == "abort":
-                                yield _sse(ABORTED)
-                                return
-                            if o.finish_reason is not None:
-                                c.finish_reason, c.completion_tokens = o.finish_reason, o.completion_tokens
-                                pending -= 1
-                            lp = srv.chat_logprobs(o.logprobs) if want_lp and o.logprobs else None
-                            delta = {"content": o.text} if o.text or o.finish_reason is None else {}
-                            yield _sse(chunk([{"index": c.index, "delta": delta, "logprobs": lp,
-                                               "finish_reason": o.finish_reason}], None))
-                    if include_usage:
-                        yield _sse(chunk([], srv.usage(choices, [prompt])))
-                    yield "data: [DONE]\n\n"
-                finally:
-                    for c in choices:
-                        if c.req is not None and c.finish_reason is None:
-                            c.req.cancel()
+            def render(c: _Choice, o: Output) -> dict:
+                lp = srv.chat_logprobs(o.logprobs) if want_lp and o.logprobs else None
+                delta = {"content": o.text} if o.text or o.finish_reason is None else {}
+                return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": o.finish_reason}
 
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            openers = [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None} for c in choices]
+            return _sse_response(choices, queue, chunk, openers, render,
+                                 (lambda: srv.usage(choices, [prompt])) if include_usage else None)
 
         await srv.collect(choices, queue)
         _raise_if_aborted(choices)
@@ -589,6 +551,39 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
                 "usage": srv.usage(choices, [prompt])}
 
     return app
+
+
+
+def _sse_response(choices: list[_Choice], queue: asyncio.Queue, chunk: Callable[..., dict], openers: list[dict],
+                  render: Callable[[_Choice, Output], dict], usage: Callable[[], dict] | None) -> StreamingResponse:
+    """The SSE body shared by /v1/completions and /v1/chat/completions: the opening chunks, one chunk
+    per engine output (``render`` shapes its choice), the usage chunk when asked, then ``[DONE]``.
+    A client that goes away cancels its unfinished requests at once, freeing their KV-cache slots."""
+
+    async def events() -> AsyncIterator[str]:
+        pending = len(choices)
+        try:
+            for opener in openers:
+                yield _sse(chunk([opener], None))
+            while pending:
+                for c, o in await _coalesced(queue):
+                    if o.finish_reason == "abort":
+                        yield _sse(ABORTED)
+                        return
+                    if o.finish_reason is not None:
+                        c.finish_reason, c.completion_tokens = o.finish_reason, o.completion_tokens
+                        pending -= 1
+                    yield _sse(chunk([render(c, o)], None))
+            if usage is not None:
+                yield _sse(chunk([], usage()))
+            yield "data: [DONE]\n\n"
+        finally:
+            for c in choices:
+                if c.req is not None and c.finish_reason is None:
+                    c.req.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 class GuardMiddleware:
