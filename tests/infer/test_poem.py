@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mtnlg.api import MegatronLmModel, MegatronModelConfig
-from mtnlg.commands.poem import LineConstraint, continue_poem, is_hanzi, parse_poem
+from mtnlg.infer.poem_form import LineConstraint, continue_poem, is_hanzi, parse_poem
 from mtnlg.data.tokenizer import byte_tokenizer, train_bpe
 from mtnlg.errors import ConfigError
 from mtnlg.infer.sampling import SamplingParams

@@ -1,6 +1,6 @@
 """``mtnlg chat``: a multi-turn conversation in the terminal, replies streamed as they are generated.
 
-The history is formatted with the tokenizer's role tokens, the same template the HTTP server uses::
+The history is formatted by :mod:`mtnlg.infer.chat_template`, the template the HTTP server and SFT use::
 
     <|system|>...<|end|><|user|>hi<|end|><|assistant|>hello<|end|><|user|>...<|end|><|assistant|>
 
@@ -15,32 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtnlg.data.tokenizer import END_OF_TURN, ROLE_TOKENS
-
-
-class Conversation:
-    """The turns so far and how to turn them into a prompt that fits ``budget`` tokens."""
-
-    def __init__(self, tokenizer, system: str | None = None):
-        self.tok = tokenizer
-        self.system = system
-        self.turns: list[tuple[str, str]] = []
-
-    def reset(self) -> None:
-        self.turns.clear()
-
-    def _fmt(self, role: str, text: str) -> str:
-        return f"{ROLE_TOKENS[role]}{text}{END_OF_TURN}"
-
-    def prompt_ids(self, budget: int) -> list[int]:
-        """The prompt for the next assistant reply, dropping the oldest turns until it fits ``budget``."""
-        head = self.tok.encode(self._fmt("system", self.system)) if self.system else []
-        tail = self.tok.encode(ROLE_TOKENS["assistant"])
-        body: list[list[int]] = [self.tok.encode(self._fmt(r, t)) for r, t in self.turns]
-        while body and len(head) + sum(map(len, body)) + len(tail) > budget:
-            body.pop(0)
-        ids = head + [t for b in body for t in b] + tail
-        return ids[-budget:]
+from mtnlg.data.tokenizer import END_OF_TURN
+from mtnlg.infer.chat_template import Conversation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             out.write("(history cleared)\n")
             out.flush()
             continue
-        conv.turns.append(("user", text))
+        conv.add("user", text)
         prompt = conv.prompt_ids(budget)
         out.write("bot> " if tty else "")
         s = stream(lm.model, tok, prompt, params)
@@ -109,5 +85,5 @@ def run(args: argparse.Namespace) -> int:
                 out.flush()
         out.write("\n")
         out.flush()
-        conv.turns.append(("assistant", "".join(reply)))
+        conv.add("assistant", "".join(reply))
     return 0

@@ -81,6 +81,8 @@ def load_model(args: argparse.Namespace):
     tp = cfg.parallel.tp
     lm = MegatronLmModel.from_pretrained(args.checkpoint, device=device, dtype=compute_dtype(device))
     if tp > 1:
+        from mtnlg.infer.tp import shard_for_inference
+
         rank = shard_for_inference(lm, cfg.parallel, device)
     if args.quantize:
         if tp > 1:
@@ -94,31 +96,6 @@ def load_model(args: argparse.Namespace):
         load_soft_prompt(lm, args.prompt_tuning)
     lm.model.eval()
     return lm, rank
-
-
-def shard_for_inference(lm, pcfg, device) -> int:
-    """Tensor-parallel inference: shard ``lm.model`` over all torchrun ranks (``parallel.tp`` of them)
-    with Megatron's split (``mtnlg.parallel.tensor``), replicated activations and logits. Returns the rank."""
-    import atexit
-
-    import torch.distributed as dist
-
-    from mtnlg.errors import ConfigError
-    from mtnlg.parallel.mesh import build_mesh, init_distributed, sub
-    from mtnlg.parallel.tensor import apply_tensor_parallel, check_tp
-
-    rank, world = init_distributed(device)
-    if world != pcfg.tp or pcfg.pp != 1:
-        raise ConfigError(f"inference with parallel.tp={pcfg.tp} needs exactly {pcfg.tp} processes (got {world}) "
-                          f"and parallel.pp=1; launch with `torchrun --nproc-per-node {pcfg.tp} -m mtnlg generate ...`")
-    check_tp(lm.model.cfg, pcfg.tp)
-    if lm.model.padded_vocab_size % pcfg.tp:
-        raise ConfigError(f"the checkpoint's vocabulary ({lm.model.padded_vocab_size} rows) does not split over "
-                          f"parallel.tp={pcfg.tp}; use a tp that divides it")
-    mesh = build_mesh(pcfg, device, world)
-    apply_tensor_parallel(lm.model, sub(mesh, "tp"), sequence_parallel=False, loss_parallel=False)
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    return rank
 
 
 def run(args: argparse.Namespace) -> int:
