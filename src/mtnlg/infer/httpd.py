@@ -79,7 +79,10 @@ def run_app(app: Any, host: str, port: int) -> None:
     """Serve ``app`` on ``host:port`` until interrupted (Ctrl-C drains in-flight requests)."""
     import uvicorn
 
-    uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level="info")).run()
+    try:
+        uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level="info")).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after the graceful shutdown
+        pass
 
 
 class BackgroundServer:
