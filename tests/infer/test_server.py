@@ -433,20 +433,29 @@ def test_fuzzed_requests_never_5xx(server):
     from hypothesis import strategies as st
 
     seen = {"n": 0}
-    paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"])
-    valid_prompt = st.sampled_from([{"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]}, {}])
-    body = st.one_of(
-        st.binary(max_size=64),  # raw bytes
-        st.builds(lambda base, d: json.dumps({**SMALL, **base, **d}).encode(), valid_prompt,
-                  st.dictionaries(st.sampled_from(FIELDS), _json_values(), max_size=4)),
-        _json_values().map(lambda v: json.dumps(v).encode()),
-    )
+    routes = st.sampled_from([("/v1/completions", {"prompt": "hi"}), ("/v1/completions", {"prompt": ["a", "b"]}),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                              ("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]}),
+                              ("/v1/poem", {"prompt": "床前明月光，疑是地上霜。", "lines": 1})])
+    field_value = st.one_of(st.sampled_from(EXTREMES), st.sampled_from(SURROGATES), _json_values())
+    fields = st.dictionaries(st.sampled_from(FIELDS), field_value, min_size=1, max_size=3)
+    wrap = st.sampled_from([lambda v: v, lambda v: [v], lambda v: {"role": "user", "content": v},
+                            lambda v: [{"role": "user", "content": v}]])
+    valid_then_junk = st.builds(lambda route, d: (route[0], json.dumps({**SMALL, **route[1], **d}).encode()),
+                                routes, fields)
+    junk_prompt = st.builds(lambda route, v, w: (route[0], json.dumps({**SMALL, **route[1],
+                                                                         "prompt": w(v), "messages": w(v)}).encode()),
+                            routes, field_value, wrap)
+    whole = st.builds(lambda route, content: (route[0], content), routes,
+                      st.binary(max_size=64) | _json_values().map(lambda v: json.dumps(v).encode()))
+    case = st.one_of(valid_then_junk, valid_then_junk, junk_prompt, whole)
 
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as http:
         @settings(max_examples=120, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
-        @given(path=paths, content=body)
-        def check(path, content):
+        @given(case)
+        def check(path_content):
+            path, content = path_content
             seen["n"] += 1
             r = http.post(path, content=content)
             assert r.status_code < 500, (path, content, r.text)
