@@ -34,12 +34,16 @@ STATE = """JSON.stringify({
 
 
 @pytest.fixture(scope="module")
-def server():
+def lm():
     tok = train_bpe(TEXT, vocab_size=330)
     cfg = MegatronModelConfig(vocab_size=330, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                               intermediate_size=128, max_position_embeddings=256)
-    lm = MegatronLmModel(cfg, tokenizer=tok).materialize(seed=5)
-    with BackgroundServer(create_app(Engine(lm, max_batch=4), "tiny")) as srv:
+    return MegatronLmModel(cfg, tokenizer=tok).materialize(seed=5)
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    with BackgroundServer(create_app(Engine(lm, max_batch=4), "tiny", lm=lm)) as srv:
         yield srv
 
 
@@ -130,10 +134,8 @@ def cjk_families() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def keyed_server(server):
-    app = server.server.config.app
-    lm = app.state.engine.lm
-    with BackgroundServer(create_app(Engine(lm, max_batch=2), "tiny", api_key="sk-page")) as srv:
+def keyed_server(lm):
+    with BackgroundServer(create_app(Engine(lm, max_batch=2), "tiny", api_key="sk-page", lm=lm)) as srv:
         yield srv
 
 
