@@ -18,6 +18,7 @@ from typing import Any
 from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.errors import ConfigError
 from mtnlg.infer.chat_template import ChatTemplate
+from mtnlg.infer.poem_form import parse_poem
 from mtnlg.infer.sampling import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
@@ -348,8 +349,6 @@ class PoemRequest:
 
 
 def parse_poem_request(body: dict[str, Any], vocab_size: int) -> PoemRequest:
-    from mtnlg.infer.poem_form import parse_poem
-
     text = get_field(body, "prompt", "str")
     if text is None:
         raise bad("prompt", "'prompt' (the opening lines, e.g. \"床前明月光，疑是地上霜。\") is required")

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtnlg.errors import ConfigError
 from mtnlg.infer.httpd import DRAIN_CAP, BackgroundServer, run_app
+from mtnlg.infer.poem_form import continue_poem
 from mtnlg.infer.engine import Engine, EngineStopped, Output, QueueFull, RequestTooLong, merge_outputs
 from mtnlg.infer.protocol import (ABORTED, MAX_BODY_BYTES, ApiError, Choice, GenerationRequest, TextCodec, bad,
                                   error_body, get_field, int_list, openers, parse_chat, parse_completion,
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).parent / "web"
 WEB_FILES = {"chat.css": "text/css", "chat.js": "text/javascript"}
 JSON_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/poem", "/tokenize", "/detokenize")
+MAX_POEMS_WAITING = 8  # poem requests are answered one at a time; more than this waiting get 429
 KNOWN_ROUTES = (*JSON_ROUTES, "/v1/models", "/health", "/metrics", "/")
 
 
@@ -97,6 +99,7 @@ class OpenAIServer:
         self.created = int(time.time())
         self.http_requests: dict[tuple[str, int], int] = {}
         self.poem_lock = threading.Lock()
+        self.poem_slots = threading.BoundedSemaphore(1 + MAX_POEMS_WAITING)
 
     def check_model(self, body: dict[str, Any]) -> None:
         model = get_field(body, "model", "str")
@@ -298,7 +301,10 @@ class GuardMiddleware:
         if rejected is not None:
             e, declared = rejected
             headers = dict(e.headers)
-            if declared is None or declared <= DRAIN_CAP:
+            expects = dict(scope.get("headers") or []).get(b"expect", b"").lower() == b"100-continue"
+            if expects:  # the client waits for our go-ahead before sending the body: answer without it
+                headers["Connection"] = "close"
+            elif declared is None or declared <= DRAIN_CAP:
                 await _drain(receive)
             else:
                 headers["Connection"] = "close"
@@ -454,18 +460,21 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
         return await srv.respond(request, await read_body(request), parse_chat)
 
     def poem_body(raw: bytes) -> dict[str, Any]:
-        from mtnlg.infer.poem_form import continue_poem
-
         body = parse_json(raw)
         srv.check_model(body)
         if srv.lm is None:
             raise ApiError(404, "this server has no poem mode", type_="not_found_error")
         req = parse_poem_request(body, codec.vocab_size)
-        with srv.poem_lock:  # one at a time: it runs beside the engine, not in it
-            try:
+        if not srv.poem_slots.acquire(blocking=False):
+            raise ApiError(429, "the server is busy writing other poems; retry later", type_="rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        try:
+            with srv.poem_lock:  # one at a time: it runs beside the engine, not in it
                 lines = continue_poem(srv.lm, req.text, req.lines, req.params)
-            except ConfigError as e:
-                raise ApiError(422, str(e), param="prompt", code="poem_form_failed") from None
+        except ConfigError as e:
+            raise ApiError(422, str(e), param="prompt", code="poem_form_failed") from None
+        finally:
+            srv.poem_slots.release()
         return {"id": f"poem-{uuid.uuid4().hex}", "object": "poem", "created": int(time.time()), "model": model_name,
                 "lines": lines, "text": "".join(lines)}
 
@@ -487,3 +496,6 @@ def serve(lm: Any, cfg: Any, api_key: str | None = None) -> None:
                     kv_cache_mb=cfg.kv_cache_mb)
     app = create_app(engine, cfg.model_name, api_key if api_key is not None else cfg.api_key, lm=lm)
     run_app(app, host=cfg.host, port=cfg.port)
+
+
+__all__ = ["BackgroundServer", "GuardMiddleware", "OpenAIServer", "create_app", "render_metrics", "serve"]
