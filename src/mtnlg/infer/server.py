@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -365,8 +366,6 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
     api_key = api_key if api_key is not None else (os.environ.get("MTNLG_API_KEY") or None)
     srv = OpenAIServer(engine, model_name, lm)
     codec = srv.codec
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
