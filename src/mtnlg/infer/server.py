@@ -21,6 +21,7 @@ import asyncio
 import hmac
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -486,8 +487,6 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
 
 def serve(lm: Any, cfg: Any, api_key: str | None = None) -> None:
     """Run the server for ``lm`` (a MegatronLmModel) with a :class:`~mtnlg.config.ServeConfig` until interrupted."""
-    import sys
-
     # The engine thread runs Python between its kernels; with the default 5 ms GIL switch interval the
     # HTTP thread would wait up to 5 ms for every hand-off, which shows up directly in TTFT and ITL.
     sys.setswitchinterval(0.0005)
