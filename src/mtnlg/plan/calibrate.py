@@ -6,7 +6,8 @@
   the least disturbed one);
 * fused attention: ``scaled_dot_product_attention`` forward + backward (causal) at (s, head_dim);
 * element-wise bandwidth: an out-of-cache ``add`` (2 reads + 1 write);
-* per-op overhead: the dispatch time of a tiny op recorded by autograd;
+* per-op overhead: a training step of a 2-layer, 16-wide GPT (its arithmetic negligible) over the
+  number of ops the time model counts for it;
 * collectives: all-reduce, all-gather, reduce-scatter and send/recv between 2 gloo ranks spawned with
   ``torch.multiprocessing``, at several message sizes; latency and bus bandwidth fitted by least
   squares to t = latency + bytes x ring factor / busbw (used outside the measured sizes; inside, the
@@ -66,16 +67,34 @@ def measure_elementwise(numel: int = 1 << 22, repeats: int = 10) -> float:
     return 3 * 4 * numel / _best(lambda: torch.add(a, b, out=c), repeats)
 
 
-def measure_op_overhead(repeats: int = 200) -> float:
-    """Seconds to dispatch one tiny op that autograd records."""
-    x = torch.ones(1, requires_grad=True)
-    y = torch.ones(1)
+def measure_op_overhead(repeats: int = 20) -> float:
+    """Seconds per op of a training step of a GPT so small its arithmetic is negligible: the step's time
+    (forward, loss, backward, clipping, foreach AdamW) over the ops the time model counts for it."""
+    import torch.nn.functional as F
 
-    def ten():
-        for _ in range(10):
-            torch.add(x, y)
+    from mtnlg.config import ModelConfig
+    from mtnlg.model import build_model, materialize
+    from mtnlg.plan.timemodel import Shape, stage_parts, step_ops
+    from mtnlg.plan.profile import Profile as _P
 
-    return _best(ten, repeats) / 10
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, ffn_hidden_size=64, max_seq_len=8,
+                      make_vocab_size_divisible_by=1)
+    model = materialize(build_model(cfg), seed=0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    tokens = torch.randint(0, 64, (1, 9))
+
+    def step():
+        loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = _best(step, repeats)
+    sh = Shape(layers=2, hidden=16, ffn=64, heads=2, vocab=64, seq=8, micro_batch=1, microbatches=1)
+    unit = _P("ops", 1.0, [(1, 1, 1, 1.0)], 1.0, 1.0, {})  # op overhead 1 s: stage_parts' overhead = op count
+    ops = stage_parts(unit, sh, True, True)["overhead"] + step_ops(sh)
+    return seconds / ops
 
 
 # -- collectives -------------------------------------------------------------------------------------
@@ -204,7 +223,7 @@ def calibrate(gemm_shapes: Iterable[tuple[int, int, int]] = (), attention_shapes
     sources = {"gemm": f"torch.mm fp32, best of up to 10 runs; {where}",
                "attention": f"scaled_dot_product_attention causal forward + backward; {where}",
                "elementwise": f"fp32 add of 4M elements (2 reads + 1 write); {where}",
-               "op_overhead": f"dispatch time of a 1-element add recorded by autograd; {where}",
+               "op_overhead": f"a training step of a 2-layer 16-wide GPT over the ops the time model counts; {where}",
                "links": f"gloo, 2 ranks on this host, least-squares fit of {len(MESSAGE_BYTES)} sizes per op; "
                         f"intra and inter are the same host link; {where}",
                "overlap": "0: gloo runs on the same CPU cores as the computation it would overlap with (assumed)",

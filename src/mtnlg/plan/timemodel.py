@@ -16,7 +16,9 @@ d = h/a, t tensor-parallel size, T = b·s tokens, r = 1/t with sequence parallel
   softmax + dropout 4·b·a·s²/t; the backward moves twice the forward's bytes, recomputation once more.
   The first stage adds the embedding (3·T·h), the last the fp32 cross entropy (5·T·V/t, 4 bytes).
 * **overhead**: launch/dispatch cost per op (profile ``op_overhead``) x ops: 14 per layer forward (the
-  ops of :class:`mtnlg.model.transformer.Block`), 28 backward, 14 per recomputed forward.
+  ops of :class:`mtnlg.model.transformer.Block`), 28 backward, 14 per recomputed forward, 6 for the
+  embedding and 12 for the logits and loss per micro-batch; per step 16 optimizer and clipping
+  kernels plus one per parameter tensor (12 per layer + 4).
 * **optimizer**: Adam's bytes per parameter the GPU updates (mixed precision: reads fp32 master,
   m, v, fp32 grad, writes master, m, v, bf16 copy = 30 B; fp32: 28 B) + the gradient-norm read.
 * **tp_comm**: per layer and micro-batch 2 collectives forward, 2 backward (+2 under full
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from mtnlg.plan.profile import Profile
 
 OPS_PER_LAYER_FWD = 14
+OPS_PER_STEP = 16  # foreach AdamW (~10 kernels) + gradient-norm clipping (~6)
 TERMS = ("gemm", "attention", "elementwise", "overhead", "tp_comm", "pp_comm", "bubble", "dp_comm", "optimizer")
 
 
@@ -159,6 +162,11 @@ def dp_times(p: Profile, sh: Shape) -> tuple[float, float]:
     return total, total
 
 
+def step_ops(sh: Shape) -> int:
+    """Ops once per step: the optimizer's and clipping's kernels and one per parameter tensor."""
+    return OPS_PER_STEP + 12 * (sh.layers // sh.pp) + 4
+
+
 def optimizer_time(p: Profile, sh: Shape) -> float:
     """Adam over the parameters this GPU updates, and the gradient-norm pass."""
     per_param = 30 if sh.mixed_precision else 28
@@ -190,6 +198,7 @@ def iteration_terms(p: Profile, sh: Shape) -> dict[str, float]:
         window = backward * 2 / (4 if sh.recompute == "full" else 3)  # the last micro-batch's backward
     terms["dp_comm"] = total - p.overlap * min(total, window)
     terms["optimizer"] = optimizer_time(p, sh) * slow
+    terms["overhead"] += step_ops(sh) * p.op_overhead_s * slow
     return {k: terms[k] for k in TERMS}
 
 
