@@ -11,7 +11,7 @@ from mtnlg.config import ModelConfig
 from mtnlg.plan import Layout, get_gpu, plan
 from mtnlg.plan.presets import PlanModel
 from mtnlg.plan.profile import COLLECTIVES, LinkOp, Profile
-from mtnlg.plan.timemodel import TERMS, Shape, dp_times, iteration_terms, pp_time, stage_parts, step_ops, tp_time
+from mtnlg.plan.timemodel import TERMS, Shape, dp_times, iteration_terms, pp_time, stage_parts, step_ops, step_sync_time, tp_time
 
 R, BW, OP, LAT, LINK = 1e12, 1e11, 1e-6, 1e-5, 1e9
 
@@ -54,10 +54,15 @@ def test_full_recompute_adds_a_forward():
 def test_tp_collectives_by_hand():
     act = 1 * 4 * 8 * 2  # b·s·h·2 bytes
     one_ag = LAT + act * (1 / 2) / LINK  # ring factor (n-1)/n for n = 2
-    assert tp_time(profile(), SMALL) == pytest.approx(4 * 2 * 2 * one_ag)  # 4 all-reduce equivalents x 2 layers
+    ce = 3 * (LAT + 4 * 4 / LINK)  # vocab-parallel cross entropy: 3 all-reduces of T fp32 values
+    # 4 all-reduce equivalents x 2 layers, + embedding and logits (one stage is first and last)
+    assert tp_time(profile(), SMALL) == pytest.approx((4 * 2 + 2) * 2 * one_ag + ce)
     no_sp = dataclasses.replace(SMALL, sp=False)
-    assert tp_time(profile(), no_sp) == pytest.approx(4 * 2 * (LAT + act * 1.0 / LINK))  # 2(n-1)/n = 1
-    assert tp_time(profile(), dataclasses.replace(SMALL, recompute="full")) == pytest.approx(6 * 2 * 2 * one_ag)
+    assert tp_time(profile(), no_sp) == pytest.approx((4 * 2 + 2) * (LAT + act * 1.0 / LINK) + ce)  # 2(n-1)/n = 1
+    full = dataclasses.replace(SMALL, recompute="full")
+    assert tp_time(profile(), full) == pytest.approx((6 * 2 + 2) * 2 * one_ag + ce)
+    two_stages = dataclasses.replace(SMALL, pp=2)  # 1 layer per stage, and only one end
+    assert tp_time(profile(), two_stages) == pytest.approx((4 * 1 + 1) * 2 * one_ag + ce)
     assert tp_time(profile(), dataclasses.replace(SMALL, tp=1)) == 0
 
 
@@ -86,7 +91,8 @@ def test_iteration_terms_sum_and_overlap():
     parts = stage_parts(p, SMALL, True, True)
     for k in ("gemm", "attention", "elementwise"):
         assert t[k] == pytest.approx(2 * parts[k])  # 2 microbatches
-    assert t["overhead"] == pytest.approx(2 * parts["overhead"] + (16 + 12 * 2 + 4) * OP)  # + once per step
+    sync = 3 * (LAT + 8 * 1.5 / LINK)  # loss, grad norm, skip flag: 8-byte all-reduces over 4 ranks
+    assert t["overhead"] == pytest.approx(2 * parts["overhead"] + (16 + 12 * 2 + 4) * OP + sync)  # once per step
     assert t["tp_comm"] == pytest.approx(2 * tp_time(p, SMALL))
     assert t["bubble"] == 0 and t["pp_comm"] == 0
     total = dp_times(p, SMALL)[0]
@@ -100,7 +106,7 @@ def test_bubble_and_shared_cores():
     sh = dataclasses.replace(SMALL, pp=2, microbatches=4, bubble_fraction=0.2)
     t = iteration_terms(profile(), sh)
     busy = sum(t[k] for k in ("gemm", "attention", "elementwise", "overhead", "tp_comm", "pp_comm"))
-    busy -= step_ops(sh) * OP  # the optimizer's ops run after the pipeline drains: not stretched by the bubble
+    busy -= step_ops(sh) * OP + step_sync_time(profile(), sh)  # once per step, after the pipeline drains
     assert t["bubble"] == pytest.approx(0.2 / 0.8 * busy)
     # 8 ranks on a host that runs 2 at full speed: compute 4x slower, communication unchanged
     big = dataclasses.replace(SMALL, dp=4)

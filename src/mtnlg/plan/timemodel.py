@@ -18,11 +18,14 @@ d = h/a, t tensor-parallel size, T = b·s tokens, r = 1/t with sequence parallel
 * **overhead**: launch/dispatch cost per op (profile ``op_overhead``) x ops: 14 per layer forward (the
   ops of :class:`mtnlg.model.transformer.Block`), 28 backward, 14 per recomputed forward, 6 for the
   embedding and 12 for the logits and loss per micro-batch; per step 16 optimizer and clipping
-  kernels plus one per parameter tensor (12 per layer + 4).
+  kernels plus one per parameter tensor (12 per layer + 4); with several ranks, 3 tiny all-reduces
+  over the world per step (loss, gradient norm, skip flag).
 * **optimizer**: Adam's bytes per parameter the GPU updates (mixed precision: reads fp32 master,
   m, v, fp32 grad, writes master, m, v, bf16 copy = 30 B; fp32: 28 B) + the gradient-norm read.
 * **tp_comm**: per layer and micro-batch 2 collectives forward, 2 backward (+2 under full
-  recomputation) of the T·h activation: all-reduces, or all-gather + reduce-scatter pairs with SP.
+  recomputation) of the T·h activation: all-reduces, or all-gather + reduce-scatter pairs with SP;
+  one more for the vocab-parallel embedding (first stage) and one for gathering the logits' input
+  (last stage); 3 all-reduces of T fp32 values for the vocab-parallel cross entropy.
 * **pp_comm**: per micro-batch and model chunk one forward and one backward send of T·h/t elements.
 * **bubble**: f/(1-f) x (everything above but the optimizer), f the schedule's bubble fraction.
 * **dp_comm**: the gradient reduction over dp (ZeRO-0 all-reduce; ZeRO-1/2 reduce-scatter +
@@ -132,7 +135,16 @@ def tp_time(p: Profile, sh: Shape) -> float:
                                                                                          span, g)
     else:
         one = p.collective_time("all_reduce", act, sh.tp, span, g)
-    return n * (sh.layers // sh.pp) * one
+    ends = 2 if sh.pp == 1 else 1  # vocab-parallel embedding (first stage), gathering for the logits (last)
+    ce = 3 * p.collective_time("all_reduce", sh.micro_batch * sh.seq * 4, sh.tp, span, g)  # max, sum, target
+    return (n * (sh.layers // sh.pp) + ends) * one + ce
+
+
+def step_sync_time(p: Profile, sh: Shape) -> float:
+    """Once per step, 3 tiny all-reduces over the world: the loss, the gradient norm, the skip flag."""
+    if sh.world == 1:
+        return 0.0
+    return 3 * p.collective_time("all_reduce", 8, sh.world, sh.world, sh.gpus_per_node)
 
 
 def pp_time(p: Profile, sh: Shape) -> float:
@@ -198,7 +210,7 @@ def iteration_terms(p: Profile, sh: Shape) -> dict[str, float]:
         window = backward * 2 / (4 if sh.recompute == "full" else 3)  # the last micro-batch's backward
     terms["dp_comm"] = total - p.overlap * min(total, window)
     terms["optimizer"] = optimizer_time(p, sh) * slow
-    terms["overhead"] += step_ops(sh) * p.op_overhead_s * slow
+    terms["overhead"] += step_ops(sh) * p.op_overhead_s * slow + step_sync_time(p, sh)
     return {k: terms[k] for k in TERMS}
 
 
