@@ -125,7 +125,11 @@ def run(size: str, steps: int, profile_path: str | None, work: Path) -> dict:
                      "measured_median_s": statistics.median(after_first), "ratio": p.est_iteration_time_s / measured,
                      "limiting_term": p.limiting_term, "terms_s": p.time_breakdown})
     pred, meas = [r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]
+    worst = max(rows, key=lambda r: abs(r["ratio"] - 1))
     return {"benchmark": "plan_calibration", "size": size, "steps": steps, "profile": prof.name,
+            # the worst layout at the top level, for benchmarks/run_all.py's one-row summary
+            "worst_layout": worst["layout"], "predicted_s": worst["predicted_s"], "measured_s": worst["measured_s"],
+            "ratio": worst["ratio"],
             "calibration_s": calib_s, "layouts": rows,
             "worst_error": max(abs(r["ratio"] - 1) for r in rows),
             "rank_agreement": rank_order(pred) == rank_order(meas),
