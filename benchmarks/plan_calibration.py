@@ -125,6 +125,8 @@ def run(size: str, steps: int, profile_path: str | None, work: Path) -> dict:
                      "measured_median_s": statistics.median(after_first), "ratio": p.est_iteration_time_s / measured,
                      "limiting_term": p.limiting_term, "terms_s": p.time_breakdown})
     pred, meas = [r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]
+    for r in rows:  # relative to the 1-process layout: a load that slows every run alike cancels out
+        r["predicted_vs_1proc"], r["measured_vs_1proc"] = r["predicted_s"] / pred[0], r["measured_s"] / meas[0]
     worst = max(rows, key=lambda r: abs(r["ratio"] - 1))
     return {"benchmark": "plan_calibration", "size": size, "steps": steps, "profile": prof.name,
             # the worst layout at the top level, for benchmarks/run_all.py's one-row summary
@@ -157,10 +159,11 @@ def main() -> None:
         print(json.dumps(res))
         return
     print(f"{'layout':<16}{'procs':>6}{'predicted s':>13}{'measured s':>12}{'median s':>10}{'pred/meas':>11}"
-          f"  limited by")
+          f"{'pred x1p':>10}{'meas x1p':>10}  limited by")
     for r in res["layouts"]:
         print(f"{r['layout']:<16}{r['processes']:>6}{r['predicted_s']:>13.4f}{r['measured_s']:>12.4f}"
-              f"{r['measured_median_s']:>10.4f}{r['ratio']:>11.3f}  {r['limiting_term']}")
+              f"{r['measured_median_s']:>10.4f}{r['ratio']:>11.3f}{r['predicted_vs_1proc']:>10.2f}"
+              f"{r['measured_vs_1proc']:>10.2f}  {r['limiting_term']}")
     la, lb = res["load_average_before"], res["load_average_after"]
     print(f"worst error {res['worst_error']:.1%}; rank agreement {res['rank_agreement']}")
     print(f"predicted order: {', '.join(res['predicted_order'])}\nmeasured order:  {', '.join(res['measured_order'])}")
