@@ -29,8 +29,10 @@ from mtnlg.model.transformer import GPT
 log = logging.getLogger(__name__)
 
 PROMPT_STYLES = ("prepend", "prefix_suffix")
+STYLE_ARG_NAMES = ("prefix", "suffix")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+SOFT_PROMPT_FILE = "soft_prompt.safetensors"
 
 
 @dataclass(init=False)
@@ -132,31 +134,70 @@ class MegatronModelConfig:
                               f"of {list(PROMPT_STYLES)}" + did_you_mean(self.prompt_tuning_prompt_style, PROMPT_STYLES))
         if self.prompt_tuning_prompt_style_args_type not in ("dict", "list"):
             raise ConfigError(f"prompt_tuning_prompt_style_args_type='{self.prompt_tuning_prompt_style_args_type}' must "
-                              "be 'dict' (build args from the keys/values lists) or 'list'")
-        keys, values = self.prompt_tuning_prompt_style_args_keys, self.prompt_tuning_prompt_style_args_values
-        if len(keys) != len(values):
-            raise ConfigError(f"prompt_tuning_prompt_style_args_keys has {len(keys)} entries but "
-                              f"prompt_tuning_prompt_style_args_values has {len(values)}; give them equal lengths")
-        if len(set(keys)) != len(keys):
-            raise ConfigError(f"prompt_tuning_prompt_style_args_keys has duplicates: {keys}")
-        if self.prompt_tuning and self.prompt_tuning_num_tokens + 1 > self.max_position_embeddings:
+                              "be 'dict' (keyword args: the dict plus the keys/values pairs) or 'list' (positional "
+                              "args: the values list)")
+        room = min(self.prompt_tuning_max_seq_length, self.max_position_embeddings)
+        if self.prompt_tuning and self.prompt_tuning_num_tokens + 1 > room:
             raise ConfigError(f"prompt_tuning_num_tokens={self.prompt_tuning_num_tokens} leaves no room in "
-                              f"max_position_embeddings={self.max_position_embeddings}")
-        if self.quantize_config is not None:
-            bits = self.quantize_config.get("bits", 8)
-            if bits != 8:
-                raise ConfigError(f"quantize_config.bits={bits} is not supported; only 8-bit weights are")
-            unknown = set(self.quantize_config) - {"bits", "group_size", "symmetric", "per_channel"}
-            if unknown:
-                raise ConfigError(f"quantize_config has unknown keys {sorted(unknown)}; valid: bits, group_size, "
-                                  "symmetric, per_channel")
+                              f"min(prompt_tuning_max_seq_length, max_position_embeddings)={room}")
+        self._validate_prompt_style_args()
+        self._validate_quantize()
 
     @property
     def prompt_style_args(self) -> dict[str, Any]:
-        """The style arguments: the explicit dict, updated by the parallel keys/values lists."""
+        """The style arguments (``prefix`` / ``suffix`` texts), read where ``prompt_style_args_type`` says:
+
+        * ``"dict"``: keyword arguments: the ``prompt_tuning_prompt_style_args`` dict plus the pairs of the
+          parallel ``_keys`` / ``_values`` lists (a key given in both must agree);
+        * ``"list"``: positional arguments: ``prompt_tuning_prompt_style_args_values`` in the style's own
+          order (prefix, suffix); the keys list and the dict are not read.
+        """
+        if self.prompt_tuning_prompt_style_args_type == "list":
+            return dict(zip(STYLE_ARG_NAMES, self.prompt_tuning_prompt_style_args_values))
         args = dict(self.prompt_tuning_prompt_style_args)
         args.update(zip(self.prompt_tuning_prompt_style_args_keys, self.prompt_tuning_prompt_style_args_values))
         return args
+
+    def _validate_prompt_style_args(self) -> None:
+        keys, values = self.prompt_tuning_prompt_style_args_keys, self.prompt_tuning_prompt_style_args_values
+        explicit = self.prompt_tuning_prompt_style_args
+        if self.prompt_tuning_prompt_style_args_type == "list":
+            if len(values) > len(STYLE_ARG_NAMES):
+                raise ConfigError(f"prompt_tuning_prompt_style_args_values has {len(values)} entries but the style takes "
+                                  f"at most {len(STYLE_ARG_NAMES)} positional arguments {list(STYLE_ARG_NAMES)}")
+            if explicit:
+                raise ConfigError("prompt_tuning_prompt_style_args is not read with prompt_tuning_prompt_style_args_type="
+                                  "'list' (the values list is); empty it or use args_type='dict'")
+        else:
+            if len(keys) != len(values):
+                raise ConfigError(f"prompt_tuning_prompt_style_args_keys has {len(keys)} entries but "
+                                  f"prompt_tuning_prompt_style_args_values has {len(values)}; give them equal lengths")
+            if len(set(keys)) != len(keys):
+                raise ConfigError(f"prompt_tuning_prompt_style_args_keys has duplicates: {keys}")
+            for k, v in zip(keys, values):
+                if k in explicit and explicit[k] != v:
+                    raise ConfigError(f"prompt_tuning_prompt_style_args['{k}']={explicit[k]!r} contradicts "
+                                      f"prompt_tuning_prompt_style_args_values' {v!r} for the same key; keep one")
+        for k, v in self.prompt_style_args.items():
+            if k not in STYLE_ARG_NAMES:
+                raise ConfigError(f"prompt style argument '{k}' is unknown; the styles take {list(STYLE_ARG_NAMES)}"
+                                  + did_you_mean(k, STYLE_ARG_NAMES))
+            if not isinstance(v, str):
+                raise ConfigError(f"prompt style argument '{k}' must be a string, got {type(v).__name__}")
+
+    def _validate_quantize(self) -> None:
+        if self.quantize_config is None:
+            return
+        if not self.quantize:
+            raise ConfigError("quantize_config is set but quantize=False, so it would be ignored; set quantize=True "
+                              "or drop quantize_config")
+        unknown = set(self.quantize_config) - {"bits", "group_size", "symmetric", "per_channel"}
+        if unknown:
+            raise ConfigError(f"quantize_config has unknown keys {sorted(unknown)}; valid: bits, group_size, "
+                              "symmetric, per_channel")
+        from mtnlg.model.quantize import QuantConfig
+
+        QuantConfig.from_dict(self.quantize_config)  # bits, symmetric, group_size: one-line errors
 
     def to_model_config(self) -> ModelConfig:
         """mtnlg's internal architecture config."""
@@ -165,7 +206,8 @@ class MegatronModelConfig:
             num_heads=self.num_attention_heads, ffn_hidden_size=self.intermediate_size,
             max_seq_len=self.max_position_embeddings, layernorm_eps=self.layernorm_eps,
             init_std=self.init_method_std, output_layer_init=self.output_layer_init_method,
-            activation=self.activation_function)
+            activation=self.activation_function, parallel_output=self.parallel_output,
+            pre_process_first=self.pre_process_first, post_process_last=self.post_process_last)
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, **extra: Any) -> MegatronModelConfig:
@@ -173,7 +215,8 @@ class MegatronModelConfig:
                    num_attention_heads=cfg.num_heads, intermediate_size=cfg.ffn_hidden_size,
                    max_position_embeddings=cfg.max_seq_len, layernorm_eps=cfg.layernorm_eps,
                    init_method_std=cfg.init_std, output_layer_init_method=cfg.output_layer_init,
-                   activation_function=cfg.activation, **extra)
+                   activation_function=cfg.activation, parallel_output=cfg.parallel_output,
+                   pre_process_first=cfg.pre_process_first, post_process_last=cfg.post_process_last, **extra)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -270,6 +313,8 @@ class MegatronLmModel(nn.Module):
                 raise ConfigError(f"max_length={max_length} leaves no room after the {len(prompt)}-token prompt; "
                                   f"raise max_length or pass max_new_tokens")
             max_new_tokens = max_length - len(prompt)
+        if soft is not None:  # prompt tuning: prompt + continuation within prompt_tuning_max_seq_length
+            max_new_tokens = self.soft_prompt.new_token_budget(len(prompt), max_new_tokens)
         params = SamplingParams(max_new_tokens=max_new_tokens, use_cache=self.config.use_cache,
                                 stop_token_ids=sampling.pop("stop_token_ids", [self.tokenizer.eod_id]),
                                 vocab_limit=self.tokenizer.vocab_size, **sampling)
@@ -294,27 +339,32 @@ class MegatronLmModel(nn.Module):
 
     # -- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` atomically (temp dir + rename)."""
+        """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` atomically (temp dir + rename).
+
+        A quantized model is saved as it is (int8 ``qweight`` + ``scales``, loaded back without an fp32
+        copy); a soft prompt, when there is one, goes to ``soft_prompt.safetensors``."""
         from safetensors.torch import save_file
 
         self._ensure_materialized()
         out = Path(directory)
         with atomic_directory(out) as tmp:
             state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
-                     if k != "output.weight"}  # tied to tok_embeddings.weight
+                     if k != "output.weight" or self.model.output.weight is not self.model.tok_embeddings.weight}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mtnlg": "1"})
             (tmp / CONFIG_FILE).write_text(json.dumps({"model_type": "mtnlg", **self.config.to_dict()},
                                                       indent=2, ensure_ascii=False))
             self.tokenizer.save(tmp)
+            if getattr(self, "soft_prompt", None) is not None:
+                self.soft_prompt.save(tmp / SOFT_PROMPT_FILE)
         return out
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> MegatronLmModel:
+                        dtype: torch.dtype = torch.float32, quantize: bool | None = None) -> MegatronLmModel:
         """Load what :meth:`save_pretrained` wrote, or a training run: a RUN dir (its newest complete
-        checkpoint), its ``checkpoints/`` dir or one checkpoint dir (any layout, see ``mtnlg.train.checkpoint``)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        checkpoint), its ``checkpoints/`` dir or one checkpoint dir (any layout, see ``mtnlg.train.checkpoint``).
+
+        ``quantize`` (default: as saved) loads the weights straight into int8, one Linear at a time."""
 
         d = Path(directory)
         cfg_path, weights = d / CONFIG_FILE, d / WEIGHTS_FILE
@@ -336,19 +386,52 @@ class MegatronLmModel(nn.Module):
             raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
         raw.pop("model_type", None)
         config = MegatronModelConfig(**raw)
+        if quantize is not None and quantize != config.quantize:
+            config.quantize = quantize
+            if not quantize:
+                config.quantize_config = None
+            config.validate()
         model = cls(config, tokenizer=Tokenizer.load(d))
+        model._load_weights(weights, device, dtype)
+        if (d / SOFT_PROMPT_FILE).is_file():
+            from mtnlg.model.prompt_tuning import load_soft_prompt
+
+            load_soft_prompt(model, d / SOFT_PROMPT_FILE)
+        return model._quantize_if_configured()
+
+    def _load_weights(self, weights: Path, device: str | torch.device, dtype: torch.dtype) -> None:
+        """Fill the meta model from a safetensors file. With ``config.quantize`` one tensor is read at a
+        time and each Linear is quantized as it arrives (int8 files are taken as they are), so the
+        full-precision model never exists; otherwise the file is loaded whole."""
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
         try:
+            if self.config.quantize:
+                from mtnlg.model.quantize import load_quantized
+
+                with safe_open(str(weights), "pt") as f:
+                    keys = set(f.keys())
+
+                    def read(name: str, _shape: torch.Size) -> torch.Tensor | None:
+                        return f.get_tensor(name) if name in keys else None
+
+                    load_quantized(self.model, read, self.config.quantize_config, device, dtype)
+                self.model.eval()
+                return
             state = load_file(str(weights))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{weights} is corrupt or truncated ({e})") from None
-        materialize(model.model, device=device, dtype=dtype, init=False)
-        missing, unexpected = model.model.load_state_dict(state, strict=False)
+        if any(k.endswith(".qweight") for k in state):
+            raise CheckpointError(f"{weights} holds int8 weights but config.json says quantize=False; load it with "
+                                  "quantize=True")
+        materialize(self.model, device=device, dtype=dtype, init=False)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k != "output.weight"]
         if missing or unexpected:
             raise CheckpointError(f"{weights} does not match config.json: missing {missing[:3]}, unexpected "
                                   f"{unexpected[:3]}")
-        model.model.tie_weights()
-        return model._quantize_if_configured()
+        self.model.tie_weights()
 
     def quantize(self, quantize_config: dict[str, Any] | None = None) -> MegatronLmModel:
         """Switch a loaded model to int8 weight-only inference (sets ``config.quantize``)."""

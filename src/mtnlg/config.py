@@ -43,6 +43,15 @@ class ModelConfig:
     # Pad the embedding table to a multiple of this (Megatron's make-vocab-size-divisible-by).
     # The padded vocabulary is also rounded up to a multiple of the tensor-parallel degree.
     make_vocab_size_divisible_by: int = 1
+    # Megatron's parallel_output: under tensor parallelism the LM head returns vocab-parallel logits
+    # (Shard(-1), consumed by the vocab-parallel cross entropy) instead of gathering full logits.
+    parallel_output: bool = True
+    # Pipeline split (see mtnlg.parallel.pipeline.stage_layer_counts). The first stage always holds the
+    # embeddings and the last the final norm + head (Megatron's pre_process / post_process); these flags
+    # make the split count them as one transformer layer each (Megatron's
+    # account_for_embedding_in_pipeline_split / account_for_loss_in_pipeline_split).
+    pre_process_first: bool = False
+    post_process_last: bool = False
 
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_seq_len",
@@ -107,7 +116,8 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     sequence_parallel: bool = True  # with tp > 1: shard LayerNorm/dropout regions along the sequence
-    loss_parallel: bool = True  # vocab-parallel cross entropy (the spec's parallel_output=True)
+    # Vocab-parallel cross entropy; None follows model.parallel_output (the spec's field, which it mirrors).
+    loss_parallel: bool | None = None
     fsdp_reshard_after_forward: bool = True  # False = ZeRO-2-like (keep params gathered until backward)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zb
     pp_microbatches: int = 0  # 0 = pp * vpp
@@ -247,10 +257,22 @@ class Config:
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        self._resolve_parallel_output()
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                               f"lower train.seq_len or raise model.max_seq_len")
         return self
+
+    def _resolve_parallel_output(self) -> None:
+        """``parallel.loss_parallel`` is a spelling of ``model.parallel_output``: an explicit False there
+        turns the model's field off; an explicit True against ``model.parallel_output=False`` is a conflict."""
+        lp, po = self.parallel.loss_parallel, self.model.parallel_output
+        if lp is False:
+            self.model.parallel_output = False
+        elif lp is True and not po:
+            raise ConfigError("parallel.loss_parallel=True contradicts model.parallel_output=False (the vocab-parallel "
+                              "loss needs vocab-parallel logits); drop one of them")
+        self.parallel.loss_parallel = self.model.parallel_output
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
