@@ -258,10 +258,27 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         self._resolve_parallel_output()
+        self._check_pipeline_accounting()
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                               f"lower train.seq_len or raise model.max_seq_len")
         return self
+
+    def _check_pipeline_accounting(self) -> None:
+        """With model.pre_process_first / post_process_last the embedding / head count as a layer of the
+        first / last stage (mtnlg.parallel.pipeline.uniform_split); refuse a split that leaves a stage empty."""
+        m, p = self.model, self.parallel
+        stages = p.pp * p.vpp
+        if stages == 1 or p.pp_layers is not None or p.pp_balance != "uniform":
+            return
+        base, rem = divmod(m.num_layers + m.pre_process_first + m.post_process_last, stages)
+        first = base - m.pre_process_first
+        last = base + (rem > 0) - m.post_process_last
+        if min(first, last, base) < 1:
+            field_name = "model.pre_process_first" if first < 1 else "model.post_process_last"
+            raise ConfigError(f"{field_name}=True counts a layer's worth on a stage that then has no transformer layer "
+                              f"(model.num_layers={m.num_layers}, {stages} pipeline stages); set it False or use "
+                              f"fewer stages")
 
     def _resolve_parallel_output(self) -> None:
         """``parallel.loss_parallel`` is a spelling of ``model.parallel_output``: an explicit False there
