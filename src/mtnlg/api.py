@@ -330,12 +330,25 @@ class MegatronLmModel(nn.Module):
         """Token ids of ``text`` as the model sees them, and the soft prompt to splice in (or None).
 
         With prompt tuning the ids carry placeholder tokens where the soft-prompt embeddings go
-        (:meth:`mtnlg.model.prompt_tuning.SoftPromptEmbedding.format`)."""
-        ids = self.tokenizer.encode(text)
+        (:meth:`mtnlg.model.prompt_tuning.SoftPrompt.layout`)."""
+        return self.with_soft_prompt(self.tokenizer.encode(text))
+
+    def with_soft_prompt(self, ids: list[int]):
+        """``ids`` laid out around the soft prompt (placeholders, prefix / suffix texts) and the splice
+        for the decode loop; ``(ids, None)`` without prompt tuning."""
         soft = getattr(self, "soft_prompt", None)
         if soft is None:
-            return ids, None
+            return list(ids), None
         return soft.format_for_generation(ids, self.tokenizer)
+
+    def context_budget(self, max_new_tokens: int) -> int:
+        """How many input tokens fit with ``max_new_tokens`` more: the model's context, or with prompt
+        tuning ``prompt_tuning_max_seq_length``, less the soft prompt and its texts."""
+        soft = getattr(self, "soft_prompt", None)
+        if soft is None:
+            return self.model.cfg.max_seq_len - max_new_tokens
+        extra = len(soft.layout(self.tokenizer, [])[0])
+        return min(self.model.cfg.max_seq_len, soft.max_seq_length) - max_new_tokens - extra
 
     # -- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:

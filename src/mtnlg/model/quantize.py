@@ -110,7 +110,9 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scales.unsqueeze(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.grouped and x.device.type == "cpu":
+        # the int8 kernel has no backward: inputs that need a gradient (prompt tuning over an int8
+        # model) take the dequantized path, whose gradient flows to x (the int8 weights stay frozen)
+        if not self.grouped and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
             shape = x.shape
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
                                                    self.qweight, self._scales_bf16)
