@@ -290,3 +290,36 @@ def test_prompt_tuned_model_round_trips_with_its_soft_prompt(tmp_path):
     assert back.generate("床前", max_new_tokens=8, stop_token_ids=[]) == text
     fresh = _spec_prompt_tuned()  # a re-initialised soft prompt would generate differently
     assert not torch.equal(fresh.soft_prompt.embeds, lm.soft_prompt.embeds)
+
+
+def _training_run(tmp_path, **model):
+    """A run directory as training writes it (sharded DCP checkpoint + config.yaml + tokenizer/)."""
+    from mtnlg.config import Config
+    from mtnlg.model.init import build_model, materialize
+    from mtnlg.train.checkpoint import save_checkpoint
+
+    cfg = Config()
+    for k, v in dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=128, **model).items():
+        setattr(cfg.model, k, v)
+    cfg.validate()
+    tok = train_bpe(["床前明月光，疑是地上霜。"] * 20, 300)
+    tok.save(tmp_path / "tok")
+    gpt = materialize(build_model(cfg.model), seed=11)
+    opt = torch.optim.SGD(gpt.parameters(), lr=0.1)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, [gpt], [opt], {"step": 1}, keep=1, config=cfg,
+                    tokenizer_dir=tmp_path / "tok")
+    return tmp_path / "run"
+
+
+def test_training_run_loads_straight_into_int8(tmp_path):
+    run = _training_run(tmp_path, make_vocab_size_divisible_by=64)
+    streamed = MegatronLmModel.from_pretrained(run, quantize=True)  # Linear by Linear from the sharded files
+    after = MegatronLmModel.from_pretrained(run).quantize()  # the fp32 model first, then quantized
+    assert type(streamed.model.layers["1"].mlp.fc2).__name__ == "Int8Linear"
+    sa, sb = streamed.model.state_dict(), after.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:  # the padded vocabulary rows (never used) are not loaded: the model pads to its own size
+        assert torch.equal(sa[k], sb[k][: sa[k].shape[0]]), k
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(streamed(ids), after(ids)[..., :300])
+    assert streamed.generate("床前", max_new_tokens=8) == after.generate("床前", max_new_tokens=8)
