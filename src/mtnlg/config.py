@@ -128,6 +128,9 @@ class ParallelConfig:
     sync_every: int = 1  # > 1: local-SGD / DiLoCo outer step every H inner steps
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    # sync_every > 1: run the outer average asynchronously over the next inner steps and apply it one
+    # outer step late (overlapped / streaming DiLoCo; mtnlg.parallel.data.OuterSync)
+    outer_async: bool = False
 
     def validate(self) -> None:
         for name in ("dp_replicate", "tp", "pp", "vpp", "sync_every"):
