@@ -45,18 +45,24 @@ class MegatronModelConfig:
     * ``layernorm_eps``: epsilon of every LayerNorm.
     * ``init_method_std``: std of the normal init; ``output_layer_init_method``: None (std/sqrt(2L) for
       the attention output and MLP fc2, MT-NLG's scaled init), "scaled_normal", "normal" or "zeros".
-    * ``parallel_output``: under tensor parallelism the logits stay vocab-sharded and the loss is
-      computed vocab-parallel without gathering them (used by ``mtnlg.parallel``; no effect on 1 device).
+    * ``parallel_output`` (Megatron's meaning): under tensor parallelism the LM head returns vocab-parallel
+      logits (a ``Shard(-1)`` DTensor) consumed by the vocab-parallel loss; False gathers full logits.
+      In training ``parallel.loss_parallel`` follows it; in TP inference the vocab-parallel logits are
+      gathered once at the model's boundary for sampling. No effect on one device.
     * ``activation_function``: "gelu" (exact), "gelu_tanh" or "relu".
-    * ``pre_process_first`` / ``post_process_last``: in pipeline-parallel balancing, charge the embedding
-      to the first stage / the head plus loss to the last (``mtnlg.parallel.pipeline``).
-    * ``quantize`` / ``quantize_config``: int8 weight-only Linear layers for inference (``mtnlg.model.quantize``).
+    * ``pre_process_first`` / ``post_process_last``: the first pipeline stage always holds the embedding
+      and the last the final norm + head (Megatron's ``pre_process`` / ``post_process``); these count
+      them as one transformer layer in the uniform split (Megatron's ``account_for_embedding_in_pipeline_split``
+      / ``account_for_loss_in_pipeline_split``), so those stages get a layer fewer (``mtnlg.parallel.pipeline``).
+    * ``quantize`` / ``quantize_config``: int8 weight-only Linear layers for inference (``mtnlg.model.quantize``);
+      a ``quantize_config`` without ``quantize=True``, and ``symmetric=False``, are refused.
     * ``enable_input_require_grads``: make the embedding output require grad, so activation checkpointing
       and input-gradient methods work with a frozen embedding (as in Hugging Face).
     * ``prompt_tuning`` and ``prompt_tuning_*``: trainable soft prompt over a frozen model
       (``mtnlg.model.prompt_tuning``): number of virtual tokens, init text, update period, lr multiplier,
-      maximum sequence length and vocabulary, and the prompt style with its arguments given as parallel
-      ``keys`` / ``values`` lists (``args_type="dict"``) or the ``args`` dict itself.
+      maximum sequence length (also at generation) and vocabulary, and the prompt style ("prepend": soft
+      tokens, prefix, input, suffix; "prefix_suffix": prefix, soft tokens, input, suffix) with its
+      arguments read as ``args_type`` says (:attr:`prompt_style_args`).
     """
 
     vocab_size: int = 30522
