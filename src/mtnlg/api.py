@@ -425,6 +425,7 @@ class MegatronLmModel(nn.Module):
         """A training checkpoint loaded straight into int8: each Linear is read alone from the sharded
         checkpoint, quantized and freed, so peak memory is the int8 model + the fp32 embeddings + one
         fp32 Linear (the spec's 6B: ~6 GB + ~0.5 GB instead of 24 GB)."""
+        from mtnlg.checkpoint.stream import dcp_reader
         from mtnlg.config import Config
         from mtnlg.model.quantize import load_quantized
         from mtnlg.train.checkpoint import find_checkpoint
@@ -497,34 +498,3 @@ class MegatronLmModel(nn.Module):
             self.soft_prompt = SoftPrompt.from_config(self).to(self.model.tok_embeddings.weight.device)
         return self
 
-
-def dcp_reader(checkpoint: Path):
-    """``read(name, shape)`` over a sharded (DCP) training checkpoint: one full tensor per call, whatever
-    the saving layout, without reading the others. The vocabulary rows are cut or zero-padded to
-    ``shape`` (the checkpoint may hold a tensor-parallel padding). None for a name not saved."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-
-    meta = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-
-    def read(name: str, shape: torch.Size) -> torch.Tensor | None:
-        key = f"model.{name}"
-        if key not in meta or not hasattr(meta[key], "size"):
-            return None
-        t = torch.empty(tuple(meta[key].size), dtype=meta[key].properties.dtype)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load({"model": {name: t}}, checkpoint_id=str(checkpoint), no_dist=True)
-        except Exception as e:  # noqa: BLE001 - DCP raises many kinds; one line naming the tensor
-            raise CheckpointError(f"{checkpoint}: cannot read {name} ({str(e).splitlines()[0][:200]})") from None
-        if name.endswith("tok_embeddings.weight") and t.shape[0] != shape[0]:
-            rows = min(t.shape[0], shape[0])
-            out = torch.zeros(tuple(shape), dtype=t.dtype)
-            out[:rows] = t[:rows]
-            t = out
-        return t
-
-    return read
