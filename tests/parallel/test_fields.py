@@ -30,7 +30,7 @@ def _head_outputs() -> dict[str, object]:
             assert isinstance(out, DTensor) and out.placements == (Shard(2),)
             assert out.to_local().shape[-1] == base.vocab_size // 2  # this rank's vocabulary half only
             torch.testing.assert_close(out.full_tensor(), ref, rtol=1e-5, atol=1e-6)
-            model.register_forward_hook(gather_logits)  # what TP inference does with parallel_output=True
+            model.output.register_forward_hook(gather_logits)  # what TP inference does with parallel_output=True
             out = model(ids)
         assert not isinstance(out, DTensor) and out.shape[-1] == base.vocab_size
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -24,10 +24,10 @@ def shard_for_inference(lm, pcfg, device) -> int:
                           f"parallel.tp={pcfg.tp}; use a tp that divides it")
     mesh = build_mesh(pcfg, device, world)
     # parallel_output=True keeps the head's logits vocab-parallel (Shard(-1)); the decode loop
-    # needs whole rows, so they are gathered once at the model's boundary (gather_logits).
+    # samples from whole rows, so the head's output is gathered right after it (gather_logits)
     apply_tensor_parallel(lm.model, sub(mesh, "tp"), sequence_parallel=False)
     if lm.model.cfg.parallel_output:
-        lm.model.register_forward_hook(gather_logits)
+        lm.model.output.register_forward_hook(gather_logits)
     atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return rank
 
