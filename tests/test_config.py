@@ -68,13 +68,12 @@ def test_int_accepted_for_float():
 def test_parallel_output_and_loss_parallel_are_one_setting():
     from mtnlg.config import Config
 
-    assert Config().validate().parallel.loss_parallel is True
+    c = Config().validate()
+    assert c.parallel.loss_parallel is True and c.model.parallel_output is True
     c = Config.from_dict({"model": {"parallel_output": False}}).validate()
     assert c.parallel.loss_parallel is False
     c = Config.from_dict({"parallel": {"loss_parallel": False}}).validate()
     assert c.model.parallel_output is False and c.parallel.loss_parallel is False
-    with pytest.raises(ConfigError, match="parallel.loss_parallel=True contradicts model.parallel_output=False"):
-        Config.from_dict({"model": {"parallel_output": False}, "parallel": {"loss_parallel": True}}).validate()
 
 
 def test_pre_process_first_and_post_process_last_change_the_pipeline_split():

@@ -116,8 +116,9 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     sequence_parallel: bool = True  # with tp > 1: shard LayerNorm/dropout regions along the sequence
-    # Vocab-parallel cross entropy; None follows model.parallel_output (the spec's field, which it mirrors).
-    loss_parallel: bool | None = None
+    # Vocab-parallel cross entropy: a spelling of model.parallel_output (the spec's field); False in either
+    # turns both off (Config.validate), so the head's layout and the loss always agree.
+    loss_parallel: bool = True
     fsdp_reshard_after_forward: bool = True  # False = ZeRO-2-like (keep params gathered until backward)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zb
     pp_microbatches: int = 0  # 0 = pp * vpp
@@ -284,15 +285,10 @@ class Config:
                               f"fewer stages")
 
     def _resolve_parallel_output(self) -> None:
-        """``parallel.loss_parallel`` is a spelling of ``model.parallel_output``: an explicit False there
-        turns the model's field off; an explicit True against ``model.parallel_output=False`` is a conflict."""
-        lp, po = self.parallel.loss_parallel, self.model.parallel_output
-        if lp is False:
-            self.model.parallel_output = False
-        elif lp is True and not po:
-            raise ConfigError("parallel.loss_parallel=True contradicts model.parallel_output=False (the vocab-parallel "
-                              "loss needs vocab-parallel logits); drop one of them")
-        self.parallel.loss_parallel = self.model.parallel_output
+        """``parallel.loss_parallel`` and ``model.parallel_output`` are one setting (vocab-parallel logits
+        feed the vocab-parallel loss): False in either turns both off."""
+        both = self.parallel.loss_parallel and self.model.parallel_output
+        self.parallel.loss_parallel = self.model.parallel_output = both
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
