@@ -190,7 +190,8 @@ def test_model_fields_reach_the_internal_config():
 
 
 def test_prompt_style_args_type_selects_where_args_are_read():
-    kw = dict(prompt_tuning_prompt_style_args_keys=["suffix", "prefix"], prompt_tuning_prompt_style_args_values=["S", "P"])
+    kw = dict(prompt_tuning_prompt_style_args_keys=["suffix", "prefix"],
+              prompt_tuning_prompt_style_args_values=["S", "P"])
     as_dict = MegatronModelConfig(**TINY, **kw)
     as_list = MegatronModelConfig(**TINY, **kw, prompt_tuning_prompt_style_args_type="list")
     assert as_dict.prompt_style_args == {"prefix": "P", "suffix": "S"}  # keyword: keys name the values

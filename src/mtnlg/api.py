@@ -169,11 +169,12 @@ class MegatronModelConfig:
         explicit = self.prompt_tuning_prompt_style_args
         if self.prompt_tuning_prompt_style_args_type == "list":
             if len(values) > len(STYLE_ARG_NAMES):
-                raise ConfigError(f"prompt_tuning_prompt_style_args_values has {len(values)} entries but the style takes "
-                                  f"at most {len(STYLE_ARG_NAMES)} positional arguments {list(STYLE_ARG_NAMES)}")
+                raise ConfigError(f"prompt_tuning_prompt_style_args_values has {len(values)} entries but the style "
+                                  f"takes at most {len(STYLE_ARG_NAMES)} positional arguments {list(STYLE_ARG_NAMES)}")
             if explicit:
-                raise ConfigError("prompt_tuning_prompt_style_args is not read with prompt_tuning_prompt_style_args_type="
-                                  "'list' (the values list is); empty it or use args_type='dict'")
+                raise ConfigError("prompt_tuning_prompt_style_args is not read with "
+                                  "prompt_tuning_prompt_style_args_type='list' (the values list is); empty it or use "
+                                  "args_type='dict'")
         else:
             if len(keys) != len(values):
                 raise ConfigError(f"prompt_tuning_prompt_style_args_keys has {len(keys)} entries but "

@@ -4,7 +4,7 @@ Layout of one sequence, by ``prompt_style`` (prefix / suffix texts are optional 
 
     prefix_suffix: [prefix text] [soft_0 .. soft_{n-1}] [input text] [suffix text] [target ...]
     prepend:       [soft_0 .. soft_{n-1}] [prefix text] [input text] [suffix text] [target ...]
-                    └ trainable [n, h] ┘  └──── the prompt at generation ─────┘   (loss only here)
+                    └ trainable [n, h] ┘  └── the prompt at generation ──┘   (loss only here)
 
 (The spec's example: ``prepend`` with prefix "hello world" and suffix "goodbye".)
 

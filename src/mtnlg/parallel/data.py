@@ -112,7 +112,8 @@ class OuterSync:
         if step % self.every:
             return False
         if not self.overlap:
-            deltas = self._finish_average(self._start_average([a - local(p) for a, p in zip(self.anchors, self.params)]))
+            sent = self._start_average([a - local(p) for a, p in zip(self.anchors, self.params)])
+            deltas = self._finish_average(sent)
             self._outer_step(deltas)
             for a, p in zip(self.anchors, self.params):
                 local(p).copy_(a)
@@ -129,8 +130,8 @@ class OuterSync:
 
     def state_dict(self) -> dict[str, object]:
         """Anchors, outer momentum, round starts and the in-flight average (waited for) — all a resume needs."""
-        state: dict[str, object] = {"anchors": [a.detach().clone() for a in self.anchors],
-                                    "momentum": [self.opt.state.get(a, {}).get("momentum_buffer") for a in self.anchors]}
+        momentum = [self.opt.state.get(a, {}).get("momentum_buffer") for a in self.anchors]
+        state: dict[str, object] = {"anchors": [a.detach().clone() for a in self.anchors], "momentum": momentum}
         if self.overlap:
             state["starts"] = [b.clone() for b in self.starts]
             if self._pending is not None:
