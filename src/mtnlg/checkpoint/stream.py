@@ -31,7 +31,7 @@ def dcp_reader(checkpoint: Path):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 dcp.load({"model": {name: t}}, checkpoint_id=str(checkpoint), no_dist=True)
-        except Exception as e:  # noqa: BLE001 - DCP raises many kinds; one line naming the tensor
+        except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException
             raise CheckpointError(f"{checkpoint}: cannot read {name} ({str(e).splitlines()[0][:200]})") from None
         if name.endswith("tok_embeddings.weight") and t.shape[0] != shape[0]:
             rows = min(t.shape[0], shape[0])
