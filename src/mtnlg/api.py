@@ -315,13 +315,15 @@ class MegatronLmModel(nn.Module):
             if key not in known:
                 raise ConfigError(f"generate() got an unknown sampling option '{key}'" + did_you_mean(key, known))
         prompt, soft = self.encode_prompt(text)
+        if soft is not None and (max_new_tokens is not None or max_length > len(prompt)):
+            # prompt tuning: the prompt and its continuation stay within prompt_tuning_max_seq_length
+            wanted = max_new_tokens if max_new_tokens is not None else max_length - len(prompt)
+            max_new_tokens = self.soft_prompt.new_token_budget(len(prompt), wanted)
         if max_new_tokens is None:
             if max_length <= len(prompt):
                 raise ConfigError(f"max_length={max_length} leaves no room after the {len(prompt)}-token prompt; "
                                   f"raise max_length or pass max_new_tokens")
             max_new_tokens = max_length - len(prompt)
-        if soft is not None:  # prompt tuning: prompt + continuation within prompt_tuning_max_seq_length
-            max_new_tokens = self.soft_prompt.new_token_budget(len(prompt), max_new_tokens)
         params = SamplingParams(max_new_tokens=max_new_tokens, use_cache=self.config.use_cache,
                                 stop_token_ids=sampling.pop("stop_token_ids", [self.tokenizer.eod_id]),
                                 vocab_limit=self.tokenizer.vocab_size, **sampling)
@@ -334,10 +336,8 @@ class MegatronLmModel(nn.Module):
         return text + continuation if return_full_text else continuation
 
     def encode_prompt(self, text: str):
-        """Token ids of ``text`` as the model sees them, and the soft prompt to splice in (or None).
-
-        With prompt tuning the ids carry placeholder tokens where the soft-prompt embeddings go
-        (:meth:`mtnlg.model.prompt_tuning.SoftPrompt.layout`)."""
+        """Token ids of ``text`` as the model sees them, and the soft prompt to splice in (or None);
+        with prompt tuning the ids carry placeholders (:meth:`mtnlg.model.prompt_tuning.SoftPrompt.layout`)."""
         return self.with_soft_prompt(self.tokenizer.encode(text))
 
     def with_soft_prompt(self, ids: list[int]):
@@ -423,9 +423,8 @@ class MegatronLmModel(nn.Module):
 
     @classmethod
     def _from_run_quantized(cls, path: Path, device: str | torch.device, dtype: torch.dtype) -> MegatronLmModel:
-        """A training checkpoint loaded straight into int8: each Linear is read alone from the sharded
-        checkpoint, quantized and freed, so peak memory is the int8 model + the fp32 embeddings + one
-        fp32 Linear (the spec's 6B: ~6 GB + ~0.5 GB instead of 24 GB)."""
+        """A training checkpoint straight into int8: each Linear read alone from the sharded checkpoint,
+        quantized and freed (peak: int8 model + fp32 embeddings + one fp32 Linear; 6B: ~7 GB, not 24)."""
         from mtnlg.checkpoint.stream import dcp_reader
         from mtnlg.config import Config
         from mtnlg.model.quantize import load_quantized
@@ -443,9 +442,8 @@ class MegatronLmModel(nn.Module):
         return model._quantize_if_configured()
 
     def _load_weights(self, weights: Path, device: str | torch.device, dtype: torch.dtype) -> None:
-        """Fill the meta model from a safetensors file. With ``config.quantize`` one tensor is read at a
-        time and each Linear is quantized as it arrives (int8 files are taken as they are), so the
-        full-precision model never exists; otherwise the file is loaded whole."""
+        """Fill the meta model from a safetensors file; with ``config.quantize`` one tensor at a time, each
+        Linear quantized as it arrives (int8 files taken as they are): the fp32 model never exists."""
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
