@@ -263,6 +263,10 @@ class Config:
             getattr(self, f.name).validate()
         self._resolve_parallel_output()
         self._check_pipeline_accounting()
+        if self.model.dropout > 0 and self.parallel.pp > 1:
+            raise ConfigError(f"model.dropout={self.model.dropout} with parallel.pp={self.parallel.pp}: the dropout "
+                              "masks are keyed by each row's tokens, which later pipeline stages do not see; set "
+                              "model.dropout=0 or parallel.pp=1")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                               f"lower train.seq_len or raise model.max_seq_len")

@@ -32,6 +32,7 @@ from torch.distributed.tensor.parallel import (
 
 from mtnlg.config import ModelConfig
 from mtnlg.errors import ConfigError
+from mtnlg.model.dropout import HashDropout
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
                                          output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                          use_local_output=not loss_parallel)
     parallelize_module(model, tp_mesh, plan)
+    if sp:  # layout-independent dropout sees a sequence shard: tell it which one (mtnlg.model.dropout)
+        for m in model.modules():
+            if isinstance(m, HashDropout):
+                m.seq_shard = (tp_mesh.get_local_rank(), tp_mesh.size())
     if tied:  # both are Shard(0) over the vocabulary: re-tie the head to the (now DTensor) embedding
         model.output.weight = model.tok_embeddings.weight
     return model
