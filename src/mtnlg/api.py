@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from mtnlg.atomic import atomic_directory
+from mtnlg.checkpoint import Resolved, load_weights, resolve_checkpoint, run_config, run_tokenizer
+from mtnlg.checkpoint import verify_saved_model, write_manifest
 from mtnlg.config import ACTIVATIONS, OUTPUT_LAYER_INITS, ModelConfig, check_type
 from mtnlg.data.tokenizer import Tokenizer, byte_tokenizer
 from mtnlg.errors import CheckpointError, ConfigError, did_you_mean
@@ -376,36 +378,36 @@ class MegatronLmModel(nn.Module):
             self.tokenizer.save(tmp)
             if getattr(self, "soft_prompt", None) is not None:
                 self.soft_prompt.save(tmp / SOFT_PROMPT_FILE)
+            write_manifest(tmp, fmt="mtnlg-pretrained-1")  # checksums, verified by from_pretrained
         return out
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+    def from_pretrained(cls, directory: str | Path | Resolved, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, quantize: bool | None = None) -> MegatronLmModel:
         """Load what :meth:`save_pretrained` wrote, or a training run: a RUN dir (its newest complete
-        checkpoint), its ``checkpoints/`` dir or one checkpoint dir (any layout, see ``mtnlg.train.checkpoint``).
+        checkpoint), its ``checkpoints/`` dir or one checkpoint dir (any layout, see :mod:`mtnlg.checkpoint`).
+        The path is interpreted by :func:`mtnlg.checkpoint.resolve_checkpoint`; weights are verified
+        against their checksums and read into a model built once.
 
         ``quantize`` (default: as saved) loads the weights straight into int8, one Linear at a time."""
-
-        d = Path(directory)
-        cfg_path, weights = d / CONFIG_FILE, d / WEIGHTS_FILE
-        if not cfg_path.is_file() and ((d / "manifest.json").is_file() or (d / "checkpoints").is_dir()
-                                       or any(d.glob("step_*"))):
+        resolved = resolve_checkpoint(directory)
+        d = resolved.path
+        if resolved.kind == "checkpoint":
             if quantize:  # straight into int8, one tensor at a time
-                return cls._from_run_quantized(d, device, dtype)
-            from mtnlg.train.checkpoint import load_for_inference
-
-            mcfg, state, tok = load_for_inference(d)
-            model = cls(MegatronModelConfig.from_model_config(mcfg), tokenizer=tok)
+                return cls._from_run_quantized(resolved, device, dtype)
+            model = cls(MegatronModelConfig.from_model_config(run_config(resolved).model),
+                        tokenizer=run_tokenizer(resolved))
             materialize(model.model, device=device, dtype=dtype, init=False)
-            model.model.load_state_dict(state)
+            load_weights(model.model, d)
             model.model.tie_weights()
             return model._quantize_if_configured()
-        if not cfg_path.is_file() or not weights.is_file():
-            raise CheckpointError(f"{d} is not a saved MegatronLmModel (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        cfg_path, weights = d / CONFIG_FILE, d / WEIGHTS_FILE
         try:
             raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{cfg_path} is not a JSON object")
         raw.pop("model_type", None)
         config = MegatronModelConfig(**raw)
         if quantize is not None and quantize != config.quantize:
@@ -414,6 +416,7 @@ class MegatronLmModel(nn.Module):
                 config.quantize_config = None
             config.validate()
         model = cls(config, tokenizer=Tokenizer.load(d))
+        verify_saved_model(d, [WEIGHTS_FILE] + ([SOFT_PROMPT_FILE] if (d / SOFT_PROMPT_FILE).is_file() else []))
         model._load_weights(weights, device, dtype)
         if (d / SOFT_PROMPT_FILE).is_file():
             from mtnlg.model.prompt_tuning import load_soft_prompt
@@ -422,22 +425,16 @@ class MegatronLmModel(nn.Module):
         return model._quantize_if_configured()
 
     @classmethod
-    def _from_run_quantized(cls, path: Path, device: str | torch.device, dtype: torch.dtype) -> MegatronLmModel:
+    def _from_run_quantized(cls, resolved: Resolved, device: str | torch.device,
+                            dtype: torch.dtype) -> MegatronLmModel:
         """A training checkpoint straight into int8: each Linear read alone from the sharded checkpoint,
         quantized and freed (peak: int8 model + fp32 embeddings + one fp32 Linear; 6B: ~7 GB, not 24)."""
         from mtnlg.checkpoint.stream import dcp_reader
-        from mtnlg.config import Config
         from mtnlg.model.quantize import load_quantized
-        from mtnlg.train.checkpoint import find_checkpoint
 
-        ckpt = find_checkpoint(path)
-        cfg_file = next((p for p in (ckpt / "config.yaml", ckpt.parent.parent / "config.yaml") if p.is_file()), None)
-        tok_dir = next((p for p in (ckpt / "tokenizer", ckpt.parent.parent / "tokenizer") if p.is_dir()), None)
-        if cfg_file is None or tok_dir is None:
-            raise CheckpointError(f"{ckpt}: no config.yaml or tokenizer/ in the checkpoint or its run directory")
-        mcfg = Config.load(cfg_file).model
-        model = cls(MegatronModelConfig.from_model_config(mcfg, quantize=True), tokenizer=Tokenizer.load(tok_dir))
-        load_quantized(model.model, dcp_reader(ckpt), None, device, dtype)
+        mcfg = run_config(resolved).model
+        model = cls(MegatronModelConfig.from_model_config(mcfg, quantize=True), tokenizer=run_tokenizer(resolved))
+        load_quantized(model.model, dcp_reader(resolved.path), None, device, dtype)
         model.model.eval()
         return model._quantize_if_configured()
 

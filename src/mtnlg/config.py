@@ -10,6 +10,7 @@ built-in ``poems`` corpus on CPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -183,8 +184,22 @@ class TrainConfig:
                      "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"train.{name} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.eps > 0:
+            raise ConfigError(f"train.eps must be > 0, got {self.eps}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}")
+        if self.max_time_s is not None and not self.max_time_s > 0:
+            raise ConfigError(f"train.max_time_s must be > 0 (or none), got {self.max_time_s}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
@@ -313,9 +328,14 @@ class Config:
             if not p.is_file():
                 raise ConfigError(f"--config {path}: no such file")
             try:
-                data = yaml.safe_load(p.read_text()) or {}
+                data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"--config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                                  f"{e.start}); save the file as UTF-8") from None
+            except OSError as e:
+                raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
             if not isinstance(data, dict):
                 raise ConfigError(f"--config {path}: top level must be a mapping of sections")
         cfg = _build(cls, data, prefix="", source=str(path or "defaults"))

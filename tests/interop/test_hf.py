@@ -129,9 +129,15 @@ def test_import_logits_parity(tmp_path, activation, n_inner, shard):
     assert (model(ids) - theirs).abs().max().item() <= TOL
 
 
-def test_import_adds_missing_pad_token(tmp_path):
-    """GPT-2's own tokenizer has <|endoftext|> but no pad token: it is added beyond the vocabulary
-    (a zero embedding row) and the logits of the original vocabulary are unchanged."""
+ARCH_KEYS = ("model_type", "architectures", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head",
+             "activation_function", "layer_norm_epsilon", "initializer_range", "tie_word_embeddings",
+             "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention", "pad_token_id")
+
+
+def test_hf_roundtrip_without_pad_token_keeps_config_and_tensors(tmp_path):
+    """GPT-2's own tokenizer has <|endoftext|> but no pad token: HF -> mtnlg -> HF returns the same
+    config and the same tensors; the vocabulary never grows (padding reuses <|endoftext|>)."""
+    from safetensors.torch import load_file
     from tokenizers import Tokenizer as HFTokenizer
 
     hf_tok = HFTokenizer.from_str(byte_tokenizer().hf.to_str())
@@ -141,14 +147,37 @@ def test_import_adds_missing_pad_token(tmp_path):
     assert hf_tok.token_to_id(PAD) is None
     hf = random_gpt2(tmp_path, vocab_size=257)
     hf_tok.save(str(tmp_path / "gpt2" / "tokenizer.json"))
-    from mtnlg.interop.hf import import_hf
-
-    model = import_hf(tmp_path / "gpt2")
-    assert model.config.vocab_size == 258 and model.tokenizer.pad_id == 257
+    assert main(["convert", "--from", "hf", "--input", str(tmp_path / "gpt2"), "--output", str(tmp_path / "mt")]) == 0
+    model = MegatronLmModel.from_pretrained(tmp_path / "mt")
+    assert model.config.vocab_size == 257 and model.tokenizer.vocab_size == 257
+    assert model.tokenizer.pad_id == model.tokenizer.eod_id == 256
     ids = torch.randint(0, 257, (1, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         theirs = hf(ids).logits
-    assert (model(ids)[..., :257] - theirs).abs().max().item() <= TOL
+    assert (model(ids) - theirs).abs().max().item() <= TOL
+    assert main(["convert", "--to", "hf", "--checkpoint", str(tmp_path / "mt"), "--output", str(tmp_path / "back")]) == 0
+    a = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    b = json.loads((tmp_path / "back" / "config.json").read_text())
+    a.setdefault("pad_token_id", None)
+    assert {k: a.get(k) for k in ARCH_KEYS} == {k: b.get(k) for k in ARCH_KEYS}
+    assert (a.get("n_inner") or 4 * a["n_embd"]) == b["n_inner"]
+    sa, sb = load_file(str(tmp_path / "gpt2" / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    sa = {k.removeprefix("transformer."): v for k, v in sa.items() if k != "lm_head.weight"}
+    sb = {k.removeprefix("transformer."): v for k, v in sb.items()}
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert auto.pad_token is None and auto.eos_token == EOD and len(auto) == 257
+
+
+def test_import_refuses_a_tokenizer_larger_than_the_model(tmp_path, capsys):
+    random_gpt2(tmp_path, vocab_size=200, tokenizer=byte_tokenizer())  # 262 tokens > 200 rows
+    capsys.readouterr()
+    rc = main(["convert", "--from", "hf", "--input", str(tmp_path / "gpt2"), "--output", str(tmp_path / "mt")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "does not grow the vocabulary" in err
+    assert not (tmp_path / "mt").exists()
 
 
 def test_roundtrip_export_import_is_exact(tmp_path):

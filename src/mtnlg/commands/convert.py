@@ -4,6 +4,9 @@
 
     mtnlg convert --to hf   --checkpoint RUN_OR_DIR --output HF_DIR    # AutoModelForCausalLM loads HF_DIR
     mtnlg convert --from hf --input HF_DIR          --output MODEL_DIR # MegatronLmModel.from_pretrained loads it
+
+``--output`` must not exist or be empty: an existing directory is replaced only with ``--force``, and
+never when it is (or contains, or lies inside) the input.
 """
 
 from __future__ import annotations
@@ -23,15 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="PATH",
                         help="(--to) a run dir, a checkpoint dir or a save_pretrained dir")
     parser.add_argument("--input", metavar="DIR", help="(--from) a Hugging Face model directory (safetensors)")
-    parser.add_argument("--output", metavar="DIR", required=True, help="directory to write (replaced atomically)")
+    parser.add_argument("--output", metavar="DIR", required=True,
+                        help="directory to write; it must not exist or be empty (see --force)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a non-empty --output directory (never the input itself)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="(--to) weight dtype of the export (default float32)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
 def run(args: argparse.Namespace) -> int:
+    from mtnlg.checkpoint import check_output_dir
     from mtnlg.interop import hf
 
+    check_output_dir(args.output, args.force, inputs=(args.checkpoint if args.to else args.input,))
     if args.to:
         if not args.checkpoint:
             raise ConfigError("--to hf needs --checkpoint PATH (a run dir, checkpoint dir or save_pretrained dir)")

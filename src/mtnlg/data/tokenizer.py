@@ -28,11 +28,13 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer):
         self.hf = hf
-        missing = [t for t in (EOD, PAD) if hf.token_to_id(t) is None]
-        if missing:
-            raise DataError(f"tokenizer lacks the special tokens {missing}; retrain it with `mtnlg tokenizer train`")
+        if hf.token_to_id(EOD) is None:
+            raise DataError(f"tokenizer lacks the special token {EOD}; retrain it with `mtnlg tokenizer train`")
         self.eod_id: int = hf.token_to_id(EOD)
-        self.pad_id: int = hf.token_to_id(PAD)
+        # Without its own pad token (GPT-2's tokenizer) padding reuses end-of-text, as in Hugging Face:
+        # padded positions are masked, so the id only has to exist.
+        pad = hf.token_to_id(PAD)
+        self.pad_id: int = pad if pad is not None else self.eod_id
 
     @property
     def vocab_size(self) -> int:

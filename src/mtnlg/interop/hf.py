@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from mtnlg.atomic import atomic_directory
+from mtnlg.checkpoint import verify_saved_model, write_manifest
 from mtnlg.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -165,15 +166,16 @@ def save_hf_tokenizer(tokenizer: Any, directory: Path, max_length: int) -> None:
     tokenizer.save(directory)
     specials = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is not None]
     extra = [t for t in specials if t not in (EOD, PAD)]
+    pad = PAD if tokenizer.token_to_id(PAD) is not None else None  # GPT-2's own tokenizer has none
     added = {str(tokenizer.token_to_id(t)): {"content": t, "lstrip": False, "rstrip": False, "normalized": False,
                                              "single_word": False, "special": True} for t in specials}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-              "bos_token": EOD, "eos_token": EOD, "unk_token": EOD, "pad_token": PAD,
+              "bos_token": EOD, "eos_token": EOD, "unk_token": EOD, "pad_token": pad,
               "additional_special_tokens": extra, "extra_special_tokens": extra,
               "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
               "added_tokens_decoder": added}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    special_map = {"bos_token": EOD, "eos_token": EOD, "unk_token": EOD, "pad_token": PAD,
+    special_map = {"bos_token": EOD, "eos_token": EOD, "unk_token": EOD, "pad_token": pad,
                    "additional_special_tokens": extra}
     (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, ensure_ascii=False))
 
@@ -182,11 +184,12 @@ def load_hf_tokenizer(directory: Path):
     """Our :class:`~mtnlg.data.tokenizer.Tokenizer` from a HF ``tokenizer.json`` (or GPT-2's original
     ``vocab.json`` + ``merges.txt``), or None if there is none.
 
-    mtnlg needs ``<|endoftext|>`` and ``<|pad|>``: a missing one is added as a special token (GPT-2's
-    own tokenizer has no pad token); returns ``(tokenizer, added)``."""
+    The vocabulary is never grown: mtnlg's end-of-document token must be the tokenizer's own
+    ``<|endoftext|>`` (refused clearly otherwise), and without a ``<|pad|>`` token (GPT-2's own
+    tokenizer has none) padding reuses ``<|endoftext|>``. Returns ``(tokenizer, [])``."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from mtnlg.data.tokenizer import EOD, PAD, Tokenizer
+    from mtnlg.data.tokenizer import EOD, Tokenizer
 
     path = directory / "tokenizer.json"
     vocab, merges = directory / "vocab.json", directory / "merges.txt"
@@ -205,10 +208,10 @@ def load_hf_tokenizer(directory: Path):
             return None, []
     except Exception as e:  # tokenizers raises a bare Exception
         raise CheckpointError(f"{directory}: invalid tokenizer files ({str(e).splitlines()[0]})") from None
-    missing = [t for t in (EOD, PAD) if hf.token_to_id(t) is None]
-    if missing:
-        hf.add_special_tokens(missing)
-    return Tokenizer(hf), missing
+    if hf.token_to_id(EOD) is None:
+        raise CheckpointError(f"{directory}: the tokenizer has no {EOD} token, which mtnlg uses to end documents; "
+                              "mtnlg does not add tokens on import (that would grow the vocabulary)")
+    return Tokenizer(hf), []
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -232,11 +235,13 @@ def export_hf(model: Any, output: str | Path, dtype: str = "float32") -> Path:
     hf_state = {k: v.to(DTYPES[dtype]) for k, v in hf_state.items()}
     with atomic_directory(out) as tmp:
         save_file(hf_state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(gpt2_config(cfg, tok.eod_id, tok.pad_id, dtype), indent=2))
+        own_pad = tok.pad_id if tok.pad_id != tok.eod_id else None  # no pad token of its own: none, as GPT-2
+        (tmp / "config.json").write_text(json.dumps(gpt2_config(cfg, tok.eod_id, own_pad, dtype), indent=2))
         gen = {"bos_token_id": tok.eod_id, "eos_token_id": tok.eod_id, "pad_token_id": tok.pad_id,
                "max_length": cfg.max_position_embeddings, "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         save_hf_tokenizer(tok, tmp, cfg.max_position_embeddings)
+        write_manifest(tmp, fmt="mtnlg-hf-export-1")  # checksums, verified when mtnlg imports it again
     log.info("exported %s parameters to %s", f"{sum(v.numel() for v in hf_state.values()):,}", out)
     return out
 
@@ -271,6 +276,7 @@ def read_gpt2_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torc
         bins = [p.name for p in d.glob("*.bin")]
         hint = f" (found {bins[0]}: re-save it with safe_serialization=True)" if bins else ""
         raise CheckpointError(f"--input {d}: no model.safetensors or model.safetensors.index.json{hint}")
+    verify_saved_model(d, [f.name for f in files])
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -289,18 +295,14 @@ def import_hf(input_dir: str | Path, output: str | Path | None = None):
     d = Path(input_dir)
     hf_cfg, hf_state = read_gpt2_dir(d)
     kwargs = config_from_gpt2(hf_cfg, str(d))
-    tokenizer, added = load_hf_tokenizer(d)
+    tokenizer, _ = load_hf_tokenizer(d)
     state = from_gpt2_state_dict(hf_state, kwargs["num_hidden_layers"], kwargs["num_attention_heads"])
     hf_vocab = state["tok_embeddings.weight"].shape[0]
     if hf_vocab != kwargs["vocab_size"]:
         raise CheckpointError(f"{d}: wte has {hf_vocab} rows but config.json says vocab_size={kwargs['vocab_size']}")
     if tokenizer is not None and tokenizer.vocab_size > hf_vocab:
-        # mtnlg's special tokens beyond GPT-2's vocabulary get zero embeddings (logit 0): the logits of
-        # the original vocabulary are unchanged.
-        log.warning("added tokens %s beyond the model's %d-token vocabulary (zero embeddings)", added, hf_vocab)
-        kwargs["vocab_size"] = tokenizer.vocab_size
-        emb = state["tok_embeddings.weight"]
-        state["tok_embeddings.weight"] = torch.cat([emb, emb.new_zeros(tokenizer.vocab_size - hf_vocab, emb.shape[1])])
+        raise CheckpointError(f"{d}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{hf_vocab} embedding rows; mtnlg does not grow the vocabulary on import")
     if tokenizer is None:
         log.warning("%s has no tokenizer.json; the imported model gets mtnlg's byte tokenizer", d)
     try:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from mtnlg.config import Config
 from mtnlg.errors import MtnlgError
-from mtnlg.train import checkpoint as ckpt
+from mtnlg import checkpoint as ckpt
 from mtnlg.train.metrics import MetricsWriter, flops_per_token, peak_memory_mb, peak_tflops, perplexity
 from mtnlg.train.optim import (
     BatchRamp,
@@ -163,9 +163,13 @@ class Trainer:
         if isinstance(found, BaseException):
             raise found
         if found is None:
+            if self.is_main and self.cfg.checkpoint.resume == "none":
+                ckpt.abandon_after(self.ckpt_root, 0)  # starting over: the old history must not win later
             return None
         state = ckpt.load_checkpoint(found, self.model_parts, self.optimizers)
         self.step = int(state["step"])
+        if self.is_main:
+            ckpt.abandon_after(self.ckpt_root, self.step)  # continuing an older step: newer ones are abandoned
         self.sampler.load_state_dict(state["sampler"])
         for sched, s in zip(self.schedulers, state["schedulers"]):
             sched.load_state_dict(s)

@@ -1,0 +1,315 @@
+"""Sharded, atomic, verifiable training checkpoints through ``torch.distributed.checkpoint`` (DCP).
+
+Layout of one checkpoint::
+
+    RUN/checkpoints/step_00000100/
+        .metadata, __0_0.distcp, ...   model + optimizer (DCP: each rank writes its own shards)
+        trainer_rank0.json ...         step, data position, schedulers, RNG states (per rank; JSON, no pickle)
+        config.yaml, tokenizer/        so that the directory alone is loadable
+        manifest.json                  size + sha256 of every file above; written last
+
+Writes go to ``RUN/checkpoints/.step_00000100.tmp-XXXX``, renamed to ``step_00000100`` only after the
+manifest is written. States are keyed by parameter name (flattened optimizer state) and the vocabulary
+is stored unpadded (``vocab_size`` rows; the padding rows a layout adds are zero and rebuilt on load),
+so a checkpoint saved under any (dp_shard, dp_replicate, tp, pp) layout loads under any other,
+including one process without a process group. Nothing is unpickled on load
+(:mod:`mtnlg.checkpoint.safe_read`), and a model or optimizer state that is not finite is never saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from mtnlg.checkpoint.manifest import fsync_dir, write_manifest
+from mtnlg.checkpoint.resolve import abandon_after, list_checkpoints, step_dir_name
+from mtnlg.checkpoint.safe_read import dcp_load, read_metadata
+from mtnlg.checkpoint.trainer_state import load_trainer_state, rng_state, save_trainer_state
+from mtnlg.config import Config
+from mtnlg.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+_OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
+VOCAB_PARAMS = ("tok_embeddings.weight", "output.weight")
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist() else 1
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def _all_true(ok: bool) -> bool:
+    """``ok`` on every rank (gloo/nccl all-reduce MIN)."""
+    if not _dist():
+        return ok
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+# -- state of the model parts and their optimizers -------------------------------------------------
+
+
+def model_state(model_parts: Sequence[nn.Module]) -> dict[str, Any]:
+    """One name-keyed state dict over all parts (parts keep global parameter names)."""
+    out: dict[str, Any] = {}
+    for part in model_parts:
+        out.update(get_model_state_dict(part, options=_OPTS))
+    return out
+
+
+def optimizer_state(model_parts: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Flattened (``state.<param>.<key>``, ``param_groups.<param>.<key>``) optimizer states of all parts."""
+    out: dict[str, Any] = {}
+    for part, opt in zip(model_parts, optimizers, strict=True):
+        out.update(get_optimizer_state_dict(part, opt, options=_OPTS))
+    return out
+
+
+def vocab_size_of(model_parts: Sequence[nn.Module]) -> int | None:
+    """The real (unpadded) vocabulary of the model the parts come from (``GPT.vocab_size``)."""
+    sizes = {getattr(p, "vocab_size", None) for p in model_parts} - {None}
+    return int(next(iter(sizes))) if len(sizes) == 1 else None
+
+
+def _is_vocab_key(key: str) -> bool:
+    """Model (``tok_embeddings.weight``) and optimizer (``state.tok_embeddings.weight.exp_avg``) keys of
+    tensors whose rows are the vocabulary."""
+    if key in VOCAB_PARAMS:
+        return True
+    return key.startswith("state.") and key[len("state."):].rsplit(".", 1)[0] in VOCAB_PARAMS
+
+
+def _vocab_tensors(state: dict[str, Any]):
+    for key, v in state.items():
+        if _is_vocab_key(key) and isinstance(v, torch.Tensor) and v.dim() >= 1:
+            yield key, v
+
+
+def unpad_vocab(state: dict[str, Any], vocab: int | None) -> None:
+    """Replace padded vocabulary tensors (``rows > vocab``) by their first ``vocab`` rows, gathered
+    (collective over each tensor's mesh: every rank holding it calls this)."""
+    if vocab is None:
+        return
+    for key, v in list(_vocab_tensors(state)):
+        if v.shape[0] > vocab:
+            full = v.full_tensor() if isinstance(v, DTensor) else v
+            state[key] = full[:vocab].detach().clone()
+
+
+def _finite(state: dict[str, Any]) -> str | None:
+    """The first key whose (local) tensor holds a NaN or an infinity, or None."""
+    for key, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            t = v.to_local() if isinstance(v, DTensor) else v
+            if not bool(torch.isfinite(t).all()):
+                return key
+    return None
+
+
+# -- save ------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(root: str | Path, step: int, model_parts: Sequence[nn.Module],
+                    optimizers: Sequence[torch.optim.Optimizer], trainer_state: dict[str, Any],
+                    keep: int, config: Config | None = None, tokenizer_dir: str | Path | None = None) -> Path:
+    """Collective: every rank calls it. Writes ``root/step_N`` atomically and prunes to ``keep``.
+
+    Raises CheckpointError (on every rank, nothing written) when a weight or optimizer value is not
+    finite: a diverged model is never saved."""
+    root = Path(root)
+    rank = _rank()
+    final = root / step_dir_name(step)
+    state = {"model": model_state(model_parts), "optim": optimizer_state(model_parts, optimizers)}
+    bad = _finite(state["model"]) or _finite(state["optim"])
+    if not _all_true(bad is None):
+        where = f" ({bad} on rank {rank})" if bad else ""
+        raise CheckpointError(f"step {step}: the weights or optimizer state are not finite{where}; not saving a "
+                              f"diverged model (lower train.lr, check the data, or resume from {root})")
+    vocab = vocab_size_of(model_parts)
+    unpad_vocab(state["model"], vocab)
+    unpad_vocab(state["optim"], vocab)
+    name = [None]
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        name[0] = tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root)
+    if _dist():
+        dist.broadcast_object_list(name, src=0)
+    tmp = Path(name[0])
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist())
+        trainer_state = {**trainer_state, "rng": rng_state(), "world_size": _world(), "rank": rank}
+        save_trainer_state(trainer_state, tmp / f"trainer_rank{rank}.json")
+        _barrier()
+        if rank == 0:
+            if config is not None:
+                config.save(tmp / "config.yaml")
+            if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+                shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+            write_manifest(tmp, step, {"world_size": _world(), "vocab_size": vocab})
+            fsync_dir(tmp)
+            abandon_after(root, step)  # a newer checkpoint here belongs to an abandoned history
+            if final.exists():  # re-saving a step (e.g. after resuming from it): move the old one aside first
+                _delete(final)
+            tmp.rename(final)
+            fsync_dir(root)
+            prune(root, keep)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+    if rank == 0:  # one line per checkpoint, not one per rank
+        log.info("saved checkpoint %s", final)
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    for _step, path in list_checkpoints(root)[keep:]:
+        _delete(path)
+
+
+def _delete(path: Path) -> None:
+    """Rename ``step_N`` to a temporary name, then delete it: a crash mid-delete never leaves a
+    half-deleted directory under a checkpoint's name."""
+    doomed = path.with_name(f".{path.name}.tmp-del{os.getpid()}")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_stale_temps(root: str | Path) -> None:
+    """Remove ``.step_*.tmp-*`` left by a run killed while saving (rank 0, before training)."""
+    r = Path(root)
+    if r.is_dir():
+        for p in r.glob(".step_*.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# -- load ------------------------------------------------------------------------------------------
+
+
+def _fit_template(state: dict[str, Any], meta: dict[str, Any], vocab: int | None, path: Path) -> dict[str, Any]:
+    """Check ``state`` (this layout's tensors) against the checkpoint's index and swap each padded
+    vocabulary tensor for a plain one of the saved shape. Returns ``{key: tensor to pad into}``."""
+    swapped: dict[str, Any] = {}
+    for key, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        saved = meta.get(key)
+        if saved is None:
+            raise CheckpointError(f"{path} has no tensor '{key}': it was saved from a different model (layers, "
+                                  "names); resume with the model config it was saved with")
+        if not isinstance(saved, TensorStorageMetadata):
+            raise CheckpointError(f"{path}: '{key}' is not a tensor in the checkpoint")
+        want, got = list(v.shape), list(saved.size)
+        if _is_vocab_key(key) and v.dim() >= 1 and vocab is not None and want[1:] == got[1:] \
+                and got[0] >= vocab and want[0] >= vocab:
+            if want[0] != got[0]:
+                swapped[key] = v
+                state[key] = torch.empty(got, dtype=saved.properties.dtype)
+            continue
+        if want != got:
+            raise CheckpointError(f"{path}: '{key}' has shape {got} in the checkpoint but {want} in this model; the "
+                                  "model config changed since it was saved (resume with the same model.* settings)")
+    return swapped
+
+
+def _pad_back(state: dict[str, Any], swapped: dict[str, Any], vocab: int) -> None:
+    """Put each loaded (unpadded) vocabulary tensor back into its layout: zero rows past ``vocab``."""
+    for key, target in swapped.items():
+        loaded = state[key]
+        if bool(loaded[vocab:].any()):
+            raise CheckpointError(f"'{key}' has {loaded.shape[0]} non-zero rows in the checkpoint but this model's "
+                                  f"vocabulary is {vocab}; model.vocab_size changed since it was saved")
+        full = torch.zeros(tuple(target.shape), dtype=target.dtype)
+        full[:vocab] = loaded[:vocab]
+        if isinstance(target, DTensor):
+            full = full.to(target.device)
+            state[key] = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+        else:
+            state[key] = full.to(target.device)
+
+
+def load_checkpoint(path: str | Path, model_parts: Sequence[nn.Module],
+                    optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Collective: load model + optimizer (resharding onto this layout, re-padding the vocabulary) and
+    return the trainer state of this rank (or of rank 0 when the world size changed). ``path`` must be
+    verified already. Every failure is a one-line CheckpointError naming what differs."""
+    path = Path(path)
+    meta = read_metadata(path).state_dict_metadata
+    state = {"model": model_state(model_parts), "optim": optimizer_state(model_parts, optimizers)}
+    vocab = vocab_size_of(model_parts)
+    error: CheckpointError | None = None
+    swapped: dict[str, dict[str, Any]] = {}
+    try:
+        for group in ("model", "optim"):
+            flat_meta = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(group + ".")}
+            swapped[group] = _fit_template(state[group], flat_meta, vocab, path)
+    except CheckpointError as e:
+        error = e
+    if not _all_true(error is None):
+        raise error or CheckpointError(f"{path}: does not match this model on another rank; see its log")
+    dcp_load(state, path, no_dist=not _dist())
+    for group in ("model", "optim"):
+        _pad_back(state[group], swapped[group], vocab or 0)
+    try:
+        for part, opt in zip(model_parts, optimizers, strict=True):
+            set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+            set_optimizer_state_dict(part, opt, state["optim"], options=_OPTS)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot apply the saved state ({str(e).splitlines()[0][:300]})") from None
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """This rank's trainer state, or rank 0's when the checkpoint was saved by another world size."""
+    first = path / "trainer_rank0.json"
+    if not first.is_file():
+        legacy = " (it was saved by an older mtnlg as a pickle, which is never loaded)" \
+            if (path / "trainer_rank0.pt").is_file() else ""
+        raise CheckpointError(f"{first} is missing{legacy}; resume with --checkpoint.resume=none, or load the "
+                              "weights alone with MegatronLmModel.from_pretrained")
+    saved = load_trainer_state(first)
+    mine = path / f"trainer_rank{_rank()}.json"
+    if saved.get("world_size") == _world() and mine.is_file() and _rank() != 0:
+        saved = load_trainer_state(mine)
+    elif saved.get("world_size") != _world():
+        log.info("resuming a %s-process checkpoint on %s processes (resharded)", saved.get("world_size"), _world())
+    return saved
