@@ -131,7 +131,7 @@ def test_save_load_round_trip_bit_exact(tmp_path):
     tok = train_bpe(["床前明月光，疑是地上霜。举头望明月，低头思故乡。"] * 20, 300)
     m = MegatronLmModel(MegatronModelConfig(**TINY, vocab_size=300), tokenizer=tok).materialize(seed=5)
     out = m.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "model.safetensors", "tokenizer.json"]
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 64
     m2 = MegatronLmModel.from_pretrained(out)
     for (n, p), (_, q) in zip(m.model.state_dict().items(), m2.model.state_dict().items()):
@@ -146,8 +146,10 @@ def test_save_load_round_trip_bit_exact(tmp_path):
 
 
 def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="not a saved MegatronLmModel"):
+    with pytest.raises(CheckpointError, match="is not a saved model"):
         MegatronLmModel.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="nope does not exist"):
+        MegatronLmModel.from_pretrained(tmp_path / "nope")
     m = MegatronLmModel(MegatronModelConfig(**TINY, vocab_size=300)).materialize()
     out = m.save_pretrained(tmp_path / "m")
     data = (out / "model.safetensors").read_bytes()

@@ -43,6 +43,8 @@ ALLOWED[("torch.serialization", "_get_layout")] = torch.serialization._get_layou
 ALLOWED[("pathlib", "PosixPath")] = pathlib.PurePosixPath  # pure: no file system access on load
 ALLOWED[("pathlib", "WindowsPath")] = pathlib.PureWindowsPath
 ALLOWED[("pathlib", "Path")] = pathlib.PurePath
+ALLOWED[("pathlib", "PurePosixPath")] = pathlib.PurePosixPath
+ALLOWED[("pathlib", "PureWindowsPath")] = pathlib.PureWindowsPath
 ALLOWED[("collections", "OrderedDict")] = dict
 
 
@@ -121,18 +123,23 @@ def dcp_load(state: dict[str, Any], path: str | Path, no_dist: bool) -> None:
             dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
     except CheckpointError:
         raise
-    except (Exception, CheckpointException) as e:
+    except CheckpointException as e:
+        inner = [p[0] if isinstance(p, tuple) else p for p in e.failures.values()]
+        own = next((x for x in inner if isinstance(x, CheckpointError)), None)
+        if own is not None:
+            raise CheckpointError(str(own)) from None
+        raise CheckpointError(f"{path}: cannot load ({_first_line(e)})") from None
+    except Exception as e:
         raise CheckpointError(f"{path}: cannot load ({_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:
     """The most specific line of a (possibly per-rank wrapped) DCP error."""
     if isinstance(e, CheckpointException):
-        for failure in getattr(e, "failures", {}).values():
-            if isinstance(failure, CheckpointError):
-                return str(failure)
-            inner = getattr(failure, "args", None)
-            if inner:
-                return str(inner[0]).splitlines()[0][:300]
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+        for rank, pair in sorted(e.failures.items()):
+            inner = pair[0] if isinstance(pair, tuple) else pair
+            if isinstance(inner, CheckpointError):
+                return str(inner)
+            return f"rank {rank}: {_first_line(inner)}"
+    text = [line for line in str(e).strip().splitlines() if line.strip()]
+    return (f"{type(e).__name__}: {text[0]}" if text else type(e).__name__)[:300]

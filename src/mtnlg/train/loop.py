@@ -331,10 +331,14 @@ class Trainer:
                 if self._stop_now or timed_out:
                     result.status = "interrupted" if self._stop_now else "time_limit"
                     break
-                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
-                    result.checkpoint = self.save()
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and not self.bad_in_a_row:
+                    result.checkpoint = self.save()  # never right after a non-finite step (the next good one saves)
                     last_saved = self.step
             if last_saved != self.step:
+                if self.bad_in_a_row:
+                    raise MtnlgError(f"step {self.step}: the last {self.bad_in_a_row} step(s) had a non-finite loss "
+                                     f"or gradients; not saving a diverged model. Lower train.lr, check the data, or "
+                                     f"resume from the last checkpoint in {self.ckpt_root}")
                 result.checkpoint = self.save()
             if result.status == "finished":
                 test = self.evaluate("test")
