@@ -82,7 +82,10 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
     def padded_vocab_size(self, tp: int = 1) -> int:
-        """Vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * tp`` (as Megatron pads)."""
+        """Vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * tp`` (as Megatron pads).
+
+        The one padding formula: the runtime (``mtnlg.parallel.tensor.tp_model_config``) and the planner
+        (``mtnlg.plan``) both use it; e.g. GPT-2's 50,257 tokens with 128 at tp=8 -> 51,200 rows."""
         multiple = self.make_vocab_size_divisible_by * tp
         return -(-self.vocab_size // multiple) * multiple
 

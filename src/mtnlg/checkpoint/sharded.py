@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -255,9 +256,6 @@ def _pad_back(state: dict[str, Any], swapped: dict[str, Any], vocab: int) -> Non
     """Put each loaded (unpadded) vocabulary tensor back into its layout: zero rows past ``vocab``."""
     for key, target in swapped.items():
         loaded = state[key]
-        if bool(loaded[vocab:].any()):
-            raise CheckpointError(f"'{key}' has {loaded.shape[0]} non-zero rows in the checkpoint but this model's "
-                                  f"vocabulary is {vocab}; model.vocab_size changed since it was saved")
         full = torch.zeros(tuple(target.shape), dtype=target.dtype)
         full[:vocab] = loaded[:vocab]
         if isinstance(target, DTensor):
@@ -265,6 +263,27 @@ def _pad_back(state: dict[str, Any], swapped: dict[str, Any], vocab: int) -> Non
             state[key] = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
         else:
             state[key] = full.to(target.device)
+
+
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_seq_len")
+
+
+def check_model_config(path: Path, model_parts: Sequence[nn.Module]) -> None:
+    """One line naming the first architecture field that differs between the checkpoint's saved
+    ``config.yaml`` and the model being loaded (``GPT.cfg``); nothing when either is unknown."""
+    cfg = next((getattr(p, "cfg", None) for p in model_parts if getattr(p, "cfg", None) is not None), None)
+    file = path / "config.yaml"
+    if cfg is None or not file.is_file():
+        return
+    try:
+        saved = (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("model") or {}
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        raise CheckpointError(f"{file} is not a valid config") from None
+    for name in SHAPE_FIELDS:
+        if name in saved and saved[name] != getattr(cfg, name):
+            raise CheckpointError(f"{path}: model.{name} is {saved[name]} in the checkpoint but {getattr(cfg, name)} "
+                                  f"in this run; resume with the checkpoint's model.{name}, or start over with "
+                                  "--checkpoint.resume=none")
 
 
 def load_checkpoint(path: str | Path, model_parts: Sequence[nn.Module],
@@ -279,6 +298,7 @@ def load_checkpoint(path: str | Path, model_parts: Sequence[nn.Module],
     error: CheckpointError | None = None
     swapped: dict[str, dict[str, Any]] = {}
     try:
+        check_model_config(path, model_parts)
         for group in ("model", "optim"):
             flat_meta = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(group + ".")}
             swapped[group] = _fit_template(state[group], flat_meta, vocab, path)

@@ -49,19 +49,17 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
 
 
 def tp_model_config(cfg: ModelConfig, tp: int) -> ModelConfig:
-    """The model config to build under ``tp``: the vocabulary padded to a multiple of ``tp`` as well.
+    """The model config to build under ``tp``: the vocabulary padded by Megatron's rule, to a multiple of
+    ``make_vocab_size_divisible_by * tp`` (:meth:`ModelConfig.padded_vocab_size`, the formula the
+    planner uses too).
 
     The extra rows are initialised to zero and their logits masked out of the loss, so the loss is
-    that of one process; but the embedding's shape then differs from the ``tp=1`` shape, so a
-    checkpoint is portable across tp degrees only when ``model.make_vocab_size_divisible_by`` is
-    already a multiple of tp (a warning says so).
+    that of one process; checkpoints store the unpadded vocabulary (:mod:`mtnlg.checkpoint`), so the
+    padding never ties a checkpoint to a tp degree.
     """
     check_tp(cfg, tp)
-    if tp == 1 or cfg.padded_vocab_size() % tp == 0:
+    if tp == 1:
         return cfg
-    log.warning("vocabulary %d padded to %d for parallel.tp=%d; set model.make_vocab_size_divisible_by to a "
-                "multiple of %d to keep checkpoint shapes independent of tp", cfg.vocab_size,
-                cfg.padded_vocab_size(tp), tp, tp)
     return dataclasses.replace(cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * tp)
 
 
