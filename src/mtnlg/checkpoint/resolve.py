@@ -105,8 +105,11 @@ def find_checkpoint(path: str | Path, fallback: bool = False, hint: str = LOAD_H
                           "directory or a run directory with checkpoints")
 
 
-def resolve_checkpoint(path: str | Path) -> Resolved:
-    """What every command and ``from_pretrained`` load from ``path`` (see the module doc)."""
+def resolve_checkpoint(path: str | Path | Resolved) -> Resolved:
+    """What every command and ``from_pretrained`` load from ``path`` (see the module doc). A
+    :class:`Resolved` is returned as it is (so a command resolves and verifies once)."""
+    if isinstance(path, Resolved):
+        return path
     if path is None or str(path) == "":
         raise ConfigError("no checkpoint given: pass --checkpoint PATH (a run dir, checkpoint dir or saved model)")
     p = Path(path)

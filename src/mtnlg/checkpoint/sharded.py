@@ -252,6 +252,27 @@ def _fit_template(state: dict[str, Any], meta: dict[str, Any], vocab: int | None
     return swapped
 
 
+def _alias_tied(state: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Without pipeline parallelism the head is tied to the embedding and has no state of its own; the
+    last stage's head copy (``output.weight``) then loads the embedding's values and optimizer state
+    (the two copies are equal by construction). Renames such keys in ``state`` to their twin in the
+    checkpoint and returns ``{key: (twin, renamed)}`` to undo it after loading."""
+    out: dict[str, tuple[str, bool]] = {}
+    for key in list(state):
+        if key in meta or "output.weight" not in key:
+            continue
+        twin = key.replace("output.weight", "tok_embeddings.weight", 1)
+        if twin not in meta:
+            continue
+        if twin in state:  # both copies on this rank (one stage holds both): load once, share
+            del state[key]
+            out[key] = (twin, False)
+        else:
+            state[twin] = state.pop(key)
+            out[key] = (twin, True)
+    return out
+
+
 def _pad_back(state: dict[str, Any], swapped: dict[str, Any], vocab: int) -> None:
     """Put each loaded (unpadded) vocabulary tensor back into its layout: zero rows past ``vocab``."""
     for key, target in swapped.items():
@@ -297,10 +318,12 @@ def load_checkpoint(path: str | Path, model_parts: Sequence[nn.Module],
     vocab = vocab_size_of(model_parts)
     error: CheckpointError | None = None
     swapped: dict[str, dict[str, Any]] = {}
+    aliases: dict[str, dict[str, tuple[str, bool]]] = {}
     try:
         check_model_config(path, model_parts)
         for group in ("model", "optim"):
             flat_meta = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(group + ".")}
+            aliases[group] = _alias_tied(state[group], flat_meta)
             swapped[group] = _fit_template(state[group], flat_meta, vocab, path)
     except CheckpointError as e:
         error = e
@@ -309,6 +332,8 @@ def load_checkpoint(path: str | Path, model_parts: Sequence[nn.Module],
     dcp_load(state, path, no_dist=not _dist())
     for group in ("model", "optim"):
         _pad_back(state[group], swapped[group], vocab or 0)
+        for key, (twin, renamed) in aliases[group].items():
+            state[group][key] = state[group].pop(twin) if renamed else state[group][twin]
     try:
         for part, opt in zip(model_parts, optimizers, strict=True):
             set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))

@@ -42,13 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run lm-evaluation-harness with the remaining arguments (mtnlg tasks included)")
 
 
-def find_run_config(checkpoint: str) -> Path | None:
-    """``config.yaml`` of the run a checkpoint belongs to (RUN/, RUN/checkpoints/step_N/), if any."""
-    p = Path(checkpoint)
-    for d in (p, p.parent, p.parent.parent):
-        if (d / "config.yaml").is_file():
-            return d / "config.yaml"
-    return None
+def find_run_config(checkpoint) -> Path | None:
+    """``config.yaml`` of the run a checkpoint belongs to (RUN/, RUN/checkpoints/step_N/), if any; the
+    path (or an already resolved one) is interpreted by :func:`mtnlg.checkpoint.resolve_checkpoint`."""
+    from mtnlg.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(checkpoint).find("config.yaml")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,14 +76,16 @@ def _perplexity(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from mtnlg.api import MegatronLmModel
+    from mtnlg.checkpoint import resolve_checkpoint
     from mtnlg.config import Config
     from mtnlg.device import pick_device
     from mtnlg.eval.perplexity import evaluate, prefix_dataset, token_byte_lengths
 
-    config_path = args.config or find_run_config(args.checkpoint)
+    resolved = resolve_checkpoint(args.checkpoint)  # once: the same directory for the config and the weights
+    config_path = args.config or find_run_config(resolved)
     cfg = Config.load(config_path, args.overrides)
     device = pick_device(args.device)
-    model = MegatronLmModel.from_pretrained(args.checkpoint, device=device, dtype=torch.float32)
+    model = MegatronLmModel.from_pretrained(resolved, device=device, dtype=torch.float32)
     tok = model.tokenizer
     seq_len = min(cfg.train.seq_len, model.config.max_position_embeddings)
     if args.data:
