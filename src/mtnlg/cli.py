@@ -3,7 +3,8 @@
 Commands are listed in :data:`COMMANDS` and imported only when run, so ``mtnlg --help`` is instant.
 Every command that takes a config accepts ``--config FILE`` and ``--section.key=value`` (or
 ``--section.key value``) overrides; every command that writes a run directory accepts ``--output DIR``.
-An :class:`~mtnlg.errors.MtnlgError` is printed on one line and exits with status 2.
+An :class:`~mtnlg.errors.MtnlgError`, an ``OSError`` (a path that is a file, a directory, not writable) or
+a distributed-checkpoint failure is printed on one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -113,6 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mtnlg {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path that exists as a file, is a directory, is not writable, a full disk ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"mtnlg {name}: error: {e.strerror or e}{where}".replace("\n", " "), file=sys.stderr)
+        return 2
+    except BaseException as e:
+        # torch.distributed.checkpoint raises CheckpointException, a BaseException that wraps each
+        # rank's error; name its first cause on one line (matched by name: the CLI does not import torch).
+        if type(e).__name__ != "CheckpointException":
+            raise
+        causes = [pair[0] if isinstance(pair, tuple) else pair for pair in getattr(e, "failures", {}).values()]
+        cause = causes[0] if causes else e
+        text = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        print(f"mtnlg {name}: error: checkpoint I/O failed ({type(cause).__name__}: {text})", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

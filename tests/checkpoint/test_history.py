@@ -63,3 +63,15 @@ def test_missing_and_wrong_paths_say_what_is_wrong(tmp_path):
     assert "fallback" not in str(err.value) and "step_N" in str(err.value)
     with pytest.raises(CheckpointError, match="checkpoint.fallback=true"):
         ckpt.resolve_resume(CheckpointConfig(resume="auto"), run / "checkpoints")
+
+
+def test_api_does_not_import_the_training_package(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    save_run(run, 2)
+    code = ("import sys; from mtnlg.api import MegatronLmModel; MegatronLmModel.from_pretrained(sys.argv[1]); "
+            "bad = [m for m in sys.modules if m.startswith('mtnlg.train')]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -114,3 +114,22 @@ def test_diverged_run_exits_non_zero_and_saves_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and "non-finite loss" in err and "not saving" in err
     assert not ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def test_cli_reports_os_and_dcp_errors_on_one_line(tmp_path, capsys, monkeypatch):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from mtnlg.commands import config as config_cmd
+
+    (tmp_path / "file").write_text("x")
+    rc = main(["train", "--output", str(tmp_path / "file"), "--train.steps=1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "file" in err
+
+    def boom(_args):
+        raise CheckpointException("save failed", {0: (OSError(28, "No space left on device"), None)})
+
+    monkeypatch.setattr(config_cmd, "run", boom)
+    assert main(["config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "checkpoint I/O failed (OSError: [Errno 28] No space left on device)" in err
