@@ -15,7 +15,7 @@ from mtnlg.cli import main
 from mtnlg.config import Config
 from mtnlg.errors import CheckpointError, ConfigError
 
-from .helpers import save_run, tiny_cfg, trained
+from .helpers import tiny_cfg, trained
 
 TINY = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=32)

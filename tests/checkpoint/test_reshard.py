@@ -1,7 +1,8 @@
 """Checkpoints move between layouts: a run saved under TP2, FSDP2, PP2 or TP2xPP2 (gloo, CPU) with a
 vocabulary that needs padding (97 rows -> 98 under TP2) resumes under every other layout, and under one
 process, and continues the one-process loss curve within 1e-5 relative, data position included (the
-real :class:`~mtnlg.data.datasets.BatchSampler` state travels in the trainer state).
+real :class:`~mtnlg.data.datasets.BatchSampler` state travels in the trainer state). FSDP2 x TP2 (4
+ranks, 2-D DTensors) saves and resumes against TP2, PP2, TP2xPP2 and FSDP2 as well.
 
 fp32 on CPU: TP and FSDP change only the summation order, so 1e-5 relative holds (as in tests/parallel).
 """
@@ -23,8 +24,9 @@ from tests.parallel.harness import max_rel, spawn
 VOCAB, SEQ, GLOBAL, MICRO, SAMPLES = 97, 8, 4, 1, 10
 SAVE_AT, STEPS = 2, 4
 RTOL = 1e-5
-LAYOUTS = {"tp2": {"tp": 2}, "fsdp2": {}, "pp2": {"pp": 2}, "tp2pp2": {"tp": 2, "pp": 2}}
-WORLD = {"tp2": 2, "fsdp2": 2, "pp2": 2, "tp2pp2": 4, "one": 1}
+LAYOUTS = {"tp2": {"tp": 2}, "fsdp2": {}, "pp2": {"pp": 2}, "tp2pp2": {"tp": 2, "pp": 2},
+           "tp2fsdp2": {"tp": 2, "dp_shard": 2}}
+WORLD = {"tp2": 2, "fsdp2": 2, "pp2": 2, "tp2pp2": 4, "tp2fsdp2": 4, "one": 1}
 
 
 def config(layout: str) -> Config:
@@ -102,9 +104,11 @@ def test_resharding_matrix(tmp_path):
     two = [k for k in LAYOUTS if WORLD[k] == 2]
     got: dict = {}
     got.update(spawn(2, _save_and_resume, str(tmp_path), two, [])[0])
-    got.update(spawn(4, _save_and_resume, str(tmp_path), ["tp2pp2"], [(s, "tp2pp2") for s in two])[0])
+    four = [(s, "tp2pp2") for s in two] + [(s, "tp2fsdp2") for s in ("tp2", "pp2", "tp2pp2")]
+    got.update(spawn(4, _save_and_resume, str(tmp_path), ["tp2pp2", "tp2fsdp2"], four)[0])
     got.update(spawn(2, _save_and_resume, str(tmp_path), [],
-                     [(s, lay) for lay in two for s in LAYOUTS if s != lay])[0])
+                     [(s, lay) for lay in two for s in ("tp2", "fsdp2", "pp2", "tp2pp2") if s != lay]
+                     + [("tp2fsdp2", "fsdp2")])[0])
     for saved in LAYOUTS:  # and each in one process without a process group
         r = Run("one")
         r.resume(ckpt.find_checkpoint(tmp_path / saved))
@@ -115,7 +119,7 @@ def test_resharding_matrix(tmp_path):
     for layout in LAYOUTS:
         assert max_rel(got[("trained", layout)], ref[:SAVE_AT]) < RTOL, layout
     pairs = [k for k in got if k[0] != "trained"]
-    assert len(pairs) == 16
+    assert len(pairs) == 21
     for saved, layout in pairs:
         assert max_rel(got[(saved, layout)], ref[SAVE_AT:]) < RTOL, (saved, layout, got[(saved, layout)], ref)
 

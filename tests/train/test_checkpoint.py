@@ -11,7 +11,7 @@ import torch
 from mtnlg.config import CheckpointConfig, Config, ModelConfig, TrainConfig
 from mtnlg.errors import CheckpointError
 from mtnlg.model.init import build_model, materialize
-from mtnlg.train import checkpoint as ckpt
+from mtnlg import checkpoint as ckpt
 from mtnlg.train.optim import build_optimizer
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64, max_seq_len=64)
