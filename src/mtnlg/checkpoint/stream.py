@@ -6,13 +6,11 @@ A reader is ``read(name, shape) -> tensor | None``: the full tensor saved under 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 
+from mtnlg.checkpoint.safe_read import dcp_load, read_metadata
 from mtnlg.errors import CheckpointError
 
 
@@ -20,7 +18,7 @@ def dcp_reader(checkpoint: Path):
     """``read(name, shape)`` over a sharded (DCP) training checkpoint: one full tensor per call, whatever
     the saving layout, without reading the others. The vocabulary rows are cut or zero-padded to
     ``shape`` (the checkpoint may hold a tensor-parallel padding). None for a name not saved."""
-    meta = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    meta = read_metadata(checkpoint).state_dict_metadata  # no pickle beyond DCP's metadata classes
 
     def read(name: str, shape: torch.Size) -> torch.Tensor | None:
         key = f"model.{name}"
@@ -28,11 +26,9 @@ def dcp_reader(checkpoint: Path):
             return None
         t = torch.empty(tuple(meta[key].size), dtype=meta[key].properties.dtype)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load({"model": {name: t}}, checkpoint_id=str(checkpoint), no_dist=True)
-        except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException
-            raise CheckpointError(f"{checkpoint}: cannot read {name} ({str(e).splitlines()[0][:200]})") from None
+            dcp_load({"model": {name: t}}, checkpoint, no_dist=True)
+        except CheckpointError as e:
+            raise CheckpointError(f"{checkpoint}: cannot read {name} ({e})") from None
         if name.endswith("tok_embeddings.weight") and t.shape[0] != shape[0]:
             rows = min(t.shape[0], shape[0])
             out = torch.zeros(tuple(shape), dtype=t.dtype)
