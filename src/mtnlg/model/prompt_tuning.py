@@ -23,6 +23,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,14 @@ log = logging.getLogger(__name__)
 
 STYLES = ("prepend", "prefix_suffix")
 
+
+@dataclass
+class Splice:
+    """Embeddings [n, h] that replace the ``n`` placeholder tokens at ``offsets[i]`` of each prompt
+    (what :func:`mtnlg.infer.generate.generate` takes as ``soft_prompt``)."""
+
+    embeds: torch.Tensor
+    offsets: list[int]
 
 class SoftPrompt(nn.Module):
     """``num_tokens`` trainable embeddings plus how to place them (style, prefix / suffix token ids)."""
@@ -83,9 +92,7 @@ class SoftPrompt(nn.Module):
         return ids + list(target_ids), len(pre), len(ids)
 
     def format_for_generation(self, input_ids: Sequence[int], tokenizer: Any):
-        """Prompt ids with placeholders, and the :class:`mtnlg.infer.generate.SoftPrompt` to splice in."""
-        from mtnlg.infer.generate import SoftPrompt as Splice
-
+        """Prompt ids with placeholders, and the :class:`Splice` that generation writes into them."""
         ids, offset, _ = self.layout(tokenizer, input_ids)
         return ids, Splice(self.embeds.detach(), [offset])
 
