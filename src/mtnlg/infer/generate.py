@@ -8,7 +8,9 @@ sits in the last column::
     row 1:   w   x   y   z   u  │ v'  ...         positions 0 1 2 3 4 │ 5 ...
             └── key mask: False on PAD ──┘  each query also sees itself (no all-masked rows)
 
-Decoding options are per row (:class:`~mtnlg.infer.sampling.SamplingParams`): greedy, temperature,
+Every row is a :class:`~mtnlg.infer.decode.RowState`, the decode state the continuous-batching
+scheduler uses too (stop tokens and strings, the token budget, logprobs, the UTF-8 guard), so both give
+the same tokens. Decoding options are per row (:class:`~mtnlg.infer.sampling.SamplingParams`): greedy, temperature,
 top-k / top-p / min-p, repetition / presence / frequency penalties, ``no_repeat_ngram_size``, stop
 token ids and stop strings, ``max_new_tokens`` / ``max_length``, a seed per row, per-token
 logprobs; :func:`beam_search` for ``num_beams > 1`` and :func:`stream` for text deltas that only
