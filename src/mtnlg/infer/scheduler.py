@@ -213,14 +213,16 @@ class Engine:
                         self._cv.wait()
                     if self._stopping and not self._waiting and not self._running:
                         return
-                    admitted = []
                     while self._waiting and self._free:
                         req = self._waiting.popleft()
                         if req.cancelled:
                             self._deliver([(req, self._final(req, "abort"))])
                             continue
-                        self._admit(req)
-                        admitted.append(req)
+                        try:
+                            self._admit(req)
+                        except Exception as e:  # noqa: BLE001 - this request only
+                            log.exception("request %d could not be admitted", req.id)
+                            self._fail([req], e)
                 try:
                     self._step()
                 except Exception as e:  # noqa: BLE001 - a step failed outside any one request: fail its batch only
@@ -240,6 +242,9 @@ class Engine:
     def _admit(self, req: Request) -> None:
         """Give ``req`` a free slot, preferring the one whose cached tokens share the longest prefix with
         its prompt; a prefix cached in a busy slot is copied. At least one prompt token is always run."""
+        p = req.params
+        seed = p.seed if p.seed is not None else int(torch.randint(0, 2**31, (1,)))
+        req.generator = torch.Generator(device=self.device).manual_seed(seed)
         prompt = req.prompt_ids
         best_free = min(self._free, key=lambda i: len(self._slot_tokens[i]))  # keep other prefixes if no hit
         best_any, hit_free, hit_any = -1, 0, 0
@@ -259,9 +264,6 @@ class Engine:
         req.slot, req.length = slot, hit
         self.metrics.prefix_cache_queries += len(prompt)
         self.metrics.prefix_cache_hits += hit
-        p = req.params
-        seed = p.seed if p.seed is not None else int(torch.randint(0, 2**31, (1,)))
-        req.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._running.append(req)
 
     @torch.inference_mode()
@@ -392,7 +394,8 @@ class Engine:
                 continue
             self.metrics.request_errors += 1
             self._release(r)
-            self._slot_tokens[r.slot] = []  # its cache may be half written
+            if r.slot >= 0:
+                self._slot_tokens[r.slot] = []  # its cache may be half written
             out = self._final(r, "abort")
             out.error = f"{type(exc).__name__}: {exc}"
             events.append((r, out))
