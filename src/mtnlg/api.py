@@ -265,7 +265,7 @@ class MegatronLmModel(nn.Module):
             if key not in known:
                 raise ConfigError(f"generate() got an unknown sampling option '{key}'" + did_you_mean(key, known))
         prompt, soft = self.encode_prompt(text)
-        # one carrier: max_new_tokens wins over max_length (as in Hugging Face); the budget rule is decode.token_budget
+        # one carrier: max_new_tokens wins over max_length (as in HF); the one budget rule: decode.token_budget
         params = SamplingParams(max_new_tokens=max_new_tokens, max_length=max_length if max_new_tokens is None else None,
                                 use_cache=self.config.use_cache,
                                 stop_token_ids=sampling.pop("stop_token_ids", [self.tokenizer.eod_id]),

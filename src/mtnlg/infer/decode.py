@@ -4,10 +4,10 @@ Both drivers, :func:`mtnlg.infer.generate.generate` (a batch that advances toget
 beam search) and the continuous-batching :class:`mtnlg.infer.scheduler.Engine`, keep one
 :class:`RowState` per sequence and do the same thing every step::
 
-    logits ─► process + mask (RowState.allowed: never a broken UTF-8 character) ─► sample ─► RowState.push(token)
-                                                                                          │
-        token ids, logprobs, safe text delta (whole characters, no stop string) ◄─────────┤
-        finish_reason: "stop" (stop token / stop string) | "length" (the budget) ◄────────┘
+    logits ─► process + mask (RowState.allowed: no broken UTF-8) ─► sample ─► RowState.push(token)
+                                                                                   │
+        token ids, logprobs, safe text delta (whole characters, no stop string) ◄──┤
+        finish_reason: "stop" (stop token / stop string) | "length" (budget) ◄─────┘
 
 The token budget has one carrier (``SamplingParams.max_new_tokens`` / ``max_length``; the server's
 ``max_tokens`` is put into ``max_new_tokens``) and one rule, :func:`token_budget`: a request that
