@@ -170,8 +170,14 @@ def _completion(r: RowState) -> Completion:
 def _decode(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
             tokenizer: Tokenizer | None, soft: SoftPrompt | None, hook: LogitsHook | None,
             ) -> Iterator[tuple[list[RowState], list[tuple[int, int, str]]]]:
-    """The decode loop. Yields after every step: (row states, [(row, token, new safe text)])."""
-    rows = _rows(model, prompts, params, tokenizer)
+    """The decode loop. Yields after every step: (row states, [(row, token, new safe text)]).
+    Bad options and over-long requests raise here, before the first step (not at the first ``next``)."""
+    return _loop(model, prompts, params, tokenizer, soft, hook, _rows(model, prompts, params, tokenizer))
+
+
+def _loop(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+          tokenizer: Tokenizer | None, soft: SoftPrompt | None, hook: LogitsHook | None, rows: list[RowState],
+          ) -> Iterator[tuple[list[RowState], list[tuple[int, int, str]]]]:
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
     max_new = max(r.budget for r in rows)
     batch = _Batch(model, prompts, max(len(p) for p in prompts) + max_new, pad_id, soft)
