@@ -18,7 +18,7 @@ fi
 # that registers it lazily when lm-eval loads its model table; `mtnlg eval --uninstall-lm-eval-hook` removes it).
 "$PY" -m mtnlg eval --install-lm-eval-hook >/dev/null
 
-apt_pkgs=(fortunes-zh chromium)
+apt_pkgs=(fortunes-zh chromium fonts-wqy-zenhei)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -63,3 +63,31 @@ def test_parse_value():
 def test_int_accepted_for_float():
     cfg = apply_overrides(Config(), ["train.lr=1"])
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_parallel_output_and_loss_parallel_are_one_setting():
+    from mtnlg.config import Config
+
+    c = Config().validate()
+    assert c.parallel.loss_parallel is True and c.model.parallel_output is True
+    c = Config.from_dict({"model": {"parallel_output": False}}).validate()
+    assert c.parallel.loss_parallel is False
+    c = Config.from_dict({"parallel": {"loss_parallel": False}}).validate()
+    assert c.model.parallel_output is False and c.parallel.loss_parallel is False
+
+
+def test_pre_process_first_and_post_process_last_change_the_pipeline_split():
+    from mtnlg.config import Config
+    from mtnlg.parallel.pipeline import stage_layer_counts, uniform_split
+
+    assert uniform_split(7, 2) == [3, 4]
+    assert uniform_split(7, 2, pre_process_first=True) == [3, 4]  # 8 units: [4, 4], the embedding is one
+    assert uniform_split(7, 2, post_process_last=True) == [4, 3]
+    assert uniform_split(6, 2, pre_process_first=True) == [2, 4]
+    assert uniform_split(8, 4, True, True) == [1, 2, 3, 2]  # 10 units: [2, 2, 3, 3], minus one at both ends
+    for pre, post, want in [(False, False, [3, 3]), (True, False, [2, 4]), (False, True, [3, 3]), (True, True, [3, 3])]:
+        c = Config.from_dict({"model": {"num_layers": 6, "pre_process_first": pre, "post_process_last": post},
+                              "parallel": {"pp": 2}}).validate()
+        assert stage_layer_counts(c.model, c.parallel, 16) == want, (pre, post)
+    with pytest.raises(ConfigError, match="model.pre_process_first=True"):
+        Config.from_dict({"model": {"num_layers": 2, "pre_process_first": True}, "parallel": {"pp": 2}}).validate()

@@ -29,8 +29,10 @@ from mtnlg.model.transformer import GPT
 log = logging.getLogger(__name__)
 
 PROMPT_STYLES = ("prepend", "prefix_suffix")
+STYLE_ARG_NAMES = ("prefix", "suffix")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+SOFT_PROMPT_FILE = "soft_prompt.safetensors"
 
 
 @dataclass(init=False)
@@ -43,18 +45,24 @@ class MegatronModelConfig:
     * ``layernorm_eps``: epsilon of every LayerNorm.
     * ``init_method_std``: std of the normal init; ``output_layer_init_method``: None (std/sqrt(2L) for
       the attention output and MLP fc2, MT-NLG's scaled init), "scaled_normal", "normal" or "zeros".
-    * ``parallel_output``: under tensor parallelism the logits stay vocab-sharded and the loss is
-      computed vocab-parallel without gathering them (used by ``mtnlg.parallel``; no effect on 1 device).
+    * ``parallel_output`` (Megatron's meaning): under tensor parallelism the LM head returns vocab-parallel
+      logits (a ``Shard(-1)`` DTensor) consumed by the vocab-parallel loss; False gathers full logits.
+      In training ``parallel.loss_parallel`` follows it; in TP inference the vocab-parallel logits are
+      gathered once at the model's boundary for sampling. No effect on one device.
     * ``activation_function``: "gelu" (exact), "gelu_tanh" or "relu".
-    * ``pre_process_first`` / ``post_process_last``: in pipeline-parallel balancing, charge the embedding
-      to the first stage / the head plus loss to the last (``mtnlg.parallel.pipeline``).
-    * ``quantize`` / ``quantize_config``: int8 weight-only Linear layers for inference (``mtnlg.model.quantize``).
+    * ``pre_process_first`` / ``post_process_last``: the first pipeline stage always holds the embedding
+      and the last the final norm + head (Megatron's ``pre_process`` / ``post_process``); these count
+      them as one transformer layer in the uniform split (Megatron's ``account_for_embedding_in_pipeline_split``
+      / ``account_for_loss_in_pipeline_split``), so those stages get a layer fewer (``mtnlg.parallel.pipeline``).
+    * ``quantize`` / ``quantize_config``: int8 weight-only Linear layers for inference (``mtnlg.model.quantize``);
+      a ``quantize_config`` without ``quantize=True``, and ``symmetric=False``, are refused.
     * ``enable_input_require_grads``: make the embedding output require grad, so activation checkpointing
       and input-gradient methods work with a frozen embedding (as in Hugging Face).
     * ``prompt_tuning`` and ``prompt_tuning_*``: trainable soft prompt over a frozen model
       (``mtnlg.model.prompt_tuning``): number of virtual tokens, init text, update period, lr multiplier,
-      maximum sequence length and vocabulary, and the prompt style with its arguments given as parallel
-      ``keys`` / ``values`` lists (``args_type="dict"``) or the ``args`` dict itself.
+      maximum sequence length (also at generation) and vocabulary, and the prompt style ("prepend": soft
+      tokens, prefix, input, suffix; "prefix_suffix": prefix, soft tokens, input, suffix) with its
+      arguments read as ``args_type`` says (:attr:`prompt_style_args`).
     """
 
     vocab_size: int = 30522
@@ -132,31 +140,71 @@ class MegatronModelConfig:
                               f"of {list(PROMPT_STYLES)}" + did_you_mean(self.prompt_tuning_prompt_style, PROMPT_STYLES))
         if self.prompt_tuning_prompt_style_args_type not in ("dict", "list"):
             raise ConfigError(f"prompt_tuning_prompt_style_args_type='{self.prompt_tuning_prompt_style_args_type}' must "
-                              "be 'dict' (build args from the keys/values lists) or 'list'")
-        keys, values = self.prompt_tuning_prompt_style_args_keys, self.prompt_tuning_prompt_style_args_values
-        if len(keys) != len(values):
-            raise ConfigError(f"prompt_tuning_prompt_style_args_keys has {len(keys)} entries but "
-                              f"prompt_tuning_prompt_style_args_values has {len(values)}; give them equal lengths")
-        if len(set(keys)) != len(keys):
-            raise ConfigError(f"prompt_tuning_prompt_style_args_keys has duplicates: {keys}")
-        if self.prompt_tuning and self.prompt_tuning_num_tokens + 1 > self.max_position_embeddings:
+                              "be 'dict' (keyword args: the dict plus the keys/values pairs) or 'list' (positional "
+                              "args: the values list)")
+        room = min(self.prompt_tuning_max_seq_length, self.max_position_embeddings)
+        if self.prompt_tuning and self.prompt_tuning_num_tokens + 1 > room:
             raise ConfigError(f"prompt_tuning_num_tokens={self.prompt_tuning_num_tokens} leaves no room in "
-                              f"max_position_embeddings={self.max_position_embeddings}")
-        if self.quantize_config is not None:
-            bits = self.quantize_config.get("bits", 8)
-            if bits != 8:
-                raise ConfigError(f"quantize_config.bits={bits} is not supported; only 8-bit weights are")
-            unknown = set(self.quantize_config) - {"bits", "group_size", "symmetric", "per_channel"}
-            if unknown:
-                raise ConfigError(f"quantize_config has unknown keys {sorted(unknown)}; valid: bits, group_size, "
-                                  "symmetric, per_channel")
+                              f"min(prompt_tuning_max_seq_length, max_position_embeddings)={room}")
+        self._validate_prompt_style_args()
+        self._validate_quantize()
 
     @property
     def prompt_style_args(self) -> dict[str, Any]:
-        """The style arguments: the explicit dict, updated by the parallel keys/values lists."""
+        """The style arguments (``prefix`` / ``suffix`` texts), read where ``prompt_style_args_type`` says:
+
+        * ``"dict"``: keyword arguments: the ``prompt_tuning_prompt_style_args`` dict plus the pairs of the
+          parallel ``_keys`` / ``_values`` lists (a key given in both must agree);
+        * ``"list"``: positional arguments: ``prompt_tuning_prompt_style_args_values`` in the style's own
+          order (prefix, suffix); the keys list and the dict are not read.
+        """
+        if self.prompt_tuning_prompt_style_args_type == "list":
+            return dict(zip(STYLE_ARG_NAMES, self.prompt_tuning_prompt_style_args_values))
         args = dict(self.prompt_tuning_prompt_style_args)
         args.update(zip(self.prompt_tuning_prompt_style_args_keys, self.prompt_tuning_prompt_style_args_values))
         return args
+
+    def _validate_prompt_style_args(self) -> None:
+        keys, values = self.prompt_tuning_prompt_style_args_keys, self.prompt_tuning_prompt_style_args_values
+        explicit = self.prompt_tuning_prompt_style_args
+        if self.prompt_tuning_prompt_style_args_type == "list":
+            if len(values) > len(STYLE_ARG_NAMES):
+                raise ConfigError(f"prompt_tuning_prompt_style_args_values has {len(values)} entries but the style "
+                                  f"takes at most {len(STYLE_ARG_NAMES)} positional arguments {list(STYLE_ARG_NAMES)}")
+            if explicit:
+                raise ConfigError("prompt_tuning_prompt_style_args is not read with "
+                                  "prompt_tuning_prompt_style_args_type='list' (the values list is); empty it or use "
+                                  "args_type='dict'")
+        else:
+            if len(keys) != len(values):
+                raise ConfigError(f"prompt_tuning_prompt_style_args_keys has {len(keys)} entries but "
+                                  f"prompt_tuning_prompt_style_args_values has {len(values)}; give them equal lengths")
+            if len(set(keys)) != len(keys):
+                raise ConfigError(f"prompt_tuning_prompt_style_args_keys has duplicates: {keys}")
+            for k, v in zip(keys, values):
+                if k in explicit and explicit[k] != v:
+                    raise ConfigError(f"prompt_tuning_prompt_style_args['{k}']={explicit[k]!r} contradicts "
+                                      f"prompt_tuning_prompt_style_args_values' {v!r} for the same key; keep one")
+        for k, v in self.prompt_style_args.items():
+            if k not in STYLE_ARG_NAMES:
+                raise ConfigError(f"prompt style argument '{k}' is unknown; the styles take {list(STYLE_ARG_NAMES)}"
+                                  + did_you_mean(k, STYLE_ARG_NAMES))
+            if not isinstance(v, str):
+                raise ConfigError(f"prompt style argument '{k}' must be a string, got {type(v).__name__}")
+
+    def _validate_quantize(self) -> None:
+        if self.quantize_config is None:
+            return
+        if not self.quantize:
+            raise ConfigError("quantize_config is set but quantize=False, so it would be ignored; set quantize=True "
+                              "or drop quantize_config")
+        unknown = set(self.quantize_config) - {"bits", "group_size", "symmetric", "per_channel"}
+        if unknown:
+            raise ConfigError(f"quantize_config has unknown keys {sorted(unknown)}; valid: bits, group_size, "
+                              "symmetric, per_channel")
+        from mtnlg.model.quantize import QuantConfig
+
+        QuantConfig.from_dict(self.quantize_config)  # bits, symmetric, group_size: one-line errors
 
     def to_model_config(self) -> ModelConfig:
         """mtnlg's internal architecture config."""
@@ -165,7 +213,8 @@ class MegatronModelConfig:
             num_heads=self.num_attention_heads, ffn_hidden_size=self.intermediate_size,
             max_seq_len=self.max_position_embeddings, layernorm_eps=self.layernorm_eps,
             init_std=self.init_method_std, output_layer_init=self.output_layer_init_method,
-            activation=self.activation_function)
+            activation=self.activation_function, parallel_output=self.parallel_output,
+            pre_process_first=self.pre_process_first, post_process_last=self.post_process_last)
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, **extra: Any) -> MegatronModelConfig:
@@ -173,7 +222,8 @@ class MegatronModelConfig:
                    num_attention_heads=cfg.num_heads, intermediate_size=cfg.ffn_hidden_size,
                    max_position_embeddings=cfg.max_seq_len, layernorm_eps=cfg.layernorm_eps,
                    init_method_std=cfg.init_std, output_layer_init_method=cfg.output_layer_init,
-                   activation_function=cfg.activation, **extra)
+                   activation_function=cfg.activation, parallel_output=cfg.parallel_output,
+                   pre_process_first=cfg.pre_process_first, post_process_last=cfg.post_process_last, **extra)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -265,6 +315,10 @@ class MegatronLmModel(nn.Module):
             if key not in known:
                 raise ConfigError(f"generate() got an unknown sampling option '{key}'" + did_you_mean(key, known))
         prompt, soft = self.encode_prompt(text)
+        if soft is not None and (max_new_tokens is not None or max_length > len(prompt)):
+            # prompt tuning: the prompt and its continuation stay within prompt_tuning_max_seq_length
+            wanted = max_new_tokens if max_new_tokens is not None else max_length - len(prompt)
+            max_new_tokens = self.soft_prompt.new_token_budget(len(prompt), wanted)
         # one carrier: max_new_tokens wins over max_length (as in HF); the one budget rule: decode.token_budget
         params = SamplingParams(max_new_tokens=max_new_tokens, max_length=max_length if max_new_tokens is None else None,
                                 use_cache=self.config.use_cache,
@@ -279,44 +333,62 @@ class MegatronLmModel(nn.Module):
         return text + continuation if return_full_text else continuation
 
     def encode_prompt(self, text: str):
-        """Token ids of ``text`` as the model sees them, and the soft prompt to splice in (or None).
+        """Token ids of ``text`` as the model sees them, and the soft prompt to splice in (or None);
+        with prompt tuning the ids carry placeholders (:meth:`mtnlg.model.prompt_tuning.SoftPrompt.layout`)."""
+        return self.with_soft_prompt(self.tokenizer.encode(text))
 
-        With prompt tuning the ids carry placeholder tokens where the soft-prompt embeddings go
-        (:meth:`mtnlg.model.prompt_tuning.SoftPromptEmbedding.format`)."""
-        ids = self.tokenizer.encode(text)
+    def with_soft_prompt(self, ids: list[int]):
+        """``ids`` laid out around the soft prompt (placeholders, prefix / suffix texts) and the splice
+        for the decode loop; ``(ids, None)`` without prompt tuning."""
         soft = getattr(self, "soft_prompt", None)
         if soft is None:
-            return ids, None
+            return list(ids), None
         return soft.format_for_generation(ids, self.tokenizer)
+
+    def context_budget(self, max_new_tokens: int) -> int:
+        """How many input tokens fit with ``max_new_tokens`` more: the model's context, or with prompt
+        tuning ``prompt_tuning_max_seq_length``, less the soft prompt and its texts."""
+        soft = getattr(self, "soft_prompt", None)
+        if soft is None:
+            return self.model.cfg.max_seq_len - max_new_tokens
+        extra = len(soft.layout(self.tokenizer, [])[0])
+        return min(self.model.cfg.max_seq_len, soft.max_seq_length) - max_new_tokens - extra
 
     # -- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` atomically (temp dir + rename)."""
+        """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` atomically (temp dir + rename).
+
+        A quantized model is saved as it is (int8 ``qweight`` + ``scales``, loaded back without an fp32
+        copy); a soft prompt, when there is one, goes to ``soft_prompt.safetensors``."""
         from safetensors.torch import save_file
 
         self._ensure_materialized()
         out = Path(directory)
         with atomic_directory(out) as tmp:
             state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
-                     if k != "output.weight"}  # tied to tok_embeddings.weight
+                     if k != "output.weight" or self.model.output.weight is not self.model.tok_embeddings.weight}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mtnlg": "1"})
             (tmp / CONFIG_FILE).write_text(json.dumps({"model_type": "mtnlg", **self.config.to_dict()},
                                                       indent=2, ensure_ascii=False))
             self.tokenizer.save(tmp)
+            if getattr(self, "soft_prompt", None) is not None:
+                self.soft_prompt.save(tmp / SOFT_PROMPT_FILE)
         return out
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> MegatronLmModel:
+                        dtype: torch.dtype = torch.float32, quantize: bool | None = None) -> MegatronLmModel:
         """Load what :meth:`save_pretrained` wrote, or a training run: a RUN dir (its newest complete
-        checkpoint), its ``checkpoints/`` dir or one checkpoint dir (any layout, see ``mtnlg.train.checkpoint``)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        checkpoint), its ``checkpoints/`` dir or one checkpoint dir (any layout, see ``mtnlg.train.checkpoint``).
+
+        ``quantize`` (default: as saved) loads the weights straight into int8, one Linear at a time."""
 
         d = Path(directory)
         cfg_path, weights = d / CONFIG_FILE, d / WEIGHTS_FILE
         if not cfg_path.is_file() and ((d / "manifest.json").is_file() or (d / "checkpoints").is_dir()
                                        or any(d.glob("step_*"))):
+            if quantize:  # straight into int8, one tensor at a time
+                return cls._from_run_quantized(d, device, dtype)
             from mtnlg.train.checkpoint import load_for_inference
 
             mcfg, state, tok = load_for_inference(d)
@@ -333,19 +405,71 @@ class MegatronLmModel(nn.Module):
             raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
         raw.pop("model_type", None)
         config = MegatronModelConfig(**raw)
+        if quantize is not None and quantize != config.quantize:
+            config.quantize = quantize
+            if not quantize:
+                config.quantize_config = None
+            config.validate()
         model = cls(config, tokenizer=Tokenizer.load(d))
+        model._load_weights(weights, device, dtype)
+        if (d / SOFT_PROMPT_FILE).is_file():
+            from mtnlg.model.prompt_tuning import load_soft_prompt
+
+            load_soft_prompt(model, d / SOFT_PROMPT_FILE)
+        return model._quantize_if_configured()
+
+    @classmethod
+    def _from_run_quantized(cls, path: Path, device: str | torch.device, dtype: torch.dtype) -> MegatronLmModel:
+        """A training checkpoint straight into int8: each Linear read alone from the sharded checkpoint,
+        quantized and freed (peak: int8 model + fp32 embeddings + one fp32 Linear; 6B: ~7 GB, not 24)."""
+        from mtnlg.checkpoint.stream import dcp_reader
+        from mtnlg.config import Config
+        from mtnlg.model.quantize import load_quantized
+        from mtnlg.train.checkpoint import find_checkpoint
+
+        ckpt = find_checkpoint(path)
+        cfg_file = next((p for p in (ckpt / "config.yaml", ckpt.parent.parent / "config.yaml") if p.is_file()), None)
+        tok_dir = next((p for p in (ckpt / "tokenizer", ckpt.parent.parent / "tokenizer") if p.is_dir()), None)
+        if cfg_file is None or tok_dir is None:
+            raise CheckpointError(f"{ckpt}: no config.yaml or tokenizer/ in the checkpoint or its run directory")
+        mcfg = Config.load(cfg_file).model
+        model = cls(MegatronModelConfig.from_model_config(mcfg, quantize=True), tokenizer=Tokenizer.load(tok_dir))
+        load_quantized(model.model, dcp_reader(ckpt), None, device, dtype)
+        model.model.eval()
+        return model._quantize_if_configured()
+
+    def _load_weights(self, weights: Path, device: str | torch.device, dtype: torch.dtype) -> None:
+        """Fill the meta model from a safetensors file; with ``config.quantize`` one tensor at a time, each
+        Linear quantized as it arrives (int8 files taken as they are): the fp32 model never exists."""
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
         try:
+            if self.config.quantize:
+                from mtnlg.model.quantize import load_quantized
+
+                with safe_open(str(weights), "pt") as f:
+                    keys = set(f.keys())
+
+                    def read(name: str, _shape: torch.Size) -> torch.Tensor | None:
+                        return f.get_tensor(name) if name in keys else None
+
+                    load_quantized(self.model, read, self.config.quantize_config, device, dtype)
+                self.model.eval()
+                return
             state = load_file(str(weights))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{weights} is corrupt or truncated ({e})") from None
-        materialize(model.model, device=device, dtype=dtype, init=False)
-        missing, unexpected = model.model.load_state_dict(state, strict=False)
+        if any(k.endswith(".qweight") for k in state):
+            raise CheckpointError(f"{weights} holds int8 weights but config.json says quantize=False; load it with "
+                                  "quantize=True")
+        materialize(self.model, device=device, dtype=dtype, init=False)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k != "output.weight"]
         if missing or unexpected:
             raise CheckpointError(f"{weights} does not match config.json: missing {missing[:3]}, unexpected "
                                   f"{unexpected[:3]}")
-        model.model.tie_weights()
-        return model._quantize_if_configured()
+        self.model.tie_weights()
 
     def quantize(self, quantize_config: dict[str, Any] | None = None) -> MegatronLmModel:
         """Switch a loaded model to int8 weight-only inference (sets ``config.quantize``)."""
@@ -369,3 +493,4 @@ class MegatronLmModel(nn.Module):
 
             self.soft_prompt = SoftPrompt.from_config(self).to(self.model.tok_embeddings.weight.device)
         return self
+

@@ -43,6 +43,15 @@ class ModelConfig:
     # Pad the embedding table to a multiple of this (Megatron's make-vocab-size-divisible-by).
     # The padded vocabulary is also rounded up to a multiple of the tensor-parallel degree.
     make_vocab_size_divisible_by: int = 1
+    # Megatron's parallel_output: under tensor parallelism the LM head returns vocab-parallel logits
+    # (Shard(-1), consumed by the vocab-parallel cross entropy) instead of gathering full logits.
+    parallel_output: bool = True
+    # Pipeline split (see mtnlg.parallel.pipeline.stage_layer_counts). The first stage always holds the
+    # embeddings and the last the final norm + head (Megatron's pre_process / post_process); these flags
+    # make the split count them as one transformer layer each (Megatron's
+    # account_for_embedding_in_pipeline_split / account_for_loss_in_pipeline_split).
+    pre_process_first: bool = False
+    post_process_last: bool = False
 
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_seq_len",
@@ -107,7 +116,9 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     sequence_parallel: bool = True  # with tp > 1: shard LayerNorm/dropout regions along the sequence
-    loss_parallel: bool = True  # vocab-parallel cross entropy (the spec's parallel_output=True)
+    # Vocab-parallel cross entropy: a spelling of model.parallel_output (the spec's field); False in either
+    # turns both off (Config.validate), so the head's layout and the loss always agree.
+    loss_parallel: bool = True
     fsdp_reshard_after_forward: bool = True  # False = ZeRO-2-like (keep params gathered until backward)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zb
     pp_microbatches: int = 0  # 0 = pp * vpp
@@ -118,6 +129,9 @@ class ParallelConfig:
     sync_every: int = 1  # > 1: local-SGD / DiLoCo outer step every H inner steps
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    # sync_every > 1: run the outer average asynchronously over the next inner steps and apply it one
+    # outer step late (overlapped / streaming DiLoCo; mtnlg.parallel.data.OuterSync)
+    outer_async: bool = False
 
     def validate(self) -> None:
         for name in ("dp_replicate", "tp", "pp", "vpp", "sync_every"):
@@ -247,10 +261,38 @@ class Config:
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        self._resolve_parallel_output()
+        self._check_pipeline_accounting()
+        if self.model.dropout > 0 and self.parallel.pp > 1:
+            raise ConfigError(f"model.dropout={self.model.dropout} with parallel.pp={self.parallel.pp}: the dropout "
+                              "masks are keyed by each row's tokens, which later pipeline stages do not see; set "
+                              "model.dropout=0 or parallel.pp=1")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                               f"lower train.seq_len or raise model.max_seq_len")
         return self
+
+    def _check_pipeline_accounting(self) -> None:
+        """With model.pre_process_first / post_process_last the embedding / head count as a layer of the
+        first / last stage (mtnlg.parallel.pipeline.uniform_split); refuse a split that leaves a stage empty."""
+        m, p = self.model, self.parallel
+        stages = p.pp * p.vpp
+        if stages == 1 or p.pp_layers is not None or p.pp_balance != "uniform":
+            return
+        base, rem = divmod(m.num_layers + m.pre_process_first + m.post_process_last, stages)
+        first = base - m.pre_process_first
+        last = base + (rem > 0) - m.post_process_last
+        if min(first, last, base) < 1:
+            field_name = "model.pre_process_first" if first < 1 else "model.post_process_last"
+            raise ConfigError(f"{field_name}=True counts a layer's worth on a stage that then has no transformer layer "
+                              f"(model.num_layers={m.num_layers}, {stages} pipeline stages); set it False or use "
+                              f"fewer stages")
+
+    def _resolve_parallel_output(self) -> None:
+        """``parallel.loss_parallel`` and ``model.parallel_output`` are one setting (vocab-parallel logits
+        feed the vocab-parallel loss): False in either turns both off."""
+        both = self.parallel.loss_parallel and self.model.parallel_output
+        self.parallel.loss_parallel = self.model.parallel_output = both
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

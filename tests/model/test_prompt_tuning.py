@@ -12,9 +12,10 @@ from mtnlg.model.prompt_tuning import SoftPrompt, load_soft_prompt, tune_prompt
 
 def make(**kw):
     tok = byte_tokenizer()
-    cfg = MegatronModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=64, max_position_embeddings=64, prompt_tuning=True,
-                              prompt_tuning_num_tokens=4, prompt_tuning_init_text="poem", init_method_std=0.3, **kw)
+    cfg = MegatronModelConfig(**{**dict(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                        prompt_tuning=True, prompt_tuning_num_tokens=4, prompt_tuning_init_text="poem",
+                                        init_method_std=0.3), **kw})
     return MegatronLmModel(cfg, tok).materialize(seed=0)
 
 
@@ -66,3 +67,60 @@ def test_prefix_suffix_layout_and_generation_splice():
         emb[0, off:off + 4] = soft.embeds
         ref = lm.model(torch.tensor([prompt]), token_embeds=emb)[0, -1, : lm.model.vocab_size]
     assert out.token_ids == [int(ref.argmax())]
+
+
+def _saved(tmp_path):
+    lm = make(prompt_tuning=False, prompt_tuning_num_tokens=0)
+    return lm, lm.save_pretrained(tmp_path / "base")
+
+
+def test_tune_prompt_command_honours_quantize_and_prompt_tuning(tmp_path, capsys):
+    from mtnlg.cli import main
+
+    _, base = _saved(tmp_path)
+    data = tmp_path / "pairs.txt"
+    data.write_text("ab\tcdcd\nab\tcdc\n")
+    common = ["tune-prompt", "--checkpoint", str(base), "--data", str(data), "--steps", "4", "--num-tokens", "3",
+              "--no-progress", "--lr", "0.1", "--style", "prepend", "--prefix", "P:", "--suffix", "S:"]
+    first = tmp_path / "a.safetensors"
+    assert main(common + ["--output", str(first), "--quantize"]) == 0
+    a = SoftPrompt.load(first)
+    assert (a.style, a.prefix, a.suffix, a.num_tokens) == ("prepend", "P:", "S:", 3)
+    # --quantize really tuned over the int8 model: the same run in fp32 gives a different prompt
+    fp = tmp_path / "fp.safetensors"
+    assert main(common + ["--output", str(fp)]) == 0
+    assert not torch.equal(SoftPrompt.load(fp).embeds, a.embeds)
+    # --prompt-tuning continues from the saved prompt instead of a fresh init
+    second = tmp_path / "b.safetensors"
+    assert main(common + ["--output", str(second), "--quantize", "--prompt-tuning", str(first), "--steps", "1"]) == 0
+    b = SoftPrompt.load(second)
+    fresh_one_step = tmp_path / "c.safetensors"
+    assert main(common + ["--output", str(fresh_one_step), "--quantize", "--steps", "1"]) == 0
+    assert (b.embeds - a.embeds).abs().max() < (SoftPrompt.load(fresh_one_step).embeds - a.embeds).abs().max()
+
+
+def test_chat_command_honours_the_soft_prompt(tmp_path, monkeypatch, capsys):
+    import io
+
+    from mtnlg.cli import main
+
+    lm, base = _saved(tmp_path)
+    soft = SoftPrompt(torch.randn(4, 32) * 3.0, "prepend", "P:", "")
+    path = soft.save(tmp_path / "sp.safetensors")
+    argv = ["chat", "--checkpoint", str(base), "--temperature", "0", "--max-new-tokens", "8"]
+
+    def chat(extra):
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+        assert main(argv + extra) == 0
+        return capsys.readouterr().out
+
+    plain, tuned = chat([]), chat(["--prompt-tuning", str(path)])
+    assert plain != tuned
+    # the chat reply is what generation with the soft prompt spliced in gives for the same conversation
+    from mtnlg.infer.chat_template import Conversation
+
+    load_soft_prompt(lm, path)
+    conv = Conversation(lm.tokenizer, None)
+    conv.add("user", "hello")
+    ids, splice = lm.with_soft_prompt(conv.prompt_ids(lm.context_budget(8)))
+    assert splice is not None and ids[:4] == [lm.tokenizer.pad_id] * 4

@@ -9,7 +9,9 @@ import pytest
 from mtnlg.cli import main
 
 KEYS = {"params", "params_eq2", "flops_per_iteration", "memory_per_gpu_bytes", "memory_breakdown",
-        "bubble_fraction", "est_iteration_time_s", "fits"}
+        "bubble_fraction", "est_iteration_time_s", "fits", "time_breakdown_s", "limiting_term", "largest_loss",
+        "profile"}
+TERMS = {"gemm", "attention", "elementwise", "overhead", "tp_comm", "pp_comm", "bubble", "dp_comm", "optimizer"}
 MTNLG = ["--gpus", "2240", "--gpu", "a100-80gb", "--tp", "8", "--pp", "35", "--global-batch", "1920",
          "--micro-batch", "1"]
 
@@ -25,6 +27,8 @@ def test_json_keys_and_iteration_time(capsys):
     d = json.loads(out)
     assert rc == 0 and KEYS <= set(d) and "tflops_per_gpu" not in d
     assert d["fits"] is True and d["layout"]["dp"] == 8 and d["layout"]["microbatches"] == 240
+    assert set(d["time_breakdown_s"]) == TERMS and d["profile"] == "a100-80gb"
+    assert d["est_iteration_time_s"] == pytest.approx(sum(d["time_breakdown_s"].values()))
     rc, out, _ = run(capsys, "--model", "mtnlg-530b", *MTNLG, "--iteration-time", "60.1", "--json")
     assert json.loads(out)["tflops_per_gpu"] == pytest.approx(126, rel=0.02)
 
@@ -42,7 +46,7 @@ def test_human_table(capsys):
                      "--global-batch", "64", "--micro-batch", "2", "--recompute", "selective", "--zero", "2")
     assert rc == 0
     for label in ("parameters", "FLOPs / iteration", "memory / GPU", "optimizer", "activations", "bubble fraction",
-                  "est. iteration time", "fits"):
+                  "est. iteration time", "fits", "gemm", "tp_comm", "dp_comm", "limited by", "profile"):
         assert label in out
 
 
@@ -71,10 +75,15 @@ def test_search_table_and_json(capsys):
     rc, out, _ = run(capsys, "--search", "--model", "seed-6b", "--gpus", "16", "--gpu", "a100-80gb",
                      "--global-batch", "256", "--top", "4")
     assert rc == 0 and "tokens/s" in out and len(out.strip().splitlines()) == 2 + 4
+    assert "limited by" in out and all(line.split()[-2] in TERMS for line in out.strip().splitlines()[2:])
     rc, out, _ = run(capsys, "--search", "--model", "seed-6b", "--gpus", "16", "--global-batch", "256", "--json")
     layouts = json.loads(out)["layouts"]
     times = [d["est_iteration_time_s"] for d in layouts]
     assert times == sorted(times) and all(d["fits"] for d in layouts)
+    for d in layouts:
+        terms = d["time_breakdown_s"]
+        assert d["limiting_term"] == max(terms, key=terms.get)
+        assert d["largest_loss"] == max((k for k in terms if k not in ("gemm", "attention")), key=terms.get)
 
 
 def test_timeline_command(capsys, tmp_path):

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     if tty:
         out.write("mtnlg chat: /reset forgets the conversation, /exit quits.\n")
-    budget = lm.model.cfg.max_seq_len - params.max_new_tokens
+    budget = lm.context_budget(params.max_new_tokens)  # less the soft prompt with --prompt-tuning
     if budget < 8:
         from mtnlg.errors import ConfigError
 
@@ -74,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
             out.flush()
             continue
         conv.add("user", text)
-        prompt = conv.prompt_ids(budget)
+        prompt, soft = lm.with_soft_prompt(conv.prompt_ids(budget))
         out.write("bot> " if tty else "")
-        s = stream(lm.model, tok, prompt, params)
+        s = stream(lm.model, tok, prompt, params, soft_prompt=soft)
         reply = []
         for delta in s:
             reply.append(delta)

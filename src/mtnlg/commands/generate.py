@@ -79,17 +79,17 @@ def load_model(args: argparse.Namespace):
     device = pick_device(args.device)
     rank = 0
     tp = cfg.parallel.tp
-    lm = MegatronLmModel.from_pretrained(args.checkpoint, device=device, dtype=compute_dtype(device))
+    if args.quantize and tp > 1:
+        from mtnlg.errors import ConfigError
+
+        raise ConfigError("--quantize cannot be combined with --parallel.tp > 1; drop one of them")
+    # --quantize loads straight into int8, one Linear at a time (the fp32 model never exists)
+    lm = MegatronLmModel.from_pretrained(args.checkpoint, device=device, dtype=compute_dtype(device),
+                                         quantize=True if args.quantize else None)
     if tp > 1:
         from mtnlg.infer.tp import shard_for_inference
 
         rank = shard_for_inference(lm, cfg.parallel, device)
-    if args.quantize:
-        if tp > 1:
-            from mtnlg.errors import ConfigError
-
-            raise ConfigError("--quantize cannot be combined with --parallel.tp > 1; drop one of them")
-        lm.quantize()
     if args.prompt_tuning:
         from mtnlg.model.prompt_tuning import load_soft_prompt
 

@@ -6,7 +6,9 @@ Three modes:
   parameters, FLOPs, memory per GPU with its breakdown, communication, bubble and iteration time;
 * ``mtnlg plan --search --model M --gpus N --gpu G --global-batch B``: the top-k valid layouts;
 * ``mtnlg plan --timeline --schedule 1f1b --pp P --microbatches M --output FILE.png``: a picture of
-  the pipeline schedule with its bubble.
+  the pipeline schedule with its bubble;
+* ``mtnlg plan --calibrate [--model M] [--output PROFILE.json]``: measure this machine into a profile
+  that ``--profile PROFILE.json`` then prices layouts with.
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-sequence-parallel", action="store_true", help="TP without sequence parallelism")
     parser.add_argument("--iteration-time", type=float, metavar="SECONDS",
                         help="measured seconds per iteration: report the achieved TFLOP/s per GPU")
-    parser.add_argument("--efficiency", type=float, help="share of peak FLOP/s the matmuls reach (default 0.55)")
+    parser.add_argument("--profile", metavar="PROFILE.json",
+                        help="machine profile to price time with: a file from --calibrate, or a shipped one "
+                             "(a100-80gb, h100-80gb); default: the shipped profile of --gpu")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="measure this machine (matmuls at --model's shapes, element-wise bandwidth, gloo "
+                             "collectives) and write a profile to --output (default: print it)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank for --calibrate (default 1)")
     parser.add_argument("--peak-tflops", type=float, help="override the GPU's peak (TFLOP/s), e.g. a measured one")
     parser.add_argument("--memory-gb", type=float, help="override the GPU's memory (GB)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs joined by NVLink (default 8)")
@@ -52,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tp", type=int, help="largest TP for --search (default: --gpus-per-node)")
     parser.add_argument("--timeline", action="store_true", help="draw a pipeline schedule to --output")
     parser.add_argument("--microbatches", type=int, help="microbatches for --timeline")
-    parser.add_argument("--output", metavar="FILE.png", help="where --timeline writes its PNG")
+    parser.add_argument("--output", metavar="FILE", help="where --timeline writes its PNG, --calibrate its JSON")
 
 
 def _model(args: argparse.Namespace):
@@ -99,7 +107,8 @@ def _human(d: dict) -> str:
     rows += [(f"  {dim}", f"{c[dim + '_bytes'] / 1e9:,.2f} GB  ({c[dim + '_s']:.3f} s)") for dim in ("tp", "pp", "dp")]
     rows += [("bubble fraction", f"{d['bubble_fraction']:.4f}"),
              ("est. iteration time", f"{d['est_iteration_time_s']:.3f} s")]
-    rows += [(f"  {k}", f"{v:.3f} s") for k, v in d["time_breakdown_s"].items()]
+    rows += [(f"  {k}", f"{v:.4g} s") for k, v in d["time_breakdown_s"].items()]
+    rows += [("limited by", f"{d['limiting_term']}  (largest loss: {d['largest_loss']})"), ("profile", d["profile"])]
     rows += [("est. TFLOP/s / GPU", f"{d['est_tflops_per_gpu']:.1f}"),
              ("est. tokens / s", f"{d['est_tokens_per_s']:,.0f}")]
     if "tflops_per_gpu" in d:
@@ -110,13 +119,14 @@ def _human(d: dict) -> str:
 
 def _search_table(plans: list) -> str:
     head = ("#", "tp", "pp", "vpp", "dp", "mbs", "recompute", "zero", "mem/GPU GiB", "bubble", "iter s",
-            "TFLOP/s/GPU", "tokens/s")
+            "TFLOP/s/GPU", "tokens/s", "limited by", "largest loss")
     rows = [head]
     for i, p in enumerate(plans, 1):
         lo = p.layout
         rows.append((str(i), str(lo.tp), str(lo.pp), str(lo.vpp), str(lo.dp), str(lo.micro_batch), lo.recompute,
                      str(lo.zero), f"{p.memory.total / 2**30:.1f}", f"{p.bubble_fraction:.3f}",
-                     f"{p.est_iteration_time_s:.3f}", f"{p.est_tflops_per_gpu:.1f}", f"{p.tokens_per_s:,.0f}"))
+                     f"{p.est_iteration_time_s:.3f}", f"{p.est_tflops_per_gpu:.1f}", f"{p.tokens_per_s:,.0f}",
+                     p.limiting_term, p.largest_loss))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
 
@@ -136,22 +146,57 @@ def _run_timeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    from mtnlg.plan.estimate import COMPUTE_EFFICIENCY, Layout, plan
+def _run_calibrate(args: argparse.Namespace) -> int:
+    import sys
+
+    from mtnlg.plan.calibrate import calibrate
+    from mtnlg.plan.estimate import Layout, plan
     from mtnlg.plan.gpus import get_gpu
+    from mtnlg.plan.timemodel import lookup_shapes
+
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    gemms: set = set()
+    atts: set = set()
+    if args.model:  # measure the shapes this model's layouts look up (tp 1, 2, 4 where they divide)
+        model = _model(args)
+        for tp in (1, 2, 4):
+            if model.cfg.num_heads % tp or model.cfg.ffn_hidden_size % tp:
+                continue
+            lo = Layout(tp, tp, 1, 1, args.micro_batch * tp, args.micro_batch, args.recompute, args.zero)
+            p = plan(model, lo, get_gpu("cpu"))
+            g, a = lookup_shapes(p.shape)
+            gemms |= g
+            atts |= a
+    prof = calibrate(gemms, atts, threads=args.threads, progress=lambda msg: print(msg, file=sys.stderr))
+    if args.output:
+        prof.save(args.output)
+        print(f"profile {prof.name}: peak matmul {prof.peak_flops / 1e9:.1f} GFLOP/s, element-wise "
+              f"{prof.elementwise_bw / 1e9:.1f} GB/s, op overhead {prof.op_overhead_s * 1e6:.1f} us -> {args.output}")
+    else:
+        print(json.dumps(prof.as_dict(), indent=1))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtnlg.plan.estimate import Layout, plan
+    from mtnlg.plan.gpus import get_gpu
+    from mtnlg.plan.profile import resolve_profile
     from mtnlg.plan.search import search
 
     if args.timeline:
         return _run_timeline(args)
+    if args.calibrate:
+        return _run_calibrate(args)
     model = _model(args)
     _require(args, "gpus", "global_batch")
     gpu = get_gpu(args.gpu, args.peak_tflops, args.memory_gb)
-    eff = args.efficiency if args.efficiency is not None else COMPUTE_EFFICIENCY
+    profile = resolve_profile(args.profile, gpu.name) if args.profile else None
     if args.search:
         if args.top < 1:
             raise ConfigError(f"--top must be >= 1, got {args.top}")
         plans = search(model, args.gpus, gpu, args.global_batch, top=args.top, gpus_per_node=args.gpus_per_node,
-                       max_tp=args.max_tp, efficiency=eff)
+                       max_tp=args.max_tp, profile=profile)
         if args.json:
             print(json.dumps({"model": model.name, "gpus": args.gpus, "gpu": gpu.name,
                               "layouts": [p.as_dict() for p in plans]}, indent=2))
@@ -159,12 +204,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"no layout of {model.name} fits {args.gpus} x {gpu.name} at global batch {args.global_batch}")
         else:
             print(f"{model.name} on {args.gpus} x {gpu.name}, global batch {args.global_batch}: "
-                  f"top {len(plans)} layouts by estimated throughput")
+                  f"top {len(plans)} layouts by estimated throughput (profile {plans[0].profile_name})")
             print(_search_table(plans))
         return 0
     layout = Layout(args.gpus, args.tp, args.pp, args.vpp, args.global_batch, args.micro_batch, args.recompute,
                     args.zero, args.schedule, not args.no_sequence_parallel)
-    result = plan(model, layout, gpu, efficiency=eff, gpus_per_node=args.gpus_per_node,
+    result = plan(model, layout, gpu, profile=profile, gpus_per_node=args.gpus_per_node,
                   iteration_time=args.iteration_time)
     print(json.dumps(result.as_dict(), indent=2) if args.json else _human(result.as_dict()))
     return 0

@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a run directory, a checkpoint directory or a save_pretrained directory")
     parser.add_argument("--host", help="address to listen on (default serve.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default serve.port, 8000)")
-    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or env MTNLG_API_KEY)")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and "
+                        "the chat page (or env MTNLG_API_KEY)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the model")
 
 

@@ -5,7 +5,9 @@
     mtnlg generate --checkpoint RUN --prompt-tuning poem.prompt.safetensors --prompt "..."
 
 ``--data``: ``input<TAB>target`` lines, plain lines (target only), or JSONL ``{"input", "target"}``.
-Flags left unset take the checkpoint config's ``prompt_tuning_*`` values.
+Flags left unset take the checkpoint config's ``prompt_tuning_*`` values. ``--quantize`` tunes over
+the int8 model (less memory; the prompt is then best used with ``--quantize`` too);
+``--prompt-tuning FILE`` continues tuning a saved soft prompt (its style and texts kept).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-tokens", type=int, help="prompt_tuning_num_tokens (default 8)")
     parser.add_argument("--init-text", help="prompt_tuning_init_text")
     parser.add_argument("--style", choices=["prepend", "prefix_suffix"], help="prompt_tuning_prompt_style")
-    parser.add_argument("--prefix", help="prefix text (style prefix_suffix)")
-    parser.add_argument("--suffix", help="suffix text (style prefix_suffix)")
+    parser.add_argument("--prefix", help="prefix text (before the input; after the soft tokens with prepend)")
+    parser.add_argument("--suffix", help="suffix text (after the input)")
     parser.add_argument("--lr-multiplier", type=float, help="prompt_tuning_lr_multiplier")
     parser.add_argument("--update-every", type=int, help="prompt_tuning_update_every_n_steps")
     parser.add_argument("--no-progress", action="store_true")
@@ -36,10 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mtnlg.api import MegatronLmModel
     from mtnlg.device import pick_device
-    from mtnlg.model.prompt_tuning import SoftPrompt, read_examples, tune_prompt
+    from mtnlg.model.prompt_tuning import SoftPrompt, load_soft_prompt, read_examples, tune_prompt
 
     examples = read_examples(args.data)
-    lm = MegatronLmModel.from_pretrained(args.checkpoint, device=pick_device(args.device))
+    lm = MegatronLmModel.from_pretrained(args.checkpoint, device=pick_device(args.device),
+                                         quantize=True if args.quantize else None)
     c = lm.config
     c.prompt_tuning = True
     c.prompt_tuning_num_tokens = args.num_tokens or c.prompt_tuning_num_tokens or 8
@@ -53,12 +56,16 @@ def run(args: argparse.Namespace) -> int:
         vals = [args.prefix if args.prefix is not None else str(args_map.get("prefix", "")),
                 args.suffix if args.suffix is not None else str(args_map.get("suffix", ""))]
         c.prompt_tuning_prompt_style_args_keys, c.prompt_tuning_prompt_style_args_values = keys, vals
+        c.prompt_tuning_prompt_style_args, c.prompt_tuning_prompt_style_args_type = {}, "dict"
     if args.lr_multiplier is not None:
         c.prompt_tuning_lr_multiplier = args.lr_multiplier
     if args.update_every is not None:
         c.prompt_tuning_update_every_n_steps = args.update_every
     c.validate()
-    soft = SoftPrompt.from_config(lm, args.seed).to(lm.model.tok_embeddings.weight.device)
+    if args.prompt_tuning:  # continue from a saved soft prompt
+        soft = load_soft_prompt(lm, args.prompt_tuning)
+    else:
+        soft = SoftPrompt.from_config(lm, args.seed).to(lm.model.tok_embeddings.weight.device)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm

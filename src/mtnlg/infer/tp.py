@@ -23,6 +23,15 @@ def shard_for_inference(lm, pcfg, device) -> int:
         raise ConfigError(f"the checkpoint's vocabulary ({lm.model.padded_vocab_size} rows) does not split over "
                           f"parallel.tp={pcfg.tp}; use a tp that divides it")
     mesh = build_mesh(pcfg, device, world)
-    apply_tensor_parallel(lm.model, sub(mesh, "tp"), sequence_parallel=False, loss_parallel=False)
+    # parallel_output=True keeps the head's logits vocab-parallel (Shard(-1)); the decode loop
+    # samples from whole rows, so the head's output is gathered right after it (gather_logits)
+    apply_tensor_parallel(lm.model, sub(mesh, "tp"), sequence_parallel=False)
+    if lm.model.cfg.parallel_output:
+        lm.model.output.register_forward_hook(gather_logits)
     atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return rank
+
+
+def gather_logits(_module, _inputs, out):
+    """Forward hook: vocab-parallel logits (a DTensor) -> the full local tensor every rank samples from."""
+    return out.full_tensor() if hasattr(out, "full_tensor") else out

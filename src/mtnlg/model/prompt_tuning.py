@@ -1,9 +1,12 @@
 """Prompt tuning: a few trainable "virtual token" embeddings in front of a frozen model.
 
-Layout of one sequence (style ``prepend`` has no prefix/suffix text)::
+Layout of one sequence, by ``prompt_style`` (prefix / suffix texts are optional in both)::
 
-    [prefix text] [soft_0 .. soft_{n-1}] [input text] [suffix text] [target ...]
-                   └ trainable [n, h] ┘   (prompt at generation)      (loss only here)
+    prefix_suffix: [prefix text] [soft_0 .. soft_{n-1}] [input text] [suffix text] [target ...]
+    prepend:       [soft_0 .. soft_{n-1}] [prefix text] [input text] [suffix text] [target ...]
+                    └ trainable [n, h] ┘  └── the prompt at generation ──┘   (loss only here)
+
+(The spec's example: ``prepend`` with prefix "hello world" and suffix "goodbye".)
 
 * ``num_tokens`` soft embeddings, initialised from the token embeddings of ``init_text`` (its
   tokens repeated / truncated to ``num_tokens``; random rows of the first ``vocab_size`` tokens
@@ -11,7 +14,9 @@ Layout of one sequence (style ``prepend`` has no prefix/suffix text)::
 * the base model is frozen (``requires_grad=False``; its weights stay bit-identical);
 * the optimizer's lr is ``lr * lr_multiplier`` and it steps every ``update_every_n_steps``
   micro-batches (gradients accumulate in between);
-* sequences are cut to ``max_seq_length`` (and the model's context).
+* sequences are cut to ``max_seq_length`` (and the model's context) in tuning; at generation the
+  prompt plus the new tokens stay within ``max_seq_length`` (longer prompts are refused, the
+  new-token budget is capped: :meth:`SoftPrompt.new_token_budget`).
 
 Saved as a small safetensors file (the [n, h] tensor plus the style and its texts as metadata);
 ``mtnlg generate --prompt-tuning FILE`` splices it back in.
@@ -56,8 +61,8 @@ class SoftPrompt(nn.Module):
             raise ConfigError(f"prompt_tuning_prompt_style='{style}' is not supported; use one of {list(STYLES)}")
         self.embeds = nn.Parameter(embeds.detach().clone().float())
         self.style = style
-        self.prefix = prefix if style == "prefix_suffix" else ""
-        self.suffix = suffix if style == "prefix_suffix" else ""
+        self.prefix = prefix
+        self.suffix = suffix
         self.max_seq_length = max_seq_length
 
     @property
@@ -81,19 +86,30 @@ class SoftPrompt(nn.Module):
             ids = torch.randint(0, vocab, (n,), generator=gen).tolist()
         args = c.prompt_style_args
         return cls(emb[torch.tensor(ids)].float(), c.prompt_tuning_prompt_style, str(args.get("prefix", "")),
-                   str(args.get("suffix", "")), c.prompt_tuning_max_seq_length)
+                   str(args.get("suffix", "")), min(c.prompt_tuning_max_seq_length, lm.model.cfg.max_seq_len))
 
     # -- layouts ------------------------------------------------------------------------------
     def layout(self, tokenizer: Any, input_ids: Sequence[int], target_ids: Sequence[int] = ()) -> tuple[list[int], int, int]:
         """(ids with ``num_tokens`` pad placeholders, offset of the soft tokens, index where the target starts)."""
         pre = tokenizer.encode(self.prefix) if self.prefix else []
         suf = tokenizer.encode(self.suffix) if self.suffix else []
-        ids = pre + [tokenizer.pad_id] * self.num_tokens + list(input_ids) + suf
-        return ids + list(target_ids), len(pre), len(ids)
+        soft = [tokenizer.pad_id] * self.num_tokens
+        if self.style == "prepend":
+            ids, offset = soft + pre + list(input_ids) + suf, 0
+        else:
+            ids, offset = pre + soft + list(input_ids) + suf, len(pre)
+        return ids + list(target_ids), offset, len(ids)
+
+    def new_token_budget(self, prompt_len: int, max_new_tokens: int) -> int:
+        """``max_new_tokens`` capped so the prompt plus its continuation fit ``max_seq_length``."""
+        return max(0, min(max_new_tokens, self.max_seq_length - prompt_len))
 
     def format_for_generation(self, input_ids: Sequence[int], tokenizer: Any):
         """Prompt ids with placeholders, and the :class:`Splice` that generation writes into them."""
         ids, offset, _ = self.layout(tokenizer, input_ids)
+        if len(ids) >= self.max_seq_length:
+            raise ConfigError(f"the prompt takes {len(ids)} tokens with the soft prompt and its texts, leaving no room "
+                              f"in prompt_tuning_max_seq_length={self.max_seq_length}; shorten the prompt")
         return ids, Splice(self.embeds.detach(), [offset])
 
     # -- training -----------------------------------------------------------------------------

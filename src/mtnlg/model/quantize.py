@@ -21,6 +21,7 @@ Linear is initialised in fp32, quantized and freed before the next, so the fp32 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtnlg.errors import ConfigError
+from mtnlg.errors import CheckpointError, ConfigError
 from mtnlg.model.init import init_value
 from mtnlg.model.transformer import GPT
 
@@ -109,7 +110,9 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scales.unsqueeze(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.grouped and x.device.type == "cpu":
+        # the int8 kernel has no backward: inputs that need a gradient (prompt tuning over an int8
+        # model) take the dequantized path, whose gradient flows to x (the int8 weights stay frozen)
+        if not self.grouped and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
             shape = x.shape
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
                                                    self.qweight, self._scales_bf16)
@@ -144,6 +147,10 @@ def quantize_model(model: GPT, config: QuantConfig | dict | None = None) -> GPT:
     return model
 
 
+# read(name, shape) -> the tensor stored under ``name`` (fp32 or int8, on CPU) or None when absent
+Reader = Callable[[str, torch.Size], "torch.Tensor | None"]
+
+
 @torch.no_grad()
 def materialize_quantized(model: GPT, config: QuantConfig | dict | None = None, seed: int = 0,
                           device: str | torch.device = "cpu") -> GPT:
@@ -152,22 +159,55 @@ def materialize_quantized(model: GPT, config: QuantConfig | dict | None = None, 
     Values equal ``quantize_model(materialize(model, seed=seed))`` but the peak memory is the
     quantized model plus one fp32 Linear.
     """
-    c = config if isinstance(config, QuantConfig) else QuantConfig.from_dict(config)
     cfg = model.cfg
+
+    def init(name: str, shape: torch.Size) -> torch.Tensor | None:
+        if name.endswith((".qweight", ".scales")):
+            return None
+        return init_value(name, shape, cfg, seed)
+
+    return load_quantized(model, init, config, device)
+
+
+@torch.no_grad()
+def load_quantized(model: GPT, read: Reader, config: QuantConfig | dict | None = None,
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
+    """Fill a meta ``model`` in its quantized form from ``read``, one tensor at a time.
+
+    Each target Linear is taken as saved int8 (``NAME.qweight`` + ``NAME.scales``) when the source
+    has it, else its fp32 ``NAME.weight`` (the head: the token embedding) is read, quantized and
+    freed before the next, so the full-precision model never exists: peak memory is the int8 model,
+    the fp32 embeddings and one fp32 Linear. The other parameters are read as they are.
+    """
+    c = config if isinstance(config, QuantConfig) else QuantConfig.from_dict(config)
     for name in _targets(model):
         lin = model.get_submodule(name)
-        wname = "tok_embeddings.weight" if name == "output" else f"{name}.weight"
-        w = init_value(wname, lin.weight.shape, cfg, seed)
-        b = init_value(f"{name}.bias", lin.bias.shape, cfg, seed) if lin.bias is not None else None
-        q = Int8Linear.from_weight(w, b, c).to(device)
-        del w, b  # freed here by refcount: only one fp32 Linear is alive at a time
-        _set(model, name, q)
+        out_f, in_f = lin.weight.shape
+        bias = read(f"{name}.bias", torch.Size([out_f])) if lin.bias is not None else None
+        q = read(f"{name}.qweight", lin.weight.shape)
+        if q is not None:
+            scales = read(f"{name}.scales", torch.Size([out_f]))
+            mod = Int8Linear(q, scales, bias).to(device)
+        else:
+            wname = "tok_embeddings.weight" if name == "output" else f"{name}.weight"
+            w = read(wname, lin.weight.shape)
+            if w is None:
+                raise CheckpointError(f"the checkpoint has neither {name}.qweight nor {wname}")
+            mod = Int8Linear.from_weight(w[:out_f], bias, c).to(device)
+            del w  # freed here by refcount: only one fp32 Linear is alive at a time
+        del bias, q
+        _set(model, name, mod)
     for mod_name, mod in model.named_modules():
         for pname, p in list(mod.named_parameters(recurse=False)):
             if p.is_meta:
                 full = f"{mod_name}.{pname}" if mod_name else pname
-                setattr(mod, pname, nn.Parameter(init_value(full, p.shape, cfg, seed).to(device),
-                                                 requires_grad=False))
+                t = read(full, p.shape)
+                if t is None:
+                    raise CheckpointError(f"the checkpoint has no {full}")
+                if tuple(t.shape) != tuple(p.shape):
+                    raise CheckpointError(f"{full} has shape {tuple(t.shape)} in the checkpoint but the config "
+                                          f"needs {tuple(p.shape)}")
+                setattr(mod, pname, nn.Parameter(t.to(device, dtype), requires_grad=False))
     return model
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtnlg.config import ModelConfig
+from mtnlg.model.dropout import HashDropout, row_keys
 from mtnlg.model.kv_cache import LayerCache
 
 
@@ -95,12 +96,14 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx)
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.mlp = MLP(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        # hidden dropout, one mask site per residual branch (layout-independent: mtnlg.model.dropout)
+        self.drop_attn = HashDropout(cfg.dropout, 1 + 2 * layer_idx)
+        self.drop_mlp = HashDropout(cfg.dropout, 2 + 2 * layer_idx)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.ln_1(x), cache, attn_mask))
-        x = x + self.dropout(self.mlp(self.ln_2(x)))
+        x = x + self.drop_attn(self.attn(self.ln_1(x), cache, attn_mask))
+        x = x + self.drop_mlp(self.mlp(self.ln_2(x)))
         return x
 
 
@@ -120,7 +123,7 @@ class GPT(nn.Module):
             self.padded_vocab_size, h, _weight=torch.empty(self.padded_vocab_size, h))
         self.pos_embeddings: nn.Embedding | None = nn.Embedding(
             cfg.max_seq_len, h, _weight=torch.empty(cfg.max_seq_len, h))
-        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.emb_dropout = HashDropout(cfg.dropout, 0)
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_layers)})
         self.norm: nn.LayerNorm | None = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.hidden_size, self.padded_vocab_size, bias=False)
@@ -142,6 +145,11 @@ class GPT(nn.Module):
                 raise ConfigError(f"sequence of {start + h.shape[1]} positions exceeds model.max_seq_len="
                                   f"{self.cfg.max_seq_len} (max_position_embeddings); shorten the input")
             positions = torch.arange(start, start + h.shape[1], device=h.device)
+        if self.training and self.cfg.dropout > 0:  # the masks of this batch are keyed by its rows' tokens
+            keys = row_keys(tokens)
+            for m in self.modules():
+                if isinstance(m, HashDropout):
+                    m.row_keys = keys
         return self.emb_dropout(h + self.pos_embeddings(positions))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,

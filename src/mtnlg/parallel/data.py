@@ -11,6 +11,16 @@ is the token-weighted or the per-rank mean (see :mod:`mtnlg.parallel.engine`).
 
 ``sync_every = H > 1`` (local SGD / DiLoCo): the replicas skip the cross-replica all-reduce for H
 inner steps, then average their parameter deltas and apply an outer Nesterov-SGD step.
+
+``outer_async`` (overlapped / streaming DiLoCo, the outer step one round late): the average of a
+round's deltas is started with ``async_op=True`` and the next H inner steps run while it travels; it
+is waited for and applied at the next sync point. Round k starts from ``B_k``, ends at ``P_k``::
+
+    sync k:  send g_k = B_k - P_k (async)          wait avg(g_{k-1});  A <- outer(A, avg g_{k-1})
+             B_{k+1} = A + (P_k - B_k)   (the global model + this replica's own not-yet-averaged round)
+
+so each round's progress is counted once: locally for one round, then averaged inside ``A``.
+:func:`delayed_outer_reference` is the same arithmetic for R replicas in one process.
 """
 
 from __future__ import annotations
@@ -56,34 +66,122 @@ class OuterSync:
     """DiLoCo-style outer step over the ``dp_replicate`` group every ``every`` inner steps.
 
     The outer "gradient" is the replica-averaged delta ``anchor - param``; a Nesterov SGD step on
-    the anchor (``outer_lr``, ``outer_momentum``) gives the new parameters on every replica.
+    the anchor (``outer_lr``, ``outer_momentum``) gives the new parameters on every replica. With
+    ``overlap`` the average runs asynchronously and is applied one outer step late (module doc).
     """
 
     def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup | None, every: int,
-                 lr: float, momentum: float):
+                 lr: float, momentum: float, overlap: bool = False):
         self.params = params
         self.group = group
         self.every = every
+        self.overlap = overlap
         self.anchors = [local(p).detach().clone() for p in params]
         self.opt = torch.optim.SGD(self.anchors, lr=lr, momentum=momentum, nesterov=momentum > 0)
+        self.starts = [a.clone() for a in self.anchors] if overlap else None  # B_k: where this round began
+        self._pending: tuple[dist.Work | None, torch.Tensor] | None = None
+        self.wait_seconds = 0.0  # time spent blocked on the outer all-reduce (what overlap hides)
+
+    def _world(self) -> int:
+        return dist.get_world_size(self.group) if self.group is not None else 1
+
+    def _start_average(self, deltas: list[torch.Tensor]) -> tuple[dist.Work | None, torch.Tensor]:
+        flat = torch.cat([d.flatten() for d in deltas])
+        work = dist.all_reduce(flat, group=self.group, async_op=True) if self._world() > 1 else None
+        return work, flat
+
+    def _finish_average(self, pending: tuple[dist.Work | None, torch.Tensor]) -> list[torch.Tensor]:
+        import time
+
+        work, flat = pending
+        if work is not None:
+            t0 = time.perf_counter()
+            work.wait()
+            self.wait_seconds += time.perf_counter() - t0
+            flat /= self._world()
+        return list(torch.split(flat, [a.numel() for a in self.anchors]))
+
+    def _outer_step(self, deltas: list[torch.Tensor]) -> None:
+        for a, d in zip(self.anchors, deltas):
+            a.grad = d.view_as(a)
+        self.opt.step()
 
     @torch.no_grad()
     def maybe_sync(self, step: int) -> bool:
         """After optimizer step ``step`` (1-based): the outer step when ``step % every == 0``."""
         if step % self.every:
             return False
-        deltas = [a - local(p) for a, p in zip(self.anchors, self.params)]
-        if self.group is not None and dist.get_world_size(self.group) > 1:
-            flat = torch.cat([d.flatten() for d in deltas])
-            dist.all_reduce(flat, group=self.group)
-            flat /= dist.get_world_size(self.group)
-            deltas = list(torch.split(flat, [d.numel() for d in deltas]))
-        for a, d in zip(self.anchors, deltas):
-            a.grad = d.view_as(a)
-        self.opt.step()
-        for a, p in zip(self.anchors, self.params):
-            local(p).copy_(a)
+        if not self.overlap:
+            sent = self._start_average([a - local(p) for a, p in zip(self.anchors, self.params)])
+            deltas = self._finish_average(sent)
+            self._outer_step(deltas)
+            for a, p in zip(self.anchors, self.params):
+                local(p).copy_(a)
+            return True
+        sent = self._start_average([b - local(p) for b, p in zip(self.starts, self.params)])
+        if self._pending is not None:
+            self._outer_step(self._finish_average(self._pending))
+        self._pending = sent
+        for a, b, p in zip(self.anchors, self.starts, self.params):
+            lp = local(p)
+            lp.add_(a - b)  # B_{k+1} = A + (P_k - B_k)
+            b.copy_(lp)
         return True
+
+    def state_dict(self) -> dict[str, object]:
+        """Anchors, outer momentum, round starts and the in-flight average (waited for) — all a resume needs."""
+        momentum = [self.opt.state.get(a, {}).get("momentum_buffer") for a in self.anchors]
+        state: dict[str, object] = {"anchors": [a.detach().clone() for a in self.anchors], "momentum": momentum}
+        if self.overlap:
+            state["starts"] = [b.clone() for b in self.starts]
+            if self._pending is not None:
+                work, flat = self._pending
+                if work is not None:
+                    work.wait()
+                    flat /= self._world()
+                self._pending = (None, flat)
+                state["pending"] = flat.clone()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        for a, v in zip(self.anchors, state["anchors"]):
+            a.copy_(v)
+        for a, m in zip(self.anchors, state["momentum"]):
+            if m is not None:
+                self.opt.state[a]["momentum_buffer"] = m.clone()
+        if self.overlap:
+            for b, v in zip(self.starts, state["starts"]):
+                b.copy_(v)
+            self._pending = (None, state["pending"].clone()) if state.get("pending") is not None else None
+
+
+def delayed_outer_reference(replica_params: list[list[torch.Tensor]], inner_step, every: int, steps: int,
+                            lr: float, momentum: float) -> list[list[torch.Tensor]]:
+    """One-process reference of the overlapped outer update for R replicas: ``inner_step(r, step, params)``
+    updates replica r's tensors in place; returns every replica's final tensors (the math of the module doc)."""
+    params = [[t.clone() for t in ps] for ps in replica_params]
+    anchors = [t.clone() for t in params[0]]
+    opt = torch.optim.SGD(anchors, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    starts = [[t.clone() for t in ps] for ps in params]
+    pending = None
+    R = len(params)
+    for step in range(1, steps + 1):
+        for r in range(R):
+            inner_step(r, step, params[r])
+        if step % every:
+            continue
+        sent = [sum(starts[r][i] - params[r][i] for r in range(R)) / R for i in range(len(anchors))]
+        if pending is not None:
+            for a, d in zip(anchors, pending):
+                a.grad = d.clone()
+            opt.step()
+        pending = sent
+        for r in range(R):
+            for a, b, p in zip(anchors, starts[r], params[r]):
+                p.add_(a - b)
+                b.copy_(p)
+    return params
 
 
 def local_param_bytes(modules: list[nn.Module]) -> int:

@@ -2,10 +2,20 @@
 
 Split (``pp * vpp`` stages, contiguous layers)::
 
-    stage 0: tok/pos embeddings + layers[0:a]      (pre_process_first)
+    stage 0: tok/pos embeddings + layers[0:a]      (Megatron's pre_process)
     stage k: layers[...]
-    stage S-1: layers[...] + final norm + LM head  (post_process_last; its own copy of the tied
+    stage S-1: layers[...] + final norm + LM head  (Megatron's post_process; its own copy of the tied
                                                    embedding weight, grads summed with stage 0)
+
+The embeddings always live on the first stage and the head on the last, as Megatron's
+``pre_process`` / ``post_process`` (true only on the first / last stage) place them. The spec's
+``pre_process_first`` / ``post_process_last`` decide how they are *counted* in the uniform split:
+when set, the embedding (resp. the final norm + head + loss) counts as one transformer layer on the
+first (resp. last) stage, which then gets one layer fewer, exactly Megatron's
+``account_for_embedding_in_pipeline_split`` / ``account_for_loss_in_pipeline_split``. Example,
+7 layers on 2 stages: [3, 4] by default, [3, 4] with pre_process_first, [4, 3] with post_process_last
+(:func:`uniform_split`). ``auto`` / ``profile`` balancing always charge the measured or modelled
+embedding and head costs, and explicit ``pp_layers`` are taken as given.
 
 Layer counts are ``uniform`` (layers / stages, remainder to the later stages), explicit
 (``parallel.pp_layers``), ``auto`` (a cost model: layer FLOPs, the embedding charged to the first
@@ -38,11 +48,28 @@ from mtnlg.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def uniform_split(num_layers: int, stages: int) -> list[int]:
-    """Layers per stage, as even as possible; the remainder goes to the later stages (the first
-    stage also carries the embedding)."""
-    base, rem = divmod(num_layers, stages)
-    return [base + (1 if i >= stages - rem else 0) for i in range(stages)]
+def uniform_split(num_layers: int, stages: int, pre_process_first: bool = False,
+                  post_process_last: bool = False) -> list[int]:
+    """Layers per stage, as even as possible; the remainder goes to the later stages.
+
+    With ``pre_process_first`` the embedding counts as one layer of the first stage and with
+    ``post_process_last`` the head + loss as one layer of the last: ``num_layers + 2`` units split
+    evenly, one taken off each end. 7 layers on 2 stages: [3, 4]; with both flags: 9 units = [4, 5],
+    minus the two extras = [3, 4]; with pre_process_first only: 8 units = [4, 4] -> [3, 4]; with
+    post_process_last only: [4, 4] -> [4, 3]."""
+    extra_first, extra_last = int(pre_process_first), int(post_process_last)
+    units = num_layers + extra_first + extra_last
+    if stages == 1:
+        return [num_layers]
+    base, rem = divmod(units, stages)
+    counts = [base + (1 if i >= stages - rem else 0) for i in range(stages)]
+    counts[0] -= extra_first
+    counts[-1] -= extra_last
+    if min(counts) < 1:
+        raise ConfigError(f"model.num_layers={num_layers} on {stages} pipeline stages leaves a stage without layers "
+                          f"once the embedding/head count as layers (model.pre_process_first / post_process_last); "
+                          f"set them to False or use fewer stages")
+    return counts
 
 
 def layer_costs(cfg: ModelConfig, seq_len: int) -> tuple[list[float], float, float]:
@@ -144,7 +171,7 @@ def stage_layer_counts(cfg: ModelConfig, pcfg: ParallelConfig, seq_len: int,
         raise ConfigError(f"model.num_layers={L} cannot fill pp*vpp={stages} pipeline stages; lower parallel.pp "
                           f"or parallel.vpp")
     if pcfg.pp_balance == "uniform":
-        return uniform_split(L, stages)
+        return uniform_split(L, stages, cfg.pre_process_first, cfg.post_process_last)
     if pcfg.pp_balance == "auto":
         costs, emb, head = layer_costs(cfg, seq_len)
     else:

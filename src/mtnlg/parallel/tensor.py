@@ -32,6 +32,7 @@ from torch.distributed.tensor.parallel import (
 
 from mtnlg.config import ModelConfig
 from mtnlg.errors import ConfigError
+from mtnlg.model.dropout import HashDropout
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,17 @@ def tp_model_config(cfg: ModelConfig, tp: int) -> ModelConfig:
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
-                          loss_parallel: bool = True) -> nn.Module:
+                          loss_parallel: bool | None = None) -> nn.Module:
     """Shard ``model`` (a GPT or a pipeline stage of one, on any device incl. meta) over ``tp_mesh``.
 
     The activations between blocks are plain local tensors: ``[B, T/tp, h]`` with sequence
-    parallel, ``[B, T, h]`` without. With ``loss_parallel`` the head returns a ``Shard(-1)`` DTensor.
+    parallel, ``[B, T, h]`` without. ``loss_parallel`` (default: the model's ``parallel_output``,
+    Megatron's meaning): the head returns vocab-parallel logits, a ``Shard(-1)`` DTensor that the
+    vocab-parallel cross entropy consumes without gathering; False gathers full logits (plain tensor).
     """
     sp = sequence_parallel
+    if loss_parallel is None:
+        loss_parallel = model.cfg.parallel_output
     tied = model.output is not None and model.tok_embeddings is not None \
         and model.output.weight is model.tok_embeddings.weight
     plan: dict[str, object] = {}
@@ -99,6 +104,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
                                          output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                          use_local_output=not loss_parallel)
     parallelize_module(model, tp_mesh, plan)
+    if sp:  # layout-independent dropout sees a sequence shard: tell it which one (mtnlg.model.dropout)
+        for m in model.modules():
+            if isinstance(m, HashDropout):
+                m.seq_shard = (tp_mesh.get_local_rank(), tp_mesh.size())
     if tied:  # both are Shard(0) over the vocabulary: re-tie the head to the (now DTensor) embedding
         model.output.weight = model.tok_embeddings.weight
     return model

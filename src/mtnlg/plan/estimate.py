@@ -1,20 +1,15 @@
 """One layout in, one estimate out: parameters, FLOPs, memory, communication, bubble and time.
 
-Iteration time (seconds), for the first-stage GPU::
-
-    compute  = F / (N · peak · efficiency)          F: eq. 3 FLOPs (with recomputation), N GPUs
-    tp       = tensor-parallel collectives           (on the critical path, not overlapped)
-    bubble   = b/(1-b) · (compute + tp)              b: the schedule's bubble fraction
-    pp, dp   = p2p sends and the gradient reduction  (exposed, not overlapped)
-    total    = compute + tp + bubble + pp + dp
-
-``efficiency`` is the share of peak the matmuls reach (default :data:`COMPUTE_EFFICIENCY`, chosen so
-the published runs in tests/plan/test_published.py land within 15%).
+The iteration time is the sum of the terms of :mod:`mtnlg.plan.timemodel` (matmuls at their shape's
+rate, element-wise bytes, attention, per-op overhead, TP/SP collectives, pipeline sends, bubble, the
+data-parallel reduction less its overlap, the optimizer), priced with a machine profile
+(:mod:`mtnlg.plan.profile`): ``--profile FILE.json``, else the shipped profile of ``--gpu``, else
+the GPU table's data-sheet figures.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mtnlg.errors import ConfigError
 from mtnlg.plan.comm import CommVolume, communication
@@ -22,9 +17,9 @@ from mtnlg.plan.flops import RECOMPUTE, flops_per_iteration, params_eq2, params_
 from mtnlg.plan.gpus import GPU
 from mtnlg.plan.memory import MemoryEstimate, estimate_memory, params_per_gpu
 from mtnlg.plan.presets import PlanModel
+from mtnlg.plan.profile import Profile, nominal_profile, resolve_profile
 from mtnlg.plan.schedule import SCHEDULES, bubble_fraction, check_schedule
-
-COMPUTE_EFFICIENCY = 0.55
+from mtnlg.plan.timemodel import Shape, dp_times, iteration_terms, largest_loss, limiting_term
 
 
 @dataclass(frozen=True)
@@ -115,6 +110,16 @@ class Plan:
     time_breakdown: dict[str, float]
     tflops_per_gpu: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    profile_name: str = ""
+    shape: Shape | None = None
+
+    @property
+    def limiting_term(self) -> str:
+        return limiting_term(self.time_breakdown)
+
+    @property
+    def largest_loss(self) -> str:
+        return largest_loss(self.time_breakdown)
 
     @property
     def est_iteration_time_s(self) -> float:
@@ -152,6 +157,9 @@ class Plan:
             "bubble_fraction": self.bubble_fraction,
             "est_iteration_time_s": self.est_iteration_time_s,
             "time_breakdown_s": self.time_breakdown,
+            "limiting_term": self.limiting_term,
+            "largest_loss": self.largest_loss,
+            "profile": self.profile_name,
             "est_tflops_per_gpu": self.est_tflops_per_gpu,
             "est_tokens_per_s": self.tokens_per_s,
             "fits": self.fits,
@@ -161,12 +169,19 @@ class Plan:
         return out
 
 
-def plan(model: PlanModel, layout: Layout, gpu: GPU, *, efficiency: float = COMPUTE_EFFICIENCY,
+def default_profile(gpu: GPU) -> Profile:
+    """The shipped profile of ``gpu`` (A100, H100 families), else its data-sheet figures."""
+    return resolve_profile(None, gpu.name) or nominal_profile(gpu.name, gpu.peak_flops, gpu.hbm_bw, gpu.nvlink_bw,
+                                                              gpu.ib_bw)
+
+
+def plan(model: PlanModel, layout: Layout, gpu: GPU, *, profile: Profile | None = None,
          gpus_per_node: int = 8, iteration_time: float | None = None) -> Plan:
-    """Estimate one layout (validated first)."""
+    """Estimate one layout (validated first) on ``profile`` (default: :func:`default_profile`)."""
     validate_layout(model, layout)
-    if not 0 < efficiency <= 1:
-        raise ConfigError(f"--efficiency must be in (0, 1], got {efficiency}")
+    if gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node must be >= 1, got {gpus_per_node}")
+    prof = profile or default_profile(gpu)
     cfg, lo, s = model.cfg, layout, model.seq_len
     V = cfg.padded_vocab_size(lo.tp)
     flops = flops_per_iteration(lo.global_batch, s, cfg.num_layers, cfg.hidden_size, V, lo.recompute)
@@ -181,14 +196,18 @@ def plan(model: PlanModel, layout: Layout, gpu: GPU, *, efficiency: float = COMP
                          dtype_bytes=gpu.dtype_bytes, grad_bytes=gpu.dtype_bytes, nvlink_bw=gpu.nvlink_bw,
                          ib_bw=gpu.ib_bw, gpus_per_node=gpus_per_node)
     bubble = bubble_fraction(sched, lo.pp, m, lo.chunks) if lo.pp > 1 else 0.0
-    compute = flops / (lo.gpus * gpu.peak_flops * efficiency)
-    times = {"compute": compute, "tp_comm": comm.tp_s,
-             "bubble": bubble / (1 - bubble) * (compute + comm.tp_s) if bubble < 1 else float("inf"),
-             "pp_comm": comm.pp_s, "dp_comm": comm.dp_s}
+    shape = Shape(layers=cfg.num_layers, hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size, heads=cfg.num_heads,
+                  vocab=V, seq=s, micro_batch=lo.micro_batch, microbatches=m, tp=lo.tp, pp=lo.pp, dp=lo.dp,
+                  chunks=lo.chunks, recompute=lo.recompute, zero=lo.zero, sp=lo.sequence_parallel and lo.tp > 1,
+                  dtype_bytes=gpu.dtype_bytes, mixed_precision=gpu.mixed_precision, params_per_gpu=ppg,
+                  bubble_fraction=bubble, gpus_per_node=gpus_per_node)
+    times = iteration_terms(prof, shape)
+    comm = replace(comm, tp_s=times["tp_comm"], pp_s=times["pp_comm"], dp_s=dp_times(prof, shape)[0])
     achieved = None
     if iteration_time is not None:
         if not iteration_time > 0:
             raise ConfigError(f"--iteration-time must be > 0 seconds, got {iteration_time}")
         achieved = flops / (lo.gpus * iteration_time) / 1e12
     return Plan(model, lo, gpu, params_exact(cfg, lo.tp),
-                params_eq2(cfg.num_layers, cfg.hidden_size, V, s), flops, mem, comm, bubble, times, achieved)
+                params_eq2(cfg.num_layers, cfg.hidden_size, V, s), flops, mem, comm, bubble, times, achieved,
+                profile_name=prof.name, shape=shape)

@@ -26,17 +26,18 @@ class GPU:
     memory_bytes: float
     nvlink_bw: float  # bytes/s per GPU per direction inside a node
     ib_bw: float  # bytes/s per GPU per direction between nodes
+    hbm_bw: float = 2039 * GB  # memory bandwidth, bytes/s (data sheet)
     dtype_bytes: int = 2  # bytes of a weight / activation in the compute dtype
     mixed_precision: bool = True  # True: bf16 weights + fp32 master copy in the optimizer
 
 
 GPUS: dict[str, GPU] = {
-    "a100-40gb": GPU("a100-40gb", 312e12, 40960 * MiB, 300 * GB, 25 * GB),
-    "a100-80gb": GPU("a100-80gb", 312e12, 81920 * MiB, 300 * GB, 25 * GB),
-    "h100-80gb": GPU("h100-80gb", 989e12, 81559 * MiB, 450 * GB, 50 * GB),
-    "h200": GPU("h200", 989e12, 143771 * MiB, 450 * GB, 50 * GB),
+    "a100-40gb": GPU("a100-40gb", 312e12, 40960 * MiB, 300 * GB, 25 * GB, 1555 * GB),
+    "a100-80gb": GPU("a100-80gb", 312e12, 81920 * MiB, 300 * GB, 25 * GB, 2039 * GB),
+    "h100-80gb": GPU("h100-80gb", 989e12, 81559 * MiB, 450 * GB, 50 * GB, 3350 * GB),
+    "h200": GPU("h200", 989e12, 143771 * MiB, 450 * GB, 50 * GB, 4800 * GB),
     # fp32 on CPU: "NVLink" stands for shared memory, "IB" for a 10 Gb/s-class network.
-    "cpu": GPU("cpu", 1e11, 64 * 2**30, 10 * GB, 1.25 * GB, dtype_bytes=4, mixed_precision=False),
+    "cpu": GPU("cpu", 1e11, 64 * 2**30, 10 * GB, 1.25 * GB, 20 * GB, dtype_bytes=4, mixed_precision=False),
 }
 
 

@@ -5,7 +5,8 @@ otherwise); pp x vpp divides the layers; B is a multiple of b x dp; the schedule
 (m >= p for 1F1B and interleaved; interleaved needs m % p == 0 as in Megatron); ZeRO-2/3 only
 without pipelining; and the first stage fits in the GPU's memory. pp > 1 runs 1F1B, vpp > 1
 interleaved 1F1B. Ranked by estimated tokens per second (the same for every layout of one batch,
-so: by estimated iteration time), ties broken by lower memory.
+so: by estimated iteration time from :mod:`mtnlg.plan.timemodel`), ties broken by lower memory; each
+plan names its limiting term (the largest of the time terms).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from mtnlg.errors import ConfigError, MtnlgError
-from mtnlg.plan.estimate import COMPUTE_EFFICIENCY, Layout, Plan, plan
+from mtnlg.plan.estimate import Layout, Plan, plan
 from mtnlg.plan.gpus import GPU
 from mtnlg.plan.presets import PlanModel
+from mtnlg.plan.profile import Profile
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 VPPS = (1, 2, 4)
@@ -57,14 +59,14 @@ def candidate_layouts(model: PlanModel, gpus: int, global_batch: int, *, gpus_pe
 
 
 def search(model: PlanModel, gpus: int, gpu: GPU, global_batch: int, *, top: int = 10, gpus_per_node: int = 8,
-           max_tp: int | None = None, efficiency: float = COMPUTE_EFFICIENCY) -> list[Plan]:
+           max_tp: int | None = None, profile: Profile | None = None) -> list[Plan]:
     """The ``top`` fitting layouts, fastest first."""
     if gpus < 1 or global_batch < 1:
         raise ConfigError(f"--gpus and --global-batch must be >= 1, got {gpus} and {global_batch}")
     plans = []
     for layout in candidate_layouts(model, gpus, global_batch, gpus_per_node=gpus_per_node, max_tp=max_tp):
         try:
-            p = plan(model, layout, gpu, efficiency=efficiency, gpus_per_node=gpus_per_node)
+            p = plan(model, layout, gpu, profile=profile, gpus_per_node=gpus_per_node)
         except MtnlgError:
             continue
         if p.fits:

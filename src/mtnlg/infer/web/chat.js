@@ -1,5 +1,6 @@
 // mtnlg chat page: streams replies from the OpenAI-compatible API, keeps the conversation,
-// shows tokens/s, and has a poem mode (two lines in, the next line out). No dependencies.
+// shows tokens/s, and has a poem mode (two lines in, a couplet of the same form out, as `mtnlg poem`
+// writes it: the server constrains every line to 5 or 7 characters and its punctuation). No dependencies.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -9,8 +10,30 @@ let busy = false;
 let controller = null;
 let seed = null;           // ?seed=N makes sampling reproducible
 
-$("api-key").value = localStorage.getItem("mtnlg-api-key") || "";
-$("api-key").addEventListener("change", (e) => localStorage.setItem("mtnlg-api-key", e.target.value));
+const keyBox = $("api-key");
+keyBox.value = localStorage.getItem("mtnlg-api-key") || "";
+keyBox.addEventListener("change", (e) => {
+  localStorage.setItem("mtnlg-api-key", e.target.value);
+  keyBox.classList.remove("needed");
+  loadModel();
+});
+
+const KEY_NEEDED = "This server needs an API key: enter it in the \u201cAPI key\u201d box below, then send again.";
+
+function askForKey() {
+  keyBox.classList.add("needed");
+  keyBox.focus();
+}
+
+// The model label: loaded at start, and again once a key is entered (no reload needed).
+function loadModel() {
+  return fetch("/v1/models", { headers: headers() }).then((r) => {
+    if (r.status === 401) { $("model").textContent = "enter the API key to connect"; return null; }
+    return r.json();
+  }).then((j) => {
+    if (j && j.data && j.data[0]) $("model").textContent = `${j.data[0].id} · context ${j.data[0].max_model_len}`;
+  }).catch(() => {});
+}
 
 function mode() { return document.querySelector("input[name=mode]:checked").value; }
 
@@ -32,7 +55,7 @@ function bubble(role, text, extra) {
 
 function headers() {
   const h = { "Content-Type": "application/json" };
-  const key = $("api-key").value.trim();
+  const key = keyBox.value.trim();
   if (key) h["Authorization"] = `Bearer ${key}`;
   return h;
 }
@@ -78,8 +101,8 @@ async function send(text) {
   if (poem) {
     const lines = text.split("\n").map((l) => l.trim()).filter(Boolean).slice(-2);
     bubble("user", lines.join("\n"), "poem");
-    url = "/v1/completions";
-    body = { prompt: lines.join("\n") + "\n", max_tokens: Math.min(maxTokens, 48), temperature, stop: ["\n"] };
+    url = "/v1/poem";  // the server keeps the form: the same line constraint as `mtnlg poem`
+    body = { prompt: lines.join(""), lines: 2, temperature };
   } else {
     history.push({ role: "user", content: text });
     bubble("user", text);
@@ -87,8 +110,10 @@ async function send(text) {
     body = { messages: history, max_tokens: maxTokens, temperature };
   }
   if (seed !== null) body.seed = seed;
-  body.stream = true;
-  body.stream_options = { include_usage: true };
+  if (!poem) {
+    body.stream = true;
+    body.stream_options = { include_usage: true };
+  }
   const out = bubble("assistant", "", "streaming" + (poem ? " poem" : ""));
   const t0 = performance.now();
   let first = null, pieces = 0, reply = "";
@@ -98,8 +123,18 @@ async function send(text) {
     if (!resp.ok) {
       let msg = `HTTP ${resp.status}`;
       try { msg = (await resp.json()).error.message; } catch (e) { /* keep the status */ }
+      if (resp.status === 401) { askForKey(); msg = KEY_NEEDED; }
       throw new Error(msg);
     }
+    if (poem) {
+      const j = await resp.json();
+      first = performance.now();
+      reply = j.lines.join("\n");
+      out.textContent = reply;
+      stats.textContent = `${j.lines.length} lines · ${((first - t0) / 1000).toFixed(2)} s`;
+      return;
+    }
+    if (!$("model").textContent.includes("·")) loadModel();
     const usage = await streamSSE(resp, (delta) => {
       if (first === null) first = performance.now();
       pieces += 1;
@@ -145,9 +180,7 @@ input.addEventListener("keydown", (e) => {
 });
 $("reset").addEventListener("click", () => { history = []; log.textContent = ""; stats.textContent = "new chat"; });
 
-fetch("/v1/models", { headers: headers() }).then((r) => r.json()).then((j) => {
-  if (j.data && j.data[0]) $("model").textContent = `${j.data[0].id} · context ${j.data[0].max_model_len}`;
-}).catch(() => {});
+loadModel();
 
 // ?mode=poem&q=text sends a message on load (used by the browser test and for sharing links).
 const params = new URLSearchParams(location.search);

@@ -1,0 +1,459 @@
+"""The OpenAI protocol as vLLM serves it: parse and validate request bodies, render responses. No app here.
+
+Everything in this module is plain synchronous Python so the app (:mod:`mtnlg.infer.server`) can run
+it in a worker thread: parsing a 1 MiB body and tokenizing it never blocks the event loop. Every
+number a request can send is checked here, and either rejected with a 400 that names the field or
+clamped to what the math can take (``top_k`` above the vocabulary means the vocabulary, a
+temperature below :data:`TEMPERATURE_FLOOR` is greedy), so no request reaches the engine with a
+value that could make it fail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mtnlg.data.tokenizer import END_OF_TURN
+from mtnlg.errors import ConfigError
+from mtnlg.infer.chat_template import ChatTemplate
+from mtnlg.infer.poem_form import parse_poem
+from mtnlg.infer.sampling import SamplingParams
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB
+MAX_N = 16
+MAX_PROMPTS = 64
+MAX_STOP = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20
+MAX_POEM_LINES = 8
+TEMPERATURE_FLOOR = 1e-3  # below this a temperature is greedy: dividing logits by less overflows nothing useful
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # logits scaled by at most 100x either way
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def bad(param: str, message: str) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def too_large(detail: str) -> ApiError:
+    return ApiError(413, f"the request body {detail}; the limit is {MAX_BODY_BYTES} bytes (1 MiB)",
+                    code="request_too_large")
+
+
+# -- bodies and fields -------------------------------------------------------------------------------------
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """``raw`` as a JSON object; 400 (naming the problem) when it is empty, not UTF-8, not JSON (NaN and
+    Infinity are not JSON), too deeply nested, not an object, or holds a lone UTF-16 surrogate."""
+    if not raw.strip():
+        raise bad("body", "the request body is empty; send a JSON object")
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(raw, parse_constant=no_constants)
+        # a lone surrogate ("\ud800") is valid JSON but not text: it cannot be encoded, tokenized or echoed
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeDecodeError:
+        raise bad("body", "the request body is not valid UTF-8") from None
+    except UnicodeEncodeError:
+        raise bad("body", "the request body holds a lone UTF-16 surrogate (like \\ud800); send valid text") from None
+    except RecursionError:
+        raise bad("body", "the request body is nested too deeply") from None
+    except ValueError as e:
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+        raise bad("body", f"the request body is not valid JSON ({msg})") from None
+    if not isinstance(body, dict):
+        raise bad("body", f"the request body must be a JSON object, got {json_type(body)}")
+    return body
+
+
+_TYPE_NAMES = {"int": "an integer", "number": "a number", "bool": "a boolean", "str": "a string"}
+
+
+def json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def get_field(body: dict[str, Any], name: str, kind: str, default: Any = None, lo: float | None = None,
+              hi: float | None = None, lo_open: bool = False) -> Any:
+    """``body[name]`` checked to be of ``kind`` (int | number | bool | str) and within [lo, hi]; null = default."""
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise bad(name, f"'{name}' must be {_TYPE_NAMES[kind]}, got {json_type(value)}")
+    if kind == "number":
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float range
+            value = math.inf
+        if not math.isfinite(value):
+            raise bad(name, f"'{name}' must be a finite number")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise bad(name, f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {_short(value)}")
+    if hi is not None and value > hi:
+        raise bad(name, f"'{name}' must be <= {hi}, got {_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    s = str(value)
+    return s if len(s) <= 40 else s[:20] + "..." + s[-8:]
+
+
+def string_list(body: dict[str, Any], name: str, limit: int, max_chars: int = MAX_STOP_CHARS) -> list[str]:
+    value = body.get(name)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise bad(name, f"'{name}' must be a string or an array of strings")
+    if len(value) > limit:
+        raise bad(name, f"'{name}' has {len(value)} entries; at most {limit} are allowed")
+    if any(len(s) > max_chars for s in value):
+        raise bad(name, f"each '{name}' string must be at most {max_chars} characters")
+    return [s for s in value if s]
+
+
+def int_list(body: dict[str, Any], name: str, limit: int | None = None) -> list[int]:
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise bad(name, f"'{name}' must be an array of integers")
+    if limit is not None and len(value) > limit:
+        raise bad(name, f"'{name}' has {len(value)} entries; at most {limit} are allowed")
+    return value
+
+
+def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) from ``stream`` and ``stream_options``."""
+    stream = get_field(body, "stream", "bool", False)
+    so = body.get("stream_options")
+    if so is not None and (not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool)):
+        raise bad("stream_options", "'stream_options' must be an object like {\"include_usage\": true}")
+    return stream, bool(stream and so and so.get("include_usage"))
+
+
+def sampling_from_body(body: dict[str, Any], stop_ids: list[int], top_logprobs: int | None,
+                       vocab_size: int) -> SamplingParams:
+    """The per-request :class:`SamplingParams` from the OpenAI (plus vLLM extra) fields, validated and clamped."""
+    top_k = get_field(body, "top_k", "int", 0, lo=-1)
+    seed = get_field(body, "seed", "int")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise bad("seed", "'seed' must fit in 64 bits")
+    temperature = get_field(body, "temperature", "number", 1.0, lo=0, hi=100)
+    lo, hi = REPETITION_PENALTY_RANGE
+    rep = get_field(body, "repetition_penalty", "number", 1.0, lo=0, hi=hi, lo_open=True)
+    if rep < lo:
+        raise bad("repetition_penalty", f"'repetition_penalty' must be in [{lo}, {hi}] (1 = off), got {_short(rep)}")
+    return SamplingParams(
+        temperature=temperature if temperature >= TEMPERATURE_FLOOR else 0.0,
+        top_p=get_field(body, "top_p", "number", 1.0, lo=0, hi=1, lo_open=True),
+        top_k=min(max(top_k, 0), vocab_size),
+        min_p=get_field(body, "min_p", "number", 0.0, lo=0, hi=1),
+        presence_penalty=get_field(body, "presence_penalty", "number", 0.0, lo=-2, hi=2),
+        frequency_penalty=get_field(body, "frequency_penalty", "number", 0.0, lo=-2, hi=2),
+        repetition_penalty=rep,
+        seed=None if seed is None else seed % (2**63),
+        stop=string_list(body, "stop", MAX_STOP),
+        stop_token_ids=list(stop_ids) + int_list(body, "stop_token_ids", MAX_STOP_TOKEN_IDS),
+        logprobs=top_logprobs,
+        ignore_eos=get_field(body, "ignore_eos", "bool", False),
+    ).validate()
+
+
+def seeded(params: SamplingParams, index: int, n: int) -> SamplingParams:
+    """Choice ``index`` of ``n`` per prompt: the j-th sample of a seeded request gets seed + j."""
+    if params.seed is None or index % n == 0:
+        return params
+    return replace(params, seed=(params.seed + index % n) % (2**63))
+
+
+# -- text <-> tokens ---------------------------------------------------------------------------------------
+class TextCodec:
+    """The tokenizer as the server uses it, from worker threads: encoding and decoding go through the
+    batch calls of the Rust tokenizer, which release the GIL, so a 1 MiB prompt does not stall the
+    event loop. Chat content is encoded as plain text (see :mod:`mtnlg.infer.chat_template`)."""
+
+    def __init__(self, tokenizer: Any):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.tok = tokenizer
+        self.vocab_size = tokenizer.vocab_size
+        self.eod_id = tokenizer.eod_id
+        self._as_text = HFTokenizer.from_str(tokenizer.hf.to_str())  # a copy that never parses special tokens
+        self._as_text.encode_special_tokens = True
+        codec = self
+
+        class _Template(ChatTemplate):
+            def encode_text(self, text: str) -> list[int]:
+                return codec.encode_text(text)
+
+        try:
+            self.template: ChatTemplate | None = _Template(tokenizer)
+        except ConfigError:
+            self.template = None
+        eot = tokenizer.token_to_id(END_OF_TURN)
+        self.completion_stop_ids = [tokenizer.eod_id]
+        self.chat_stop_ids = [tokenizer.eod_id] + ([eot] if eot is not None else [])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.hf.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._as_text.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.hf.decode_batch([list(ids)], skip_special_tokens=False)[0]
+
+    def token_text(self, tok: int) -> str:
+        return self.tok.token_bytes(tok).decode("utf-8", errors="replace")
+
+    def chat_prompt(self, messages: Any) -> list[int]:
+        if self.template is None:
+            raise bad("messages", "this model's tokenizer has no chat tokens; use /v1/completions")
+        try:
+            return self.template.prompt_ids(messages)
+        except ConfigError as e:
+            raise bad("messages", str(e)) from None
+
+    def check_ids(self, ids: list[int], param: str) -> list[int]:
+        wrong = [t for t in ids if not 0 <= t < self.vocab_size]
+        if wrong:
+            raise bad(param, f"token id {_short(wrong[0])} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+
+def parse_prompts(body: dict[str, Any], codec: TextCodec) -> list[list[int]]:
+    """``prompt`` as token lists: a string, strings, token ids or lists of token ids. An empty
+    string starts from the end-of-document token."""
+    if body.get("prompt") is None:
+        raise bad("prompt", "'prompt' is required")
+    p = body["prompt"]
+    items: list[Any]
+    if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                 for t in p)):
+        items = [p]
+    elif isinstance(p, list) and p:
+        items = p
+    else:
+        raise bad("prompt", "'prompt' must be a string, an array of strings, or token ids")
+    if len(items) > MAX_PROMPTS:
+        raise bad("prompt", f"'prompt' has {len(items)} entries; at most {MAX_PROMPTS} are allowed")
+    out = []
+    for it in items:
+        if isinstance(it, str):
+            ids = codec.encode(it)
+        elif isinstance(it, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in it):
+            ids = codec.check_ids(list(it), "prompt")
+        else:
+            raise bad("prompt", "'prompt' must be a string, an array of strings, or token ids")
+        out.append(ids or [codec.eod_id])
+    return out
+
+
+def max_tokens_field(body: dict[str, Any], names: tuple[str, ...]) -> tuple[int | None, str]:
+    """The first of ``names`` that is set (>= 1), and its name."""
+    for n in names:
+        v = get_field(body, n, "int", None, lo=1)
+        if v is not None:
+            return v, n
+    return None, names[0]
+
+
+# -- requests ----------------------------------------------------------------------------------------------
+@dataclass
+class GenerationRequest:
+    """A parsed /v1/completions or /v1/chat/completions request."""
+
+    chat: bool
+    prompts: list[list[int]]
+    n: int
+    params: SamplingParams
+    max_tokens: int | None  # None: what the context leaves
+    max_tokens_name: str
+    stream: bool
+    include_usage: bool
+    logprobs: int | None = None  # completions: top-k logprobs
+    echo: bool = False
+    want_logprobs: bool = False  # chat
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
+
+
+def parse_completion(body: dict[str, Any], codec: TextCodec) -> GenerationRequest:
+    stream, include_usage = stream_flags(body)
+    n = get_field(body, "n", "int", 1, lo=1, hi=MAX_N)
+    logprobs = get_field(body, "logprobs", "int", None, lo=0, hi=MAX_LOGPROBS)
+    echo = get_field(body, "echo", "bool", False)
+    params = sampling_from_body(body, codec.completion_stop_ids, logprobs, codec.vocab_size)
+    max_tokens, name = max_tokens_field(body, ("max_tokens",))
+    prompts = parse_prompts(body, codec)
+    return GenerationRequest(False, prompts, n, params, 16 if max_tokens is None else max_tokens, name, stream,
+                             include_usage, logprobs=logprobs, echo=echo)
+
+
+def parse_chat(body: dict[str, Any], codec: TextCodec) -> GenerationRequest:
+    if "messages" not in body:
+        raise bad("messages", "'messages' is required")
+    stream, include_usage = stream_flags(body)
+    n = get_field(body, "n", "int", 1, lo=1, hi=MAX_N)
+    want_lp = get_field(body, "logprobs", "bool", False)
+    top = get_field(body, "top_logprobs", "int", 0, lo=0, hi=MAX_LOGPROBS)
+    params = sampling_from_body(body, codec.chat_stop_ids, top if want_lp else None, codec.vocab_size)
+    max_tokens, name = max_tokens_field(body, ("max_completion_tokens", "max_tokens"))
+    prompt = codec.chat_prompt(body["messages"])
+    return GenerationRequest(True, [prompt], n, params, max_tokens, name, stream, include_usage,
+                             want_logprobs=want_lp)
+
+
+@dataclass
+class PoemRequest:
+    """``POST /v1/poem`` (an mtnlg extension): the opening lines and how many more, in the same form."""
+
+    text: str
+    lines: int
+    params: SamplingParams
+
+
+def parse_poem_request(body: dict[str, Any], vocab_size: int) -> PoemRequest:
+    text = get_field(body, "prompt", "str")
+    if text is None:
+        raise bad("prompt", "'prompt' (the opening lines, e.g. \"床前明月光，疑是地上霜。\") is required")
+    try:
+        parse_poem(text)
+    except ConfigError as e:
+        raise bad("prompt", str(e)) from None
+    lines = get_field(body, "lines", "int", 2, lo=1, hi=MAX_POEM_LINES)
+    p = sampling_from_body(body, [], None, vocab_size)
+    return PoemRequest(text, lines, SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                                   min_p=p.min_p, seed=p.seed))
+
+
+# -- responses ---------------------------------------------------------------------------------------------
+class Choice:
+    """One running generation (a prompt x one of n) and what it produced so far."""
+
+    def __init__(self, index: int, prompt_ids: list[int], prefix: str):
+        self.index = index
+        self.prompt_ids = prompt_ids
+        self.prefix = prefix  # the echoed prompt
+        self.req: Any = None  # the engine's request handle (has .cancel())
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[Any] = []
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+
+    def add(self, out: Any) -> bool:
+        """Record one engine output; True when it was the last."""
+        self.text += out.text
+        self.token_ids += out.token_ids
+        if out.logprobs:
+            self.logprobs += out.logprobs
+        if out.finish_reason is not None:
+            self.finish_reason, self.completion_tokens = out.finish_reason, out.completion_tokens
+            return True
+        return False
+
+
+def usage(choices: list[Choice], prompts: list[list[int]]) -> dict[str, int]:
+    prompt = sum(len(p) for p in prompts)
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_logprobs(codec: TextCodec, lps: list[Any], offset: int) -> dict[str, Any]:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for lp in lps:
+        t = codec.token_text(lp.token_id)
+        tokens.append(t)
+        token_lps.append(lp.logprob)
+        tops.append({codec.token_text(i): v for i, v in lp.top})
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(codec: TextCodec, lps: list[Any]) -> dict[str, Any]:
+    def entry(tok: int, lp: float) -> dict[str, Any]:
+        return {"token": codec.token_text(tok), "logprob": lp, "bytes": list(codec.tok.token_bytes(tok))}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+                        for lp in lps]}
+
+
+def render_choice(req: GenerationRequest, codec: TextCodec, c: Choice) -> dict[str, Any]:
+    """One finished choice of a non-streamed response."""
+    if req.chat:
+        return {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(codec, c.logprobs) if req.want_logprobs else None,
+                "finish_reason": c.finish_reason}
+    lp = completion_logprobs(codec, c.logprobs, len(c.prefix)) if req.logprobs is not None else None
+    return {"index": c.index, "text": c.prefix + c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+
+
+def render_delta(req: GenerationRequest, codec: TextCodec, c: Choice, out: Any, offset: int) -> dict[str, Any]:
+    """One streamed piece of a choice; ``offset`` is where its text starts (completions' text_offset)."""
+    if req.chat:
+        lp = chat_logprobs(codec, out.logprobs) if req.want_logprobs and out.logprobs else None
+        delta = {"content": out.text} if out.text or out.finish_reason is None else {}
+        return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
+    lp = None
+    if req.logprobs is not None and out.logprobs:
+        lp = completion_logprobs(codec, out.logprobs, offset)
+    return {"index": c.index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+
+
+def openers(req: GenerationRequest, choices: list[Choice]) -> list[dict[str, Any]]:
+    """The first streamed chunks: the assistant role (chat) or the echoed prompt (completions)."""
+    if req.chat:
+        return [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None} for c in choices]
+    return [{"index": c.index, "text": c.prefix, "logprobs": None, "finish_reason": None}
+            for c in choices if c.prefix]
+
+
+ABORTED = error_body("generation stopped: the engine failed or is shutting down", "server_error",
+                     code="generation_aborted")
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+__all__ = ["ABORTED", "ApiError", "Choice", "GenerationRequest", "PoemRequest", "TextCodec", "bad", "error_body",
+           "get_field", "int_list", "parse_chat", "parse_completion", "parse_json", "parse_poem_request",
+           "parse_prompts", "render_choice", "render_delta", "sampling_from_body", "sse", "usage"]

@@ -1,0 +1,235 @@
+"""``mtnlg plan --calibrate``: measure this machine into a :class:`~mtnlg.plan.profile.Profile`.
+
+* matmuls: ``torch.mm`` at the shapes the layouts produce (forward, input-gradient and weight-gradient
+  shapes of QKV, proj, fc1, fc2 and the logit layer, from :func:`mtnlg.plan.timemodel.lookup_shapes`)
+  plus a sweep of cubes for everything else; best of several runs (the CPU is shared: the best run is
+  the least disturbed one);
+* fused attention: ``scaled_dot_product_attention`` forward + backward (causal) at (s, head_dim);
+* element-wise bandwidth: an out-of-cache ``add`` (2 reads + 1 write);
+* per-op overhead: a training step of a 2-layer, 16-wide GPT (its arithmetic negligible) over the
+  number of ops the time model counts for it;
+* collectives: all-reduce, all-gather, reduce-scatter and send/recv between 2 gloo ranks spawned with
+  ``torch.multiprocessing``, at several message sizes; latency and bus bandwidth fitted by least
+  squares to t = latency + bytes x ring factor / busbw (used outside the measured sizes; inside, the
+  measured points are interpolated). Both link kinds get these figures (one host).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+from mtnlg.plan.profile import COLLECTIVES, LinkOp, Profile, ring_factor
+
+CUBES = (64, 128, 256, 512, 1024)
+ATTENTION = ((8, 128, 64), (8, 256, 64))  # (batch x heads, s, head_dim)
+MESSAGE_BYTES = (4 * 2**10, 32 * 2**10, 256 * 2**10, 2**20, 8 * 2**20)
+
+
+def _best(fn: Callable[[], object], repeats: int, budget_s: float = 0.5) -> float:
+    fn()  # warm-up
+    best, t_end = float("inf"), time.perf_counter() + budget_s
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        if i >= 2 and time.perf_counter() > t_end:
+            break
+    return best
+
+
+def measure_gemm(m: int, n: int, k: int, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Achieved FLOP/s of ``[m, k] @ [k, n]``."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    return 2.0 * m * n * k / _best(lambda: torch.mm(a, b, out=out), repeats)
+
+
+def measure_attention(batch_heads: int, s: int, d: int, repeats: int = 5) -> float:
+    """Achieved FLOP/s (the planner's count: 3 x 4·s²·d per head, forward + backward) of causal SDPA."""
+    q, k, v = (torch.randn(1, batch_heads, s, d, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, batch_heads, s, d)
+
+    def step():
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y.backward(g)
+
+    return 3 * 4.0 * batch_heads * s * s * d / _best(step, repeats)
+
+
+def measure_elementwise(numel: int = 1 << 22, repeats: int = 10) -> float:
+    """Bytes/s of an out-of-cache element-wise op (``a + b -> c``: 2 reads, 1 write, fp32)."""
+    a, b, c = torch.randn(numel), torch.randn(numel), torch.empty(numel)
+    return 3 * 4 * numel / _best(lambda: torch.add(a, b, out=c), repeats)
+
+
+def measure_op_overhead(repeats: int = 20) -> float:
+    """Seconds per op of a training step of a GPT so small its arithmetic is negligible: the step's time
+    (forward, loss, backward, clipping, foreach AdamW) over the ops the time model counts for it."""
+    import torch.nn.functional as F
+
+    from mtnlg.config import ModelConfig
+    from mtnlg.model import build_model, materialize
+    from mtnlg.plan.timemodel import Shape, stage_parts, step_ops
+    from mtnlg.plan.profile import Profile as _P
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, ffn_hidden_size=64, max_seq_len=8,
+                      make_vocab_size_divisible_by=1)
+    model = materialize(build_model(cfg), seed=0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    tokens = torch.randint(0, 64, (1, 9))
+
+    def step():
+        loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = _best(step, repeats)
+    sh = Shape(layers=2, hidden=16, ffn=64, heads=2, vocab=64, seq=8, micro_batch=1, microbatches=1)
+    unit = _P("ops", 1.0, [(1, 1, 1, 1.0)], 1.0, 1.0, {})  # op overhead 1 s: stage_parts' overhead = op count
+    ops = stage_parts(unit, sh, True, True)["overhead"] + step_ops(sh)
+    return seconds / ops
+
+
+# -- collectives -------------------------------------------------------------------------------------
+def _op(name: str, nbytes: int, rank: int, dist) -> Callable[[], None]:
+    n = max(2, nbytes // 4 // 2 * 2)
+    x = torch.ones(n)
+    if name == "all_reduce":
+        return lambda: dist.all_reduce(x)
+    if name == "all_gather":  # the buffer (the gathered output) is n elements
+        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        shard, out = torch.ones(n // 2), torch.empty(n)
+        return lambda: fn(out, shard)
+    if name == "reduce_scatter":
+        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        out = torch.empty(n // 2)
+        return lambda: fn(out, x)
+    peer = 1 - rank
+
+    def ping():  # one message each way, so each rank measures one send + one receive
+        if rank == 0:
+            dist.send(x, peer)
+            dist.recv(x, peer)
+        else:
+            dist.recv(x, peer)
+            dist.send(x, peer)
+
+    return ping
+
+
+def _collective_worker(rank: int, port: int, sizes: tuple[int, ...], repeats: int, queue) -> None:
+    import warnings
+
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        rows = []
+        for name in COLLECTIVES:
+            for nbytes in sizes:
+                fn = _op(name, nbytes, rank, dist)
+                for _ in range(2):
+                    dist.barrier()
+                    fn()
+                times = []
+                for _ in range(repeats):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+                t = min(times)
+                if name == "send_recv":
+                    t /= 2  # a round trip is two messages
+                rows.append({"op": name, "bytes": nbytes, "ranks": 2, "seconds": t})
+        if rank == 0:
+            queue.put(rows)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_collectives(sizes: Iterable[int] = MESSAGE_BYTES, repeats: int = 8) -> list[dict]:
+    """Seconds of each collective between 2 gloo ranks (spawned processes) at each message size."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_collective_worker, args=(r, port, tuple(sizes), repeats, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        rows = queue.get(timeout=300)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    return rows
+
+
+def fit_link(rows: list[dict], op: str) -> LinkOp:
+    """Least-squares latency and bus bandwidth of ``op`` from its measured rows (t = a + bytes·factor / busbw)."""
+    pts = [(r["bytes"] * ring_factor(op, r["ranks"]), r["seconds"]) for r in rows if r["op"] == op]
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx > 0 else 0.0
+    if slope <= 0:  # no size dependence measured: all latency
+        return LinkOp(my, 1e15)
+    latency = max(0.0, my - slope * mx)
+    return LinkOp(latency, 1.0 / slope)
+
+
+def calibrate(gemm_shapes: Iterable[tuple[int, int, int]] = (), attention_shapes: Iterable[tuple[int, int, int]] = (),
+              *, threads: int = 1, name: str | None = None,
+              progress: Callable[[str], None] | None = None) -> Profile:
+    """Measure this machine (``threads`` torch threads per rank, as the runs to plan will use)."""
+    say = progress or (lambda _msg: None)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        shapes = sorted(set(gemm_shapes) | {(c, c, c) for c in CUBES})
+        say(f"matmuls: {len(shapes)} shapes")
+        gemm = [(m, n, k, measure_gemm(m, n, k)) for m, n, k in shapes]
+        att = []
+        for bh, s, d in sorted(set(attention_shapes) | set(ATTENTION)):
+            say(f"attention: {bh} heads x s={s} x d={d}")
+            att.append((s, s, d, measure_attention(bh, s, d)))
+        say("element-wise bandwidth and op overhead")
+        bw = measure_elementwise()
+        overhead = measure_op_overhead()
+    finally:
+        torch.set_num_threads(previous)
+    say("collectives: 2 gloo ranks")
+    rows = measure_collectives()
+    link = {op: fit_link(rows, op) for op in COLLECTIVES}
+    link = {op: LinkOp(lo.latency_s, lo.busbw, tuple(sorted((r["bytes"] * ring_factor(op, r["ranks"]), r["seconds"])
+                                                          for r in rows if r["op"] == op)))
+            for op, lo in link.items()}
+    cores = os.cpu_count() or 1
+    where = f"measured by `mtnlg plan --calibrate` on this host ({cores} cores, {threads} thread(s) per rank, " \
+            f"torch {torch.__version__}) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    sources = {"gemm": f"torch.mm fp32, best of up to 10 runs; {where}",
+               "attention": f"scaled_dot_product_attention causal forward + backward; {where}",
+               "elementwise": f"fp32 add of 4M elements (2 reads + 1 write); {where}",
+               "op_overhead": f"a training step of a 2-layer 16-wide GPT over the ops the time model counts; {where}",
+               "links": f"gloo, 2 ranks on this host, least-squares fit of {len(MESSAGE_BYTES)} sizes per op; "
+                        f"intra and inter are the same host link; {where}",
+               "overlap": "0: gloo runs on the same CPU cores as the computation it would overlap with (assumed)",
+               "concurrency": f"{cores} cores / {threads} thread(s) per rank"}
+    return Profile(name=name or f"cpu-{cores}core-{threads}thread", peak_flops=max(r for *_, r in gemm), gemm=gemm,
+                   elementwise_bw=bw, op_overhead_s=overhead, links={"intra": link, "inter": dict(link)},
+                   attention_kind="fused", attention=att, overlap=0.0,
+                   concurrency=max(1, cores // threads), source=where, sources=sources,
+                   link_points={"intra": rows, "inter": rows})

@@ -1,0 +1,235 @@
+"""Iteration time from parts, priced with a :class:`~mtnlg.plan.profile.Profile`.
+
+For one micro-batch on one pipeline stage (b micro-batch, s sequence, h hidden, f FFN, a heads,
+d = h/a, t tensor-parallel size, T = b·s tokens, r = 1/t with sequence parallelism else 1):
+
+* **gemm**: per layer the forward matmuls QKV (T, 3h/t, h), proj (T, h, h/t), fc1 (T, f/t, h) and
+  fc2 (T, h, f/t) as (m, n, k); each backward has the input-gradient (m, k, n) and the weight-gradient
+  (k, n, m) matmul; full recomputation runs the forward ones again. Each at its shape's rate in the
+  profile. The last stage adds the logit layer (T, V/t, h) and its two backward matmuls.
+* **attention**: ``unfused``: b·a/t batched matmuls (s, s, d) for QKᵀ and (s, d, s) for softmax·V,
+  2 backward matmuls each (the forward recomputed under full and selective recomputation), at the
+  rate of the batched call's total FLOPs;
+  ``fused``: 4·T·s·h/t FLOPs forward, 3x that forward + backward, at the measured fused rate.
+* **elementwise**: bytes at the profile's bandwidth. Forward per layer, in elements: LayerNorms
+  2·(2·T·h·r), dropout + residual adds 2·(3·T·h·r), bias + GELU 2·T·f/t, and unfused attention's
+  softmax + dropout 4·b·a·s²/t; the backward moves twice the forward's bytes, recomputation once more.
+  The first stage adds the embedding (3·T·h), the last the fp32 cross entropy (5·T·V/t, 4 bytes).
+* **overhead**: launch/dispatch cost per op (profile ``op_overhead``) x ops: 14 per layer forward (the
+  ops of :class:`mtnlg.model.transformer.Block`), 28 backward, 14 per recomputed forward, 6 for the
+  embedding and 12 for the logits and loss per micro-batch; per step 16 optimizer and clipping
+  kernels plus one per parameter tensor (12 per layer + 4); with several ranks, 3 tiny all-reduces
+  over the world per step (loss, gradient norm, skip flag).
+* **optimizer**: Adam's bytes per parameter the GPU updates (mixed precision: reads fp32 master,
+  m, v, fp32 grad, writes master, m, v, bf16 copy = 30 B; fp32: 28 B) + the gradient-norm read.
+* **tp_comm**: per layer and micro-batch 2 collectives forward, 2 backward (+2 under full
+  recomputation) of the T·h activation: all-reduces, or all-gather + reduce-scatter pairs with SP;
+  one more for the vocab-parallel embedding (first stage) and one for gathering the logits' input
+  (last stage); 3 all-reduces of T fp32 values for the vocab-parallel cross entropy.
+* **pp_comm**: per micro-batch and model chunk one forward and one backward send of T·h/t elements.
+* **bubble**: f/(1-f) x (everything above but the optimizer), f the schedule's bubble fraction.
+* **dp_comm**: the gradient reduction over dp (ZeRO-0 all-reduce; ZeRO-1/2 reduce-scatter +
+  all-gather of the weights; ZeRO-3 an all-gather forward and backward and a reduce-scatter per
+  micro-batch), less the part the profile's ``overlap`` hides behind backward compute (the last
+  micro-batch's backward for ZeRO-0/1/2; all compute for ZeRO-3, whose gathers are prefetched).
+
+Compute terms are scaled by max(1, devices per host / profile concurrency): CPU ranks sharing cores.
+The slowest stage (the first or the last) sets the pace of the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mtnlg.plan.profile import Profile
+
+OPS_PER_LAYER_FWD = 14
+OPS_PER_STEP = 16  # foreach AdamW (~10 kernels) + gradient-norm clipping (~6)
+TERMS = ("gemm", "attention", "elementwise", "overhead", "tp_comm", "pp_comm", "bubble", "dp_comm", "optimizer")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the time model needs of a model and layout."""
+
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    vocab: int  # padded
+    seq: int
+    micro_batch: int
+    microbatches: int
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    chunks: int = 1
+    recompute: str = "none"
+    zero: int = 0
+    sp: bool = True
+    dtype_bytes: int = 2
+    mixed_precision: bool = True
+    params_per_gpu: float = 0.0
+    bubble_fraction: float = 0.0
+    gpus_per_node: int = 8
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+def _linear(p: Profile, m: int, n: int, k: int, passes: tuple[float, float, float]) -> float:
+    """Forward (m, n, k), input-grad (m, k, n), weight-grad (k, n, m), each run ``passes[i]`` times."""
+    fwd, dgrad, wgrad = passes
+    return fwd * p.gemm_time(m, n, k) + dgrad * p.gemm_time(m, k, n) + wgrad * p.gemm_time(k, n, m)
+
+
+def stage_parts(p: Profile, sh: Shape, first: bool, last: bool) -> dict[str, float]:
+    """Seconds of one micro-batch (forward + backward) on one stage, by compute term."""
+    b, s, h, f, a, t = sh.micro_batch, sh.seq, sh.hidden, sh.ffn, sh.heads, sh.tp
+    T, d, L = b * s, h // a, sh.layers // sh.pp
+    r = 1 / t if sh.sp and t > 1 else 1.0
+    full = sh.recompute == "full"
+    passes = (2.0 if full else 1.0, 1.0, 1.0)
+    layer_gemm = (_linear(p, T, 3 * h // t, h, passes) + _linear(p, T, h, h // t, passes)
+                  + _linear(p, T, f // t, h, passes) + _linear(p, T, h, f // t, passes))
+    heads = b * a // t
+    att_fwd_again = 1.0 if sh.recompute in ("full", "selective") else 0.0
+    if p.attention_kind == "fused":
+        flops = 4.0 * T * s * h / t
+        layer_att = (3 + att_fwd_again) * flops / p.attention_rate(s, d)
+        softmax = 0.0
+    else:
+        fwd = 1 + att_fwd_again  # QK^T (s, s, d) and softmax.V (s, d, s); each backward has 2 matmuls
+        layer_att = sum(c * p.batched_gemm_time(heads, *mnk) for mnk in ((s, s, d), (s, d, s))
+                        for c in (fwd, 2))
+        softmax = 4.0 * b * a * s * s / t
+    fwd_elems = 2 * 2 * T * h * r + 2 * 3 * T * h * r + 2 * T * f / t + softmax
+    ew_passes = 3 + (1 if full else 0)  # forward 1 + backward 2 (+ recomputed forward)
+    ew_bytes = ew_passes * fwd_elems * sh.dtype_bytes
+    if sh.recompute == "selective":
+        ew_bytes += softmax * sh.dtype_bytes
+    ops = L * OPS_PER_LAYER_FWD * (3 + (1 if full else 0))
+    gemm = L * layer_gemm
+    elementwise = L * ew_bytes / p.elementwise_bw
+    if first:
+        elementwise += 3 * 3 * T * h * sh.dtype_bytes / p.elementwise_bw
+        ops += 6
+    if last:
+        V = sh.vocab
+        gemm += _linear(p, T, V // t, h, (1, 1, 1))
+        elementwise += 5 * T * V / t * 4 / p.elementwise_bw
+        ops += 12
+    return {"gemm": gemm, "attention": L * layer_att, "elementwise": elementwise, "overhead": ops * p.op_overhead_s}
+
+
+def tp_time(p: Profile, sh: Shape) -> float:
+    """TP collectives of one micro-batch on one stage (on the critical path)."""
+    if sh.tp == 1:
+        return 0.0
+    act = sh.micro_batch * sh.seq * sh.hidden * sh.dtype_bytes
+    n = 6 if sh.recompute == "full" else 4
+    span, g = sh.tp, sh.gpus_per_node
+    if sh.sp:  # each all-reduce becomes an all-gather + reduce-scatter pair (the same bytes)
+        one = p.collective_time("all_gather", act, sh.tp, span, g) + p.collective_time("reduce_scatter", act, sh.tp,
+                                                                                         span, g)
+    else:
+        one = p.collective_time("all_reduce", act, sh.tp, span, g)
+    ends = 2 if sh.pp == 1 else 1  # vocab-parallel embedding (first stage), gathering for the logits (last)
+    ce = 3 * p.collective_time("all_reduce", sh.micro_batch * sh.seq * 4, sh.tp, span, g)  # max, sum, target
+    return (n * (sh.layers // sh.pp) + ends) * one + ce
+
+
+def step_sync_time(p: Profile, sh: Shape) -> float:
+    """Once per step, 3 tiny all-reduces over the world: the loss, the gradient norm, the skip flag."""
+    if sh.world == 1:
+        return 0.0
+    return 3 * p.collective_time("all_reduce", 8, sh.world, sh.world, sh.gpus_per_node)
+
+
+def pp_time(p: Profile, sh: Shape) -> float:
+    """Pipeline sends of one micro-batch on one stage: one forward and one backward per model chunk."""
+    if sh.pp == 1:
+        return 0.0
+    msg = sh.micro_batch * sh.seq * sh.hidden * sh.dtype_bytes / sh.tp
+    return 2 * sh.chunks * p.collective_time("send_recv", msg, 2, sh.world, sh.gpus_per_node)
+
+
+def dp_times(p: Profile, sh: Shape) -> tuple[float, float]:
+    """(total, per micro-batch-able) seconds of the data-parallel reduction of one iteration."""
+    if sh.dp == 1:
+        return 0.0, 0.0
+    span, g = sh.tp * sh.dp, sh.gpus_per_node
+    wbytes = sh.params_per_gpu * sh.dtype_bytes
+    gbytes = sh.params_per_gpu * (sh.dtype_bytes if sh.mixed_precision else 4)
+    if sh.zero >= 3:
+        per_mb = (2 * p.collective_time("all_gather", wbytes, sh.dp, span, g)
+                  + p.collective_time("reduce_scatter", gbytes, sh.dp, span, g))
+        return per_mb * sh.microbatches, per_mb
+    if sh.zero >= 1:
+        total = (p.collective_time("reduce_scatter", gbytes, sh.dp, span, g)
+                 + p.collective_time("all_gather", wbytes, sh.dp, span, g))
+    else:
+        total = p.collective_time("all_reduce", gbytes, sh.dp, span, g)
+    return total, total
+
+
+def step_ops(sh: Shape) -> int:
+    """Ops once per step: the optimizer's and clipping's kernels and one per parameter tensor."""
+    return OPS_PER_STEP + 12 * (sh.layers // sh.pp) + 4
+
+
+def optimizer_time(p: Profile, sh: Shape) -> float:
+    """Adam over the parameters this GPU updates, and the gradient-norm pass."""
+    per_param = 30 if sh.mixed_precision else 28
+    updated = sh.params_per_gpu / (sh.dp if sh.zero >= 1 else 1)
+    grads = sh.params_per_gpu / (sh.dp if sh.zero >= 2 else 1) * (4 if sh.mixed_precision else sh.dtype_bytes)
+    return (updated * per_param + grads) / p.elementwise_bw
+
+
+def iteration_terms(p: Profile, sh: Shape) -> dict[str, float]:
+    """Every term of the iteration time (seconds); their sum is the estimate."""
+    slow = max(1.0, min(sh.world, sh.gpus_per_node) / p.concurrency)
+    if sh.pp == 1:
+        per_mb = stage_parts(p, sh, True, True)
+    else:
+        a, z = stage_parts(p, sh, True, False), stage_parts(p, sh, False, True)
+        per_mb = a if sum(a.values()) >= sum(z.values()) else z
+    m = sh.microbatches
+    terms = {k: m * v * slow for k, v in per_mb.items()}
+    terms["tp_comm"] = m * tp_time(p, sh)
+    terms["pp_comm"] = m * pp_time(p, sh)
+    f = sh.bubble_fraction
+    busy = sum(terms.values())
+    terms["bubble"] = f / (1 - f) * busy if f < 1 else float("inf")
+    total, _ = dp_times(p, sh)
+    if sh.zero >= 3:
+        window = busy
+    else:
+        backward = (per_mb["gemm"] + per_mb["attention"]) * slow
+        window = backward * 2 / (4 if sh.recompute == "full" else 3)  # the last micro-batch's backward
+    terms["dp_comm"] = total - p.overlap * min(total, window)
+    terms["optimizer"] = optimizer_time(p, sh) * slow
+    terms["overhead"] += step_ops(sh) * p.op_overhead_s * slow + step_sync_time(p, sh)
+    return {k: terms[k] for k in TERMS}
+
+
+def limiting_term(terms: dict[str, float]) -> str:
+    """The largest term of an iteration."""
+    return max(terms, key=lambda k: terms[k])
+
+
+def largest_loss(terms: dict[str, float]) -> str:
+    """The largest term beyond the matmuls and attention themselves (what to attack first)."""
+    return max((k for k in terms if k not in ("gemm", "attention")), key=lambda k: terms[k])
+
+
+def lookup_shapes(sh: Shape) -> tuple[set[tuple[int, int, int]], set[tuple[int, int, int]]]:
+    """The matmul shapes (m, n, k) and fused-attention shapes (batch x heads, s, d) this layout prices:
+    what ``mtnlg plan --calibrate`` measures so that no lookup has to interpolate."""
+    b, s, h, f, a, t = sh.micro_batch, sh.seq, sh.hidden, sh.ffn, sh.heads, sh.tp
+    T = b * s
+    gemms: set[tuple[int, int, int]] = set()
+    for m, n, k in ((T, 3 * h // t, h), (T, h, h // t), (T, f // t, h), (T, h, f // t), (T, sh.vocab // t, h)):
+        gemms |= {(m, n, k), (m, k, n), (k, n, m)}
+    return gemms, {(b * a // t, s, h // a)}
