@@ -9,6 +9,10 @@ rows regrouped); the two must produce the same tokens, which the script checks b
 
 Prints a table of tokens/s and ratios; ``--json`` prints one object with ``ratio_b1`` and ``ratio_b8``
 (fp32 vs fp32, token-identical). ``--int8`` adds mtnlg with int8 weights (``ratio_b1_int8`` ...).
+
+Model bandwidth utilisation (``mbu_b1``, ``mbu_b1_int8``): the weight bytes one decode step reads
+(every layer, the LM head, one embedding row) times tokens/s at batch 1, divided by the read
+bandwidth of a buffer of the same size measured in the same run (``torch.sum`` over it, best of 20).
 """
 
 from __future__ import annotations
@@ -42,6 +46,25 @@ def hf_model(m: MegatronLmModel):
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     hf.tie_weights()
     return hf
+
+
+def bytes_per_token(model: torch.nn.Module) -> int:
+    """Weight bytes a batch-1 decode step reads: everything but the embedding tables, plus the LM head
+    (which is the token-embedding table when the head is tied)."""
+    from mtnlg.model.quantize import quantized_bytes
+
+    total = quantized_bytes(model)
+    emb, pos = model.tok_embeddings.weight, model.pos_embeddings.weight
+    total -= emb.numel() * emb.element_size() + pos.numel() * pos.element_size()
+    if getattr(model.output, "weight", None) is emb:
+        total += emb.numel() * emb.element_size()
+    return total
+
+
+def read_bandwidth(nbytes: int, repeats: int = 20) -> float:
+    """Bytes/s at which ``torch.sum`` reads an fp32 buffer of ``nbytes``."""
+    buf = torch.rand(nbytes // 4)
+    return nbytes / time_it(lambda: buf.sum(), repeats)
 
 
 def time_it(fn, repeats: int) -> float:
@@ -96,8 +119,14 @@ def main() -> None:
             rows[B].update(int8_tok_s=B * n / t_q, ratio_int8=t_hf / t_q)
     result = {"model_params": m.num_parameters(), "new_tokens": n, "threads": torch.get_num_threads(),
               "b1": rows[1], "b8": rows[8], "ratio_b1": rows[1]["ratio"], "ratio_b8": rows[8]["ratio"]}
+    wb = bytes_per_token(m.model)
+    bw = read_bandwidth(wb)
+    result.update(weight_bytes=wb, read_gb_s=bw / 1e9, mbu_b1=wb * rows[1]["mtnlg_tok_s"] / bw)
     if q is not None:
-        result.update(ratio_b1_int8=rows[1]["ratio_int8"], ratio_b8_int8=rows[8]["ratio_int8"])
+        wq = bytes_per_token(q)
+        bwq = read_bandwidth(wq)
+        result.update(ratio_b1_int8=rows[1]["ratio_int8"], ratio_b8_int8=rows[8]["ratio_int8"], weight_bytes_int8=wq,
+                      read_gb_s_int8=bwq / 1e9, mbu_b1_int8=wq * rows[1]["int8_tok_s"] / bwq)
     if args.json:
         print(json.dumps(result))
         return
@@ -108,6 +137,9 @@ def main() -> None:
         print(f"{B:>5} {r['mtnlg_tok_s']:>12.1f} {r['hf_tok_s']:>10.1f} {r['ratio']:>6.2f}x "
               f"{r['same_tokens_rows']:>12}" + (f"   int8: {r['int8_tok_s']:.1f} tok/s, {r['ratio_int8']:.2f}x"
                                                  if "int8_tok_s" in r else ""))
+    print(f"mbu_b1 {result['mbu_b1']:.2f} ({wb / 1e6:.1f} MB/token, buffer read {result['read_gb_s']:.1f} GB/s)"
+          + (f"   mbu_b1_int8 {result['mbu_b1_int8']:.2f} ({result['weight_bytes_int8'] / 1e6:.1f} MB/token, "
+             f"{result['read_gb_s_int8']:.1f} GB/s)" if q is not None else ""))
 
 
 if __name__ == "__main__":

@@ -321,12 +321,9 @@ class MegatronLmModel(nn.Module):
             # prompt tuning: the prompt and its continuation stay within prompt_tuning_max_seq_length
             wanted = max_new_tokens if max_new_tokens is not None else max_length - len(prompt)
             max_new_tokens = self.soft_prompt.new_token_budget(len(prompt), wanted)
-        if max_new_tokens is None:
-            if max_length <= len(prompt):
-                raise ConfigError(f"max_length={max_length} leaves no room after the {len(prompt)}-token prompt; "
-                                  f"raise max_length or pass max_new_tokens")
-            max_new_tokens = max_length - len(prompt)
-        params = SamplingParams(max_new_tokens=max_new_tokens, use_cache=self.config.use_cache,
+        # one carrier: max_new_tokens wins over max_length (as in HF); the one budget rule: decode.token_budget
+        params = SamplingParams(max_new_tokens=max_new_tokens, max_length=max_length if max_new_tokens is None else None,
+                                use_cache=self.config.use_cache,
                                 stop_token_ids=sampling.pop("stop_token_ids", [self.tokenizer.eod_id]),
                                 vocab_limit=self.tokenizer.vocab_size, **sampling)
         was_training = self.model.training

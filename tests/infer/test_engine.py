@@ -9,7 +9,7 @@ import torch
 
 from mtnlg.api import MegatronLmModel, MegatronModelConfig
 from mtnlg.errors import ConfigError
-from mtnlg.infer.engine import Engine, QueueFull, SlotKVCache, merge_outputs
+from mtnlg.infer.scheduler import Engine, QueueFull, SlotKVCache, merge_outputs
 from mtnlg.infer.sampling import SamplingParams
 
 GREEDY = dict(temperature=0.0)
@@ -190,7 +190,7 @@ def test_shutdown_lets_in_flight_requests_finish(lm):
     eng.shutdown(timeout=60)
     assert sorted(o.finish_reason for o in results) == ["length"] * 4
     assert all(o.completion_tokens == 10 for o in results)
-    from mtnlg.infer.engine import EngineStopped
+    from mtnlg.infer.scheduler import EngineStopped
 
     with pytest.raises(EngineStopped):
         eng.submit(lm.tokenizer.encode("late"), params(), 2, sink)

@@ -116,7 +116,9 @@ def test_max_length_and_max_new_tokens(model):
         generate(model, [[1, 2, 3]], SamplingParams(max_length=3))
     with pytest.raises(ConfigError, match="context"):
         generate(model, [list(range(64))], SamplingParams())
-    c = generate(model, [[1]], SamplingParams(max_new_tokens=1000))[0]  # capped by the context
+    with pytest.raises(ConfigError, match="maximum context length is 64 tokens.*1001 tokens"):
+        generate(model, [[1]], SamplingParams(max_new_tokens=1000))  # an error, never a silent clamp
+    c = generate(model, [[1]], SamplingParams(max_new_tokens=None))[0]  # None = up to the context
     assert len(c.token_ids) == 63
 
 

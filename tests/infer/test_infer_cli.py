@@ -88,3 +88,22 @@ def test_assistant_mask_covers_only_replies():
     learned = [i for i, m in zip(ids, mask) if m]
     assert tok.decode(learned) == f"xy{END_OF_TURN}"
     assert len(ids) == len(mask)
+
+
+def test_generate_takes_extreme_sampling_values(ckpt, capsys):
+    from mtnlg.cli import main
+
+    lm, path = ckpt
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "床前", "--max-new-tokens", "6", "--json",
+                 "--top-k", "100000000000000000000", "--temperature", "1e-320"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == lm.generate("床前", max_new_tokens=6, return_full_text=False)  # 1e-320 is greedy
+
+
+def test_an_over_long_request_is_one_line_and_prints_nothing_else(ckpt, capsys):
+    from mtnlg.cli import main
+
+    _, path = ckpt
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "床前", "--max-new-tokens", "100000"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "maximum context length is 128 tokens" in err and len(err.strip().splitlines()) == 1

@@ -33,7 +33,7 @@ def test_tp2_greedy_equals_one_process(tmp_path):
     from mtnlg.infer.generate import SamplingParams, generate
 
     ref = generate(lm.model, [ids], SamplingParams(max_new_tokens=16, stop_token_ids=[tok.eod_id],
-                                                   vocab_limit=tok.vocab_size))[0].token_ids
+                                                   vocab_limit=tok.vocab_size), tok)[0].token_ids
     assert lines[0]["token_ids"] == ref and lines[0]["text"] == solo
     bad = subprocess.run([sys.executable, *args, "--parallel.tp=2"], capture_output=True, text=True, env=env,
                          timeout=120)

@@ -36,6 +36,40 @@ def test_kv_cache_matches_full_forward(tiny_model):
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_logits_only_where_asked(tiny_model):
+    ids = torch.randint(0, 97, (3, 9))
+    full = tiny_model(ids)
+    torch.testing.assert_close(tiny_model(ids, logits_at=-1), full[:, -1], rtol=1e-5, atol=1e-5)
+    at = torch.tensor([0, 4, 8])
+    torch.testing.assert_close(tiny_model(ids, logits_at=at), full[torch.arange(3), at], rtol=1e-5, atol=1e-5)
+    wt = tiny_model.output.weight.detach().t().contiguous()
+    torch.testing.assert_close(tiny_model(ids, logits_at=-1, head=lambda h: h @ wt), full[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_slot_cache_chunks_equal_the_full_forward(tiny_model):
+    """Two sequences in slots 2 and 0, written in chunks of different sizes (right-padded), then a decode
+    step: the logits equal a plain forward of each whole sequence."""
+    from mtnlg.model.kv_cache import SlotKVCache
+
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 97, (12,)), torch.randint(0, 97, (7,))]
+    c = tiny_model.cfg
+    cache = SlotKVCache(c.num_layers, 3, c.num_heads, 16, c.head_dim, torch.float32, torch.device("cpu"))
+    slots, done = [2, 0], [0, 0]
+    for chunk in ([5, 3], [7, 4]):
+        span = cache.select(slots, done, chunk)
+        T = max(chunk)
+        ids = torch.zeros(2, T, dtype=torch.long)
+        for i, n in enumerate(chunk):
+            ids[i, :n] = seqs[i][done[i]:done[i] + n]
+        pos = (torch.tensor(done)[:, None] + torch.arange(T)[None]).clamp(max=15)
+        mask = (torch.arange(span)[None, None, :] <= pos[:, :, None])[:, None]
+        out = tiny_model(ids, positions=pos, cache=cache, attn_mask=mask, logits_at=torch.tensor(chunk) - 1)
+        done = [d + n for d, n in zip(done, chunk)]
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(out[i], tiny_model(s[None])[0, -1], rtol=1e-4, atol=1e-4)
+
+
 def test_init_statistics():
     cfg = ModelConfig(vocab_size=512, hidden_size=256, num_layers=8, num_heads=4, ffn_hidden_size=1024, max_seq_len=128)
     m = materialize(build_model(cfg), seed=3)

@@ -8,7 +8,9 @@ sits in the last column::
     row 1:   w   x   y   z   u  │ v'  ...         positions 0 1 2 3 4 │ 5 ...
             └── key mask: False on PAD ──┘  each query also sees itself (no all-masked rows)
 
-Decoding options are per row (:class:`~mtnlg.infer.sampling.SamplingParams`): greedy, temperature,
+Every row is a :class:`~mtnlg.infer.decode.RowState`, the decode state the continuous-batching
+scheduler uses too (stop tokens and strings, the token budget, logprobs, the UTF-8 guard), so both give
+the same tokens. Decoding options are per row (:class:`~mtnlg.infer.sampling.SamplingParams`): greedy, temperature,
 top-k / top-p / min-p, repetition / presence / frequency penalties, ``no_repeat_ngram_size``, stop
 token ids and stop strings, ``max_new_tokens`` / ``max_length``, a seed per row, per-token
 logprobs; :func:`beam_search` for ``num_beams > 1`` and :func:`stream` for text deltas that only
@@ -18,6 +20,7 @@ makes batch-1 decoding of a small model several times faster than Hugging Face `
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -25,9 +28,11 @@ import torch
 
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.errors import ConfigError
+from mtnlg.infer.decode import RowState, allowed_matrix, pick_greedy, token_budget
 from mtnlg.infer.sampling import SamplingParams, process_logits, sample, top_logprobs
-from mtnlg.infer.streaming import StopStringFilter, StreamDecoder
+from mtnlg.infer.utf8 import START, Utf8Guard
 from mtnlg.model.kv_cache import KVCache
+from mtnlg.model.prompt_tuning import Splice
 from mtnlg.model.transformer import GPT
 
 __all__ = ["SamplingParams", "Completion", "SoftPrompt", "generate", "generate_ids", "stream", "beam_search",
@@ -52,33 +57,11 @@ class Completion:
     score: float | None = None  # beam search: the length-penalised score
 
 
-@dataclass
-class SoftPrompt:
-    """Embeddings [n, h] that replace the ``n`` placeholder tokens at ``offsets[i]`` of each prompt
-    (prompt tuning: see :mod:`mtnlg.model.prompt_tuning`, which builds prompts with the placeholders)."""
-
-    embeds: torch.Tensor
-    offsets: list[int]
+SoftPrompt = Splice  # soft-prompt embeddings spliced into the prompts (prompt tuning)
 
 
 def _device(model: GPT) -> torch.device:
     return next(model.parameters()).device
-
-
-def _budget(model: GPT, prompt_len: int, p: SamplingParams) -> int:
-    limit = model.cfg.max_seq_len
-    if prompt_len == 0:
-        raise ConfigError("the prompt is empty; give at least one token of text")
-    if prompt_len >= limit:
-        raise ConfigError(f"the prompt has {prompt_len} tokens but the model's context (max_position_embeddings) "
-                          f"is {limit}; shorten the prompt")
-    n = min(p.max_new_tokens, limit - prompt_len)
-    if p.max_length is not None:
-        n = min(n, p.max_length - prompt_len)
-        if n <= 0:
-            raise ConfigError(f"max_length={p.max_length} leaves no room after the {prompt_len}-token prompt; "
-                              f"raise max_length or pass max_new_tokens")
-    return n
 
 
 class _Batch:
@@ -133,8 +116,8 @@ class _Batch:
         token_embeds = None
         if self.soft is not None and start < self.P:
             token_embeds = self.embeds(end)[:, start:end]
-        return run_last(self.model, self.ids[:, start:end], self.pos[:, start:end], cache,
-                        self.mask(start, end), token_embeds, self.head)
+        return self.model(self.ids[:, start:end], self.pos[:, start:end], cache, self.mask(start, end),
+                          token_embeds, logits_at=-1, head=self.head)
 
 
 class FastHead:
@@ -161,57 +144,54 @@ class FastHead:
         return h @ self.wt
 
 
-def run_last(model: GPT, tokens: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None,
-             attn_mask: torch.Tensor | None, token_embeds: torch.Tensor | None, head=None) -> torch.Tensor:
-    """``model``'s forward, but the final norm and LM head run on the last position only ([B, V]).
+def _rows(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+          tokenizer: Tokenizer | None) -> list[RowState]:
+    """One validated, clamped :class:`RowState` per prompt (the budget rule raises before any work)."""
+    if len(prompts) != len(params):
+        raise ValueError("one SamplingParams per prompt")
+    guard = Utf8Guard.for_tokenizer(tokenizer) if tokenizer is not None else None
+    rows = []
+    for pr, p in zip(prompts, params):
+        p = p.validate().clamped(model.vocab_size)
+        rows.append(RowState(list(pr), p, token_budget(len(pr), p, model.cfg.max_seq_len), tokenizer, guard))
+    return rows
 
-    Same parts as :meth:`GPT.forward` in the same order, so the logits are identical; prefill
-    skips T-1 useless head products (T x V x h FLOPs) and decode can use :class:`FastHead`.
-    """
-    start = cache.length if cache is not None else 0
-    h = model.embed(tokens, positions, token_embeds, start)
-    for layer in model.layers.values():
-        h = layer(h, cache, attn_mask)
-    if cache is not None:
-        cache.advance(h.shape[1])
-    h = model.norm(h[:, -1])
-    return (head or model.output)(h)
+
+def _replace_vocab(p: SamplingParams, lim: int | None) -> SamplingParams:
+    return dataclasses.replace(p, vocab_limit=lim)
+
+
+def _completion(r: RowState) -> Completion:
+    return Completion(prompt_ids=r.prompt_ids, token_ids=r.token_ids, text=r.text, logprobs=r.logprobs,
+                      top_logprobs=r.top_logprobs, finish_reason=r.finish_reason or "length",
+                      stop_token=r.stop_token)
 
 
 def _decode(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
             tokenizer: Tokenizer | None, soft: SoftPrompt | None, hook: LogitsHook | None,
-            ) -> Iterator[tuple[list[Completion], list[tuple[int, int, str]]]]:
-    """The decode loop. Yields after every step: (completions, [(row, token, new safe text)])."""
-    if len(prompts) != len(params):
-        raise ValueError("one SamplingParams per prompt")
-    for p in params:
-        p.validate()
-        if p.stop and tokenizer is None:
-            raise ConfigError("stop strings need a tokenizer; pass tokenizer=")
-    device = _device(model)
-    B = len(prompts)
-    budgets = [_budget(model, len(pr), p) for pr, p in zip(prompts, params)]
+            ) -> Iterator[tuple[list[RowState], list[tuple[int, int, str]]]]:
+    """The decode loop. Yields after every step: (row states, [(row, token, new safe text)]).
+    Bad options and over-long requests raise here, before the first step (not at the first ``next``)."""
+    return _loop(model, prompts, params, tokenizer, soft, hook, _rows(model, prompts, params, tokenizer))
+
+
+def _loop(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+          tokenizer: Tokenizer | None, soft: SoftPrompt | None, hook: LogitsHook | None, rows: list[RowState],
+          ) -> Iterator[tuple[list[RowState], list[tuple[int, int, str]]]]:
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
-    max_new = max(budgets)
+    max_new = max(r.budget for r in rows)
     batch = _Batch(model, prompts, max(len(p) for p in prompts) + max_new, pad_id, soft)
     P = batch.P
     # logits are cut to the smallest vocab_limit of the batch (in practice all rows share the tokenizer)
     vocab = min([model.vocab_size] + [p.vocab_limit for p in params if p.vocab_limit is not None])
-    rowp = [p if p.vocab_limit is None else _replace_vocab(p, None) for p in params]
+    rowp = [r.params if r.params.vocab_limit is None else _replace_vocab(r.params, None) for r in rows]
     plain = all(p.is_plain_greedy() for p in rowp) and hook is None
     use_cache = all(p.use_cache for p in params)
-    gens = [torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None for p in params]
-    want_lp = any(p.logprobs is not None for p in params)
-    want_text = tokenizer is not None
-    comps = [Completion(prompt_ids=list(pr)) for pr in prompts]
-    if any(p.logprobs for p in params):
-        for c, p in zip(comps, params):
-            c.top_logprobs = [] if p.logprobs else None
-    decoders = [StreamDecoder(tokenizer) for _ in range(B)] if want_text else None
-    stops = [StopStringFilter(p.stop) for p in params] if want_text else None
-    stop_ids = [set(p.stop_token_ids) if not p.ignore_eos else set() for p in params]
-    histories = [list(pr) for pr in prompts]
-    alive = list(range(B))
+    device = _device(model)
+    gens = [torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None for p in rowp]
+    want_lp = any(p.logprobs is not None for p in rowp)
+    k_top = max(p.logprobs or 0 for p in rowp)
+    alive = list(range(len(rows)))
     cache = KVCache(len(model.layers), batch.capacity) if use_cache else None
 
     start = 0
@@ -220,59 +200,31 @@ def _decode(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[Sampl
         logits = batch.forward(start if use_cache else 0, end, cache)[:, :vocab]
         start = end
         if plain:
-            tokens = logits.argmax(dim=-1)
+            tokens = pick_greedy(logits, rows)
             lps = torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None])[:, 0] if want_lp else None
         else:
             constrained = logits
             if hook is not None:  # constraints first, so top-k / top-p choose among allowed tokens
                 constrained = logits.float().clone()
                 for i in alive:
-                    hook(i, comps[i].token_ids, constrained[i])
-            processed = process_logits(constrained, rowp, histories, [len(pr) for pr in prompts])
+                    hook(i, rows[i].token_ids, constrained[i])
+            processed = process_logits(constrained, rowp, [r.history for r in rows], [len(pr) for pr in prompts],
+                                       allowed=allowed_matrix(rows, vocab, logits.device))
             tokens, lps = sample(processed, rowp, gens, raw_logits=logits)
         batch.ids[:, end] = tokens
         tok_list = tokens.tolist()
-        lp_list = lps.tolist() if lps is not None and want_lp else None
-        if any(p.logprobs for p in params):
-            top_ids, top_vals = top_logprobs(logits, max(p.logprobs or 0 for p in params))
-            top_ids, top_vals = top_ids.tolist(), top_vals.tolist()
+        lp_list = lps.tolist() if lps is not None and want_lp else [None] * len(rows)
+        top_ids = top_vals = None
+        if k_top:
+            top_ids, top_vals = (t.tolist() for t in top_logprobs(logits, k_top))
         events = []
-        still = []
         for i in alive:
-            t, c, p = tok_list[i], comps[i], params[i]
-            delta = ""
-            if t in stop_ids[i]:
-                c.finish_reason, c.stop_token = "stop", t
-            else:
-                c.token_ids.append(t)
-                histories[i].append(t)
-                if lp_list is not None and p.logprobs is not None:
-                    c.logprobs.append(lp_list[i])
-                    if p.logprobs:
-                        c.top_logprobs.append(list(zip(top_ids[i][:p.logprobs], top_vals[i][:p.logprobs])))
-                if want_text:
-                    delta, hit = stops[i].push(decoders[i].feed(t))
-                    if hit:
-                        c.finish_reason = "stop"
-            done = c.finish_reason == "stop" or len(c.token_ids) >= budgets[i]
-            if done and want_text and not stops[i].stopped:  # release the held-back tail
-                delta += stops[i].push(decoders[i].flush())[0]
-                delta += "" if stops[i].stopped else stops[i].finish()
-            if want_text:
-                c.text = stops[i].text
-            events.append((i, t, delta))
-            if not done:
-                still.append(i)
-        alive = still
-        yield comps, events
+            top = list(zip(top_ids[i], top_vals[i])) if top_ids is not None else None
+            events.append((i, tok_list[i], rows[i].push(tok_list[i], lp_list[i], top)))
+        alive = [i for i in alive if not rows[i].done]
+        yield rows, events
         if not alive:
             break
-
-
-def _replace_vocab(p: SamplingParams, lim: int | None) -> SamplingParams:
-    import dataclasses
-
-    return dataclasses.replace(p, vocab_limit=lim)
 
 
 @torch.inference_mode()
@@ -292,10 +244,10 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParam
             raise ConfigError("beam search (num_beams > 1) does not support soft prompts or constrained decoding; "
                               "use num_beams=1")
         return [beam_search(model, pr, p, tokenizer) for pr, p in zip(prompts, plist)]
-    comps: list[Completion] = [Completion(prompt_ids=list(pr)) for pr in prompts]
-    for comps, _ in _decode(model, prompts, plist, tokenizer, soft_prompt, logits_hook):
+    rows: list[RowState] = []
+    for rows, _ in _decode(model, prompts, plist, tokenizer, soft_prompt, logits_hook):
         pass
-    return comps
+    return [_completion(r) for r in rows]
 
 
 def generate_ids(model: GPT, prompt: list[int], params: SamplingParams) -> list[int]:
@@ -317,8 +269,8 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         with torch.inference_mode():
-            for comps, events in self._it:
-                self.completion = comps[0]
+            for rows, events in self._it:
+                self.completion = _completion(rows[0])
                 for _, _, delta in events:
                     if delta:
                         yield delta
@@ -335,45 +287,68 @@ def beam_search(model: GPT, prompt: Sequence[int], params: SamplingParams,
                 tokenizer: Tokenizer | None = None) -> Completion:
     """Keep the ``num_beams`` best partial sequences by total logprob; return the best finished one.
 
-    A hypothesis finishes on a stop token or at the token budget; its score is
-    ``sum(logprobs) / len ** length_penalty`` (``len`` = new tokens, the stop token included), so
-    ``length_penalty > 0`` favours longer outputs. The search ends when every beam slot holds a
-    finished hypothesis that no running beam can still beat (scores only fall as beams grow,
-    for ``length_penalty >= 0`` this bound is the one Hugging Face uses). Logit processing
-    (penalties, n-gram ban) applies; temperature, sampling filters and stop strings do not.
+    A hypothesis finishes on a stop token, on a stop string (its text is cut before it) or at the
+    token budget; its score is ``sum(logprobs) / len ** length_penalty`` (``len`` = new tokens, the
+    stop token included), so ``length_penalty > 0`` favours longer outputs. The search ends when
+    every beam slot holds a finished hypothesis that no running beam can still beat (scores only
+    fall as beams grow; for ``length_penalty >= 0`` this bound is the one Hugging Face uses). Logit
+    processing (penalties, n-gram ban) and the UTF-8 guard apply; temperature and sampling filters do not.
     """
-    params.validate()
+    row = _rows(model, [prompt], [params], tokenizer)[0]
+    params, budget = row.params, row.budget
     nb = params.num_beams
-    budget = _budget(model, len(prompt), params)
     device = _device(model)
     vocab = min(model.vocab_size, params.vocab_limit or model.vocab_size)
-    stop_ids = set(params.stop_token_ids)
+    stop_ids = row.stop_ids
     lp_pen = params.length_penalty
+    guard = row.guard
     proc = SamplingParams(**{**params.__dict__, "temperature": 0.0, "vocab_limit": None, "num_beams": 1})
     cache = KVCache(len(model.layers), len(prompt) + budget) if params.use_cache else None
+    P = len(prompt)
     seqs = [list(prompt) for _ in range(nb)]
+    states = [START] * nb
     beam_lps: list[list[float]] = [[] for _ in range(nb)]
     scores = torch.full((nb,), float("-inf"), device=device)
     scores[0] = 0.0
-    finished: list[tuple[float, list[int], list[float], int | None]] = []  # (score, ids, lps, stop)
+    finished: list[tuple[float, list[int], list[float], int | None, str | None]] = []  # score, ids, lps, stop, text
+
+    def stop_text(ids: list[int]) -> str | None:
+        """The text cut before the first stop string, or None if no stop string occurs."""
+        if not params.stop:
+            return None
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+        return text[: min(hits)] if hits else None
+
     x = torch.tensor([list(prompt)] * nb, device=device)
     for step in range(budget):
         if cache is not None:
-            logits = model(x, cache=cache)[:, -1, :vocab]
+            logits = model(x, cache=cache, logits_at=-1)[:, :vocab]
         else:
-            logits = model(torch.tensor(seqs, device=device))[:, -1, :vocab]
-        logits = process_logits(logits, [proc] * nb, seqs, [len(prompt)] * nb)
+            logits = model(torch.tensor(seqs, device=device), logits_at=-1)[:, :vocab]
+        logits = process_logits(logits, [proc] * nb, seqs, [P] * nb)
+        if guard is not None:
+            left = budget - step
+            for b in range(nb):
+                m = guard.mask(states[b], left, vocab, device)
+                if m is not None:
+                    logits[b].masked_fill_(~m, float("-inf"))
         logp = torch.log_softmax(logits, dim=-1)
         cand = (scores[:, None] + logp).view(-1)
         top = torch.topk(cand, min(2 * nb, cand.numel()))
         new_beams: list[tuple[int, int, float]] = []
+        n = step + 1
         for val, flat in zip(top.values.tolist(), top.indices.tolist()):
             if val == float("-inf"):
                 break
             b, t = divmod(flat, vocab)
-            n = step + 1
+            lps = beam_lps[b] + [val - float(scores[b])]
             if t in stop_ids:
-                finished.append((val / n ** lp_pen, seqs[b][len(prompt):], beam_lps[b] + [val - float(scores[b])], t))
+                finished.append((val / n ** lp_pen, seqs[b][P:], lps[:-1], t, None))
+                continue
+            cut = stop_text(seqs[b][P:] + [t])
+            if cut is not None:
+                finished.append((val / n ** lp_pen, seqs[b][P:] + [t], lps, None, cut))
                 continue
             new_beams.append((b, t, val))
             if len(new_beams) == nb:
@@ -394,19 +369,22 @@ def beam_search(model: GPT, prompt: Sequence[int], params: SamplingParams,
         old_scores = scores.tolist()
         seqs = [seqs[b] + [t] for b, t, _ in new_beams]
         beam_lps = [beam_lps[b] + [v - old_scores[b]] for b, _, v in new_beams]
+        if guard is not None:
+            states = [guard.next_state(states[b], t) or START for b, t, _ in new_beams]
         scores = torch.tensor([v for _, _, v in new_beams], device=device)
         if cache is not None:
             cache.reorder(idx)
         x = torch.tensor([[t] for _, t, _ in new_beams], device=device)
-    n_new = len(seqs[0]) - len(prompt)
+    n_new = len(seqs[0]) - P
     for b in range(nb):
         if scores[b] > float("-inf") and n_new > 0:
-            finished.append((float(scores[b]) / n_new ** lp_pen, seqs[b][len(prompt):], beam_lps[b], None))
+            finished.append((float(scores[b]) / n_new ** lp_pen, seqs[b][P:], beam_lps[b], None, None))
     if not finished:
         return Completion(prompt_ids=list(prompt))
-    score, ids, lps, stop = max(finished, key=lambda f: f[0])
+    score, ids, lps, stop, cut = max(finished, key=lambda f: f[0])
+    reason = "stop" if stop is not None or cut is not None else "length"
     c = Completion(prompt_ids=list(prompt), token_ids=list(ids), logprobs=list(lps) if params.logprobs is not None else [],
-                   finish_reason="stop" if stop is not None else "length", stop_token=stop, score=score)
+                   finish_reason=reason, stop_token=stop, score=score)
     if tokenizer is not None:
-        c.text = tokenizer.decode(ids, skip_special_tokens=True)
+        c.text = cut if cut is not None else tokenizer.decode(ids, skip_special_tokens=True)
     return c

@@ -1,7 +1,7 @@
 """Batched next-token selection where every row has its own :class:`SamplingParams`.
 
 Shared by the one-shot generator (``mtnlg.infer.generate``) and the continuous-batching engine
-(``mtnlg.infer.engine``), whose rows come from unrelated requests. One step is::
+(``mtnlg.infer.scheduler``), whose rows come from unrelated requests. One step is::
 
     raw logits [B, V] ─► process_logits ─► (penalties, n-gram ban, temperature, top-k, min-p, top-p)
                     └──────────────────► sample ─► tokens [B], logprobs [B]
@@ -17,11 +17,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import dataclasses
+import math
+
 import torch
 
 from mtnlg.errors import ConfigError
 
 NEG_INF = float("-inf")
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (logits / T would overflow)
+MAX_PENALTY = 1e4  # repetition_penalty in [1/MAX_PENALTY, MAX_PENALTY]; |presence|, |frequency| <= MAX_PENALTY
+MAX_BEAMS = 1024  # more beams than this is a mistake (memory grows with it), not a search
 
 
 @dataclass
@@ -34,7 +40,7 @@ class SamplingParams:
     the chosen token's logprob plus the k most likely alternatives.
     """
 
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = 32  # None = up to the model's context
     max_length: int | None = None  # prompt + output; the smaller of the two limits wins
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -58,7 +64,12 @@ class SamplingParams:
         def bad(name: str, rule: str) -> ConfigError:
             return ConfigError(f"{name} {rule}, got {getattr(self, name)!r}")
 
-        if self.max_new_tokens < 0:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty", "length_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                raise bad(name, "must be a number")
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
             raise bad("max_new_tokens", "must be >= 0")
         if self.max_length is not None and self.max_length <= 0:
             raise bad("max_length", "must be > 0")
@@ -74,17 +85,45 @@ class SamplingParams:
             raise bad("repetition_penalty", "must be > 0 (1 = off)")
         if self.no_repeat_ngram_size < 0:
             raise bad("no_repeat_ngram_size", "must be >= 0 (0 = off)")
-        if self.num_beams < 1:
-            raise bad("num_beams", "must be >= 1")
+        if not 1 <= self.num_beams <= MAX_BEAMS:
+            raise bad("num_beams", f"must be in [1, {MAX_BEAMS}]")
         if self.logprobs is not None and self.logprobs < 0:
             raise bad("logprobs", "must be >= 0 or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be a list of non-empty strings")
         return self
 
+    def clamped(self, vocab_size: int) -> SamplingParams:
+        """Valid values brought into the range the math can take: ``top_k`` at or above the vocabulary
+        is off, a temperature below :data:`MIN_TEMPERATURE` is greedy, penalties are bounded (so logits
+        stay finite), ``logprobs`` is at most the vocabulary, the seed is taken modulo 2**63."""
+        ch: dict = {}
+        if self.top_k >= vocab_size:
+            ch["top_k"] = 0
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            ch["temperature"] = 0.0
+        if self.temperature > 1 / MIN_TEMPERATURE:
+            ch["temperature"] = 1 / MIN_TEMPERATURE
+        rp = min(max(self.repetition_penalty, 1 / MAX_PENALTY), MAX_PENALTY)
+        if rp != self.repetition_penalty:
+            ch["repetition_penalty"] = rp
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if abs(v) > MAX_PENALTY:
+                ch[name] = math.copysign(MAX_PENALTY, v)
+        if abs(self.length_penalty) > MAX_PENALTY:
+            ch["length_penalty"] = math.copysign(MAX_PENALTY, self.length_penalty)
+        if self.num_beams > vocab_size:
+            ch["num_beams"] = vocab_size
+        if self.logprobs is not None and self.logprobs > vocab_size:
+            ch["logprobs"] = vocab_size
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            ch["seed"] = self.seed % 2**63
+        return dataclasses.replace(self, **ch) if ch else self
+
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     def needs_history(self) -> bool:
         """Whether :func:`process_logits` needs this row's token history."""
@@ -109,9 +148,11 @@ def banned_ngram_tokens(history: Sequence[int], n: int) -> list[int]:
 
 def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
                    histories: Sequence[Sequence[int]] | None = None,
-                   prompt_lens: Sequence[int] | None = None) -> torch.Tensor:
+                   prompt_lens: Sequence[int] | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Apply each row's penalties and filters to ``logits`` [B, V]; returns a new fp32 tensor.
 
+    ``allowed`` (bool [B, V]) removes tokens before anything else (the UTF-8 guard, constraints), so
+    top-k / top-p choose among allowed tokens.
     ``histories[i]`` is row i's prompt followed by its output so far and ``prompt_lens[i]`` the
     prompt's length (default 0: all history counts as output). Filtered entries become -inf.
     Greedy rows get only the history-based penalties (temperature and filters cannot change an argmax).
@@ -121,6 +162,8 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
         raise ValueError(f"process_logits: {B} rows but {len(params)} SamplingParams")
     out = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
     device = out.device
+    if allowed is not None:
+        out.masked_fill_(~allowed, NEG_INF)
     for i, p in enumerate(params):
         if p.vocab_limit is not None and p.vocab_limit < V:
             out[i, p.vocab_limit:] = NEG_INF
@@ -168,7 +211,7 @@ def _filter(x: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
     drop = torch.zeros_like(srt, dtype=torch.bool)
     ranks = torch.arange(V, device=device).unsqueeze(0)
     if any(p.top_k for p in ps):
-        k = torch.tensor([p.top_k if p.top_k else V for p in ps], device=device).unsqueeze(1)
+        k = torch.tensor([min(p.top_k, V) if p.top_k else V for p in ps], device=device).unsqueeze(1)
         drop |= ranks >= k
     srt = srt.masked_fill(drop, NEG_INF)
     if any(p.min_p > 0 for p in ps):
@@ -192,9 +235,16 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
 
     Greedy rows take the argmax; the others draw from ``softmax(logits)`` with their generator
     (None = the global RNG). Logprobs are of the chosen token under ``raw_logits`` (the model's own
-    distribution; default: ``logits``). No host sync happens here.
+    distribution; default: ``logits``). NaN logits are never picked; a row with nothing left to pick
+    falls back to its raw logits.
     """
     B = logits.shape[0]
+    logits = _finite(logits)
+    dead = ~torch.isfinite(logits).any(dim=-1)
+    if bool(dead.any()):  # every token filtered out: fall back to the model's own distribution
+        ref = _finite(raw_logits.float() if raw_logits is not None else logits)
+        ref = ref.masked_fill(~torch.isfinite(ref).any(dim=-1, keepdim=True), 0.0)
+        logits = torch.where(dead[:, None], ref, logits)
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
@@ -208,6 +258,11 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     ref = raw_logits if raw_logits is not None else logits
     logprobs = torch.log_softmax(ref.float(), dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
     return tokens, logprobs
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf (never picked), +inf -> the largest finite value (so softmax stays defined)."""
+    return torch.nan_to_num(x, nan=NEG_INF, posinf=torch.finfo(x.dtype).max, neginf=NEG_INF)
 
 
 def top_logprobs(raw_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

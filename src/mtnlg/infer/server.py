@@ -355,6 +355,7 @@ def render_metrics(srv: OpenAIServer) -> str:
               "# TYPE mtnlg_num_requests_running gauge", f"mtnlg_num_requests_running {e.num_running}",
               "# HELP mtnlg_kv_cache_slots KV-cache slots (the running-batch limit).",
               "# TYPE mtnlg_kv_cache_slots gauge", f"mtnlg_kv_cache_slots {e.num_slots}"]
+    lines += m.render_extra()  # prefix-cache hit rate, request errors
     lines += m.ttft.render("mtnlg_time_to_first_token_seconds", "Time from arrival to the first token.")
     lines += m.itl.render("mtnlg_inter_token_latency_seconds", "Time between consecutive tokens of a request.")
     return "\n".join(lines) + "\n"

@@ -1,8 +1,35 @@
-"""A preallocated key/value cache: prefill once, then decode one token at a time without regrowing."""
+"""Key/value caches: one protocol (:class:`LayerCache`), two layouts.
+
+* :class:`KVCache` (contiguous): a batch of sequences that advance together (``generate``, beam search).
+  Shape ``[layers, B, H, max_len, D]``, filled left to right; ``length`` positions are valid.
+* :class:`SlotKVCache` (slots): independent sequences of a continuous-batching scheduler. Shape
+  ``[layers, slots, H, max_len, D]``; before each forward the scheduler says which slots take part and
+  where each row's new tokens go (:meth:`SlotKVCache.select`), so prefill chunks, decode steps and a
+  reused prompt prefix are all the same operation.
+
+Attention calls ``update(layer, k, v)`` (store the new keys and values, get back every key and value
+the queries may see) and the model calls ``advance(T)`` once after all layers.
+"""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+
+class LayerCache(Protocol):
+    """What attention needs from a KV cache."""
+
+    length: int
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` ([B, H, T, D]) after the cached positions; return all keys and values so far."""
+        ...
+
+    def advance(self, num_tokens: int) -> None:
+        """Mark ``num_tokens`` more positions as filled (called once per forward, after all layers)."""
+        ...
 
 
 class KVCache:
@@ -43,3 +70,64 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class SlotKVCache:
+    """Keys and values for ``slots`` independent sequences; implements :class:`LayerCache`.
+
+    Before each forward the scheduler calls :meth:`select`: row ``i`` of the batch is slot
+    ``slots[i]``, its ``counts[i]`` new tokens (the batch is right-padded to T) go to positions
+    ``starts[i] ..``, and attention sees positions ``0 .. span-1`` of the row's slot (the caller's
+    attention mask hides what a row must not see). Padding is never written.
+    """
+
+    def __init__(self, num_layers: int, slots: int, heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_layers, slots, heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0  # unused: the scheduler always passes explicit positions
+        self._rows: torch.Tensor | slice = slice(0, 0)
+        self._write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._span = 0
+        self._fresh = False
+
+    @staticmethod
+    def bytes_per_slot(num_layers: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * heads * max_len * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def select(self, slots: list[int], starts: list[int], counts: list[int]) -> int:
+        """Route the next forward (see the class doc); returns ``span``, the key length it will see."""
+        T = max(counts)
+        span = max(s + n for s, n in zip(starts, counts))
+        if span > self.max_len:
+            raise ValueError(f"KV cache overflow: {span} positions > max_len={self.max_len}")
+        dev = self.k.device
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        self._rows = slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=dev)
+        # every row starts at 0 with its whole input: attention needs only the new keys (no gather)
+        self._fresh = all(s == 0 for s in starts) and all(n == T for n in counts)
+        b = [i for i, n in enumerate(counts) for _ in range(n)]
+        t = [j for n in counts for j in range(n)]
+        pos = [starts[i] + j for i, j in zip(b, t)]
+        self._write = (torch.tensor(b, device=dev), torch.tensor(t, device=dev),
+                       torch.tensor([slots[i] for i in b], device=dev), torch.tensor(pos, device=dev))
+        self._span = span
+        return span
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, slot, pos = self._write
+        self.k[layer, slot, :, pos] = k[b, :, t]
+        self.v[layer, slot, :, pos] = v[b, :, t]
+        if self._fresh:
+            return k, v
+        return self.k[layer, self._rows, :, : self._span], self.v[layer, self._rows, :, : self._span]
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (a shared prompt prefix)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def advance(self, num_tokens: int) -> None:
+        pass

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,14 @@ log = logging.getLogger(__name__)
 
 STYLES = ("prepend", "prefix_suffix")
 
+
+@dataclass
+class Splice:
+    """Embeddings [n, h] that replace the ``n`` placeholder tokens at ``offsets[i]`` of each prompt
+    (what :func:`mtnlg.infer.generate.generate` takes as ``soft_prompt``)."""
+
+    embeds: torch.Tensor
+    offsets: list[int]
 
 class SoftPrompt(nn.Module):
     """``num_tokens`` trainable embeddings plus how to place them (style, prefix / suffix token ids)."""
@@ -96,13 +105,11 @@ class SoftPrompt(nn.Module):
         return max(0, min(max_new_tokens, self.max_seq_length - prompt_len))
 
     def format_for_generation(self, input_ids: Sequence[int], tokenizer: Any):
-        """Prompt ids with placeholders, and the :class:`mtnlg.infer.generate.SoftPrompt` to splice in."""
+        """Prompt ids with placeholders, and the :class:`Splice` that generation writes into them."""
         ids, offset, _ = self.layout(tokenizer, input_ids)
         if len(ids) >= self.max_seq_length:
             raise ConfigError(f"the prompt takes {len(ids)} tokens with the soft prompt and its texts, leaving no room "
                               f"in prompt_tuning_max_seq_length={self.max_seq_length}; shorten the prompt")
-        from mtnlg.infer.generate import SoftPrompt as Splice
-
         return ids, Splice(self.embeds.detach(), [offset])
 
     # -- training -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ Model code never imports torch.distributed: parallelism is applied from outside 
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,20 +24,7 @@ from torch import nn
 
 from mtnlg.config import ModelConfig
 from mtnlg.model.dropout import HashDropout, row_keys
-
-
-class LayerCache(Protocol):
-    """What attention needs from a KV cache (see :class:`mtnlg.model.kv_cache.KVCache`)."""
-
-    length: int
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v`` ([B, H, T, D]) after the cached positions; return all keys and values so far."""
-        ...
-
-    def advance(self, num_tokens: int) -> None:
-        """Mark ``num_tokens`` more positions as filled (called once per forward, after all layers)."""
-        ...
+from mtnlg.model.kv_cache import LayerCache
 
 
 def activation_fn(name: str):
@@ -167,12 +154,16 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LayerCache | None = None, attn_mask: torch.Tensor | None = None,
-                token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                token_embeds: torch.Tensor | None = None, logits_at: int | torch.Tensor | None = None,
+                head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """``tokens`` [B, T] -> logits [B, T, padded_vocab].
 
         On a pipeline stage without embeddings ``tokens`` is the incoming hidden state, and
         without a head the hidden state is returned. ``attn_mask`` (bool, True = attend) is
         broadcast to [B, H, T, S]; without it attention is causal over the cache plus the input.
+        ``logits_at`` runs the final norm and head only where logits are needed: a column
+        (``-1`` while decoding) or one column per row (a [B] tensor); the result is then [B, V].
+        ``head`` replaces ``self.output`` (a faster layout of the same weight for decoding).
         """
         start = cache.length if cache is not None else 0
         h = self.embed(tokens, positions, token_embeds, start) if self.tok_embeddings is not None else tokens
@@ -180,9 +171,13 @@ class GPT(nn.Module):
             h = layer(h, cache, attn_mask)
         if cache is not None:
             cache.advance(h.shape[1])
+        if logits_at is not None:
+            h = h[:, logits_at] if isinstance(logits_at, int) else h[torch.arange(h.shape[0], device=h.device),
+                                                                       logits_at]
         if self.norm is not None:
             h = self.norm(h)
-        return self.output(h) if self.output is not None else h
+        out = head if head is not None else self.output
+        return out(h) if out is not None else h
 
 
 def count_parameters(cfg: ModelConfig, padded_vocab_size: int | None = None) -> int:
