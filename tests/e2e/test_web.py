@@ -15,7 +15,7 @@ import pytest
 
 from mtnlg.api import MegatronLmModel, MegatronModelConfig
 from mtnlg.data.tokenizer import train_bpe
-from mtnlg.infer.engine import Engine
+from mtnlg.infer.scheduler import Engine
 from mtnlg.infer.server import BackgroundServer, create_app
 from tests.e2e.browser import Browser, find_chromium
 

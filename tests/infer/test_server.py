@@ -12,7 +12,8 @@ import pytest
 
 from mtnlg.api import MegatronLmModel, MegatronModelConfig
 from mtnlg.data.tokenizer import train_bpe
-from mtnlg.infer.engine import Engine
+from mtnlg.infer.sampling import MIN_TEMPERATURE
+from mtnlg.infer.scheduler import Engine
 from mtnlg.infer.server import BackgroundServer, create_app
 
 KEY = "sk-test-key"
@@ -294,7 +295,7 @@ def test_extreme_numbers_are_clamped_or_rejected_and_the_engine_lives(http):
         r = http.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 6, "temperature": 1,
                                                "ignore_eos": True, **extra})
         assert r.status_code == 200, (extra, r.text)
-        if extra.get("temperature", 1) < 1e-3:  # below the floor: greedy
+        if extra.get("temperature", 1) < MIN_TEMPERATURE:  # below the floor: greedy
             assert r.json()["choices"][0]["text"] == greedy
     for field, value in (("repetition_penalty", 1e-300), ("repetition_penalty", 0), ("temperature", 1e300),
                          ("top_k", -2), ("top_p", 0), ("max_tokens", 10**30), ("seed", 2**64),

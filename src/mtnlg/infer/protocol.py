@@ -19,7 +19,7 @@ from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.errors import ConfigError
 from mtnlg.infer.chat_template import ChatTemplate
 from mtnlg.infer.poem_form import parse_poem
-from mtnlg.infer.sampling import SamplingParams
+from mtnlg.infer.sampling import MIN_TEMPERATURE, SamplingParams
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_N = 16
@@ -29,7 +29,7 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
 MAX_POEM_LINES = 8
-TEMPERATURE_FLOOR = 1e-3  # below this a temperature is greedy: dividing logits by less overflows nothing useful
+TEMPERATURE_FLOOR = MIN_TEMPERATURE  # the one greedy floor (mtnlg.infer.sampling): generate, CLI and server agree
 REPETITION_PENALTY_RANGE = (0.01, 100.0)  # logits scaled by at most 100x either way
 
 

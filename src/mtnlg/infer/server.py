@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mtnlg.errors import ConfigError
 from mtnlg.infer.httpd import DRAIN_CAP, BackgroundServer, run_app
 from mtnlg.infer.poem_form import continue_poem
-from mtnlg.infer.engine import Engine, EngineStopped, Output, QueueFull, RequestTooLong, merge_outputs
+from mtnlg.infer.scheduler import Engine, EngineStopped, Output, QueueFull, RequestTooLong, merge_outputs
 from mtnlg.infer.protocol import (ABORTED, MAX_BODY_BYTES, ApiError, Choice, GenerationRequest, TextCodec, bad,
                                   error_body, get_field, int_list, openers, parse_chat, parse_completion,
                                   parse_json, parse_poem_request, render_choice, render_delta, seeded, sse,
