@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from mtnlg.train.optim import build_optimizer
 from mtnlg.train.sft import collate, encode_examples, finetune, masked_loss, sft_stage
 from mtnlg.train.sft_data import load_conversations, parse_poem_document, poem_conversations, write_conversations
 
-ROOT = Path(__file__).resolve().parents[2]
 POEMS = ["《静夜思》\n作者：李白\n床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",
          "《春晓》\n作者：孟浩然\n春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。",
          "《登鹳雀楼》\n作者：王之涣\n白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。",
@@ -163,14 +161,13 @@ def test_tiny_sft_lowers_the_assistant_loss_and_writes_a_loadable_run(tuned):
         finetune(run, out, SftConfig(steps=1), conversations=_conversations(1))
 
 
-def test_chat_answers_from_the_sft_run(tuned):
+def test_mtnlg_chat_answers_from_the_sft_run(tuned, monkeypatch, capsys):
+    from mtnlg.cli import main
+
     _, out, _ = tuned
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, "-m", "mtnlg", "chat", "--checkpoint", str(out), "--max-new-tokens", "8",
-                           "--seed", "0"], input="写一首关于月亮的诗\n", capture_output=True, text=True, env=env,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("写一首关于月亮的诗\n"))
+    assert main(["chat", "--checkpoint", str(out), "--max-new-tokens", "8", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.strip()
 
 
 def test_sft_cli_and_the_stage_in_the_same_run(tmp_path):
