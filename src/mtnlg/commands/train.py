@@ -144,7 +144,11 @@ def _sft(cfg, run_dir: Path) -> int:
     from mtnlg.device import pick_device
     from mtnlg.train.sft import sft_stage
 
-    result = sft_stage(cfg, run_dir, device=pick_device(cfg.train.device))
+    def progress(step: int, loss: float) -> None:
+        if step % 10 == 0 or step == cfg.sft.steps:
+            print(f"sft step {step}/{cfg.sft.steps} loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    result = sft_stage(cfg, run_dir, device=pick_device(cfg.train.device), on_step=progress)
     if result is not None:
         print(f"SFT: {result.steps} steps on {result.conversations} conversations in {result.seconds:.0f}s, "
               f"assistant loss {result.loss_before:.4f} -> {result.loss_after:.4f}; checkpoint {result.checkpoint}",
