@@ -67,6 +67,7 @@ def test_built_in_conversations_answer_requests_with_whole_poems():
     doc = "《感遇・其一》\n作者：张九龄\n兰叶春葳蕤，桂华秋皎洁。\n欣欣此生意，自尔为佳节。"
     poem = parse_poem_document(doc)
     assert poem.title == "感遇" and poem.lines[0] == "兰叶春葳蕤，" and "春天" in poem.topics()
+    assert parse_poem_document("兰叶春葳蕤，桂华秋皎洁。\n欣欣此生意，自尔为佳节。\n——张九龄《感遇・其一》") == poem
     assert parse_poem_document("《杂诗》\n作者：某\n长短不齐的句子，不是诗。") is None
     poems = [parse_poem_document(d) for d in POEMS]
     convs = poem_conversations(poems, per_poem=3, multi_turn=0.5, system=0.5, seed=0)

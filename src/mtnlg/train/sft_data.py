@@ -97,12 +97,13 @@ def poem_lines(body: str, max_lines: int = MAX_LINES) -> tuple[str, ...] | None:
 
 
 def parse_poem_document(doc: str) -> Poem | None:
-    """A corpus document (optional ``《title》`` and ``作者：`` lines, then the body) -> a regular Poem or None."""
+    """A corpus document -> a regular Poem, or None. Reads both layouts of the ``poems`` corpus: the raw
+    ``《title》`` / ``作者：`` header above the body, and the body followed by ``——author《title》``."""
     title, body = None, []
     for line in doc.splitlines():
         s = line.strip()
-        if "《" in s and not body:
-            title = _clean_title(s)
+        if s.startswith("——") or ("《" in s and not body):
+            title = title or _clean_title(s)
         elif s.startswith(("作者", "题目")) and not body:
             title = title or _clean_title(s)
         elif s:
