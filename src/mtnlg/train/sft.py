@@ -28,14 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mtnlg.config import Config, SftConfig
 from mtnlg.errors import CheckpointError, ConfigError, DataError
 from mtnlg.infer.chat_template import ChatTemplate
-from mtnlg.train import checkpoint as ckpt
+from mtnlg import checkpoint as ckpt
+from mtnlg.checkpoint.trainer_state import load_trainer_state
 from mtnlg.train.optim import build_optimizer, build_scheduler
 from mtnlg.train.sft_data import Conversation, load_conversations, poem_conversations
 
@@ -115,8 +115,8 @@ def assistant_loss(model: torch.nn.Module, examples: Sequence[SftExample], pad_i
 
 def _run_files(checkpoint: Path) -> tuple[Path, Path]:
     """``(config.yaml, tokenizer/)`` of a checkpoint: in it, or in its run directory (as inference looks)."""
-    cfg = next((p for p in (checkpoint / "config.yaml", checkpoint.parent.parent / "config.yaml") if p.is_file()), None)
-    tok = next((p for p in (checkpoint / "tokenizer", checkpoint.parent.parent / "tokenizer") if p.is_dir()), None)
+    resolved = ckpt.Resolved("checkpoint", checkpoint)
+    cfg, tok = resolved.find("config.yaml"), resolved.find("tokenizer", want_dir=True)
     if cfg is None or tok is None:
         raise CheckpointError(f"{checkpoint}: no config.yaml / tokenizer/ in the checkpoint or its run directory")
     return cfg, tok
@@ -134,28 +134,12 @@ def _load_model(checkpoint: Path, device: torch.device):
 
 def _resume_state(checkpoint: Path) -> dict[str, Any]:
     """The data-sampler and scheduler state of the source checkpoint, so that ``mtnlg train`` can later
-    resume from the SFT checkpoint (it resumes from a run's newest). Loaded with ``weights_only``,
-    numpy's array types allowed (the saved RNG state holds numpy arrays)."""
-    path = checkpoint / "trainer_rank0.pt"
+    resume from the SFT checkpoint (it resumes from a run's newest)."""
+    path = checkpoint / "trainer_rank0.json"
     if not path.is_file():
         return {}
-    allowed = [np.ndarray, np.dtype, np.dtypes.UInt32DType, _np_reconstruct()]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            state = torch.load(path, weights_only=True)
-    except Exception as e:  # an unexpected type: the SFT checkpoint still loads for inference
-        log.warning("could not read %s (%s); `mtnlg train` will not resume from the SFT checkpoint", path,
-                    str(e).splitlines()[0][:200])
-        return {}
+    state = load_trainer_state(path)
     return {k: state[k] for k in ("sampler", "schedulers", "bad_in_a_row", "skipped_steps") if k in state}
-
-
-def _np_reconstruct():
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
 
 
 def _prepare_output(output: Path, source_run: Path, run_cfg: Config, tok_dir: Path) -> tuple[Path, bool]:
