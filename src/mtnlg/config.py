@@ -280,15 +280,12 @@ class SftConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"sft.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"sft.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"sft.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"sft.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name, ok, rule in (("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                               ("seq_len", self.seq_len >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
+                               ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                               ("warmup_steps", self.warmup_steps >= 0, ">= 0")):
+            if not ok:
+                raise ConfigError(f"sft.{name} must be {rule}, got {getattr(self, name)}")
 
 
 @dataclass
