@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("mtnlg.commands.tokenizer", "train a byte-level BPE tokenizer on a corpus or files"),
     "preprocess": ("mtnlg.commands.preprocess", "tokenize .txt/.jsonl(.gz) files or a corpus into PREFIX.bin/.idx"),
     "train": ("mtnlg.commands.train", "train a model (default: ~12M params on the built-in poems corpus, on CPU)"),
+    "sft": ("mtnlg.commands.sft", "fine-tune a trained run on conversations (loss on the assistant's replies)"),
     "plot": ("mtnlg.commands.plot", "plot a run's loss and throughput (loss.png, throughput.png)"),
     "plan": ("mtnlg.commands.plan", "memory, FLOPs and time of 3D-parallel layouts; search; schedule timelines"),
     "convert": ("mtnlg.commands.convert", "export to / import from Hugging Face (GPT-2 safetensors)"),

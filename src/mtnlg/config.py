@@ -1,6 +1,6 @@
 """Configuration: one dataclass per section, loaded from YAML and overridden by ``--section.key=value``.
 
-Sections: ``model``, ``data``, ``parallel``, ``train``, ``checkpoint``, ``log``, ``serve``.
+Sections: ``model``, ``data``, ``parallel``, ``train``, ``checkpoint``, ``log``, ``serve``, ``sft``.
 Every value is type-checked against its annotation; an unknown key or a wrong type raises a
 :class:`~mtnlg.errors.ConfigError` with one line naming the key, the expected type and the closest
 valid key. The defaults are the embedded default job: a ~12M-parameter MT-NLG model trained on the
@@ -265,6 +265,30 @@ class ServeConfig:
 
 
 @dataclass
+class SftConfig:
+    """Supervised fine-tuning on conversations (``mtnlg sft``; with ``enabled``, the last stage of ``mtnlg train``)."""
+
+    enabled: bool = True  # `mtnlg train` ends with this stage (the default job's model then answers in chat)
+    data: str | None = None  # OpenAI-messages JSONL; None = the built-in poem conversations (mtnlg.train.sft_data)
+    steps: int = 40
+    batch_size: int = 16  # conversations per step
+    seq_len: int = 256  # tokens per conversation at most (longer ones are cut)
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name, ok, rule in (("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                               ("seq_len", self.seq_len >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
+                               ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                               ("warmup_steps", self.warmup_steps >= 0, ">= 0")):
+            if not ok:
+                raise ConfigError(f"sft.{name} must be {rule}, got {getattr(self, name)}")
+
+
+@dataclass
 class Config:
     """The whole configuration of a run."""
 
@@ -275,6 +299,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):

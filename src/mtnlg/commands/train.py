@@ -100,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return _relaunch(args, output or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        output = output or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        rc = _relaunch(args, output)
+        return _sft(cfg, output) if rc == 0 else rc
 
     from mtnlg.train.loop import Trainer
 
@@ -128,4 +130,27 @@ def run(args: argparse.Namespace) -> int:
         if result.skipped_steps:
             parts.append(f"{result.skipped_steps} skipped steps")
         print(f"{', '.join(parts)}; run directory {result.run_dir}", file=sys.stderr)
-    return 0 if result.status != "interrupted" else 130
+    if result.status == "interrupted":
+        return 130
+    if result.status == "finished" and trainer.world == 1:  # under torchrun: the launching parent runs it
+        return _sft(cfg, result.run_dir)
+    return 0
+
+
+def _sft(cfg, run_dir: Path) -> int:
+    """The SFT stage (``sft.enabled``): fine-tune the run on conversations so that chat answers."""
+    if not cfg.sft.enabled:
+        return 0
+    from mtnlg.device import pick_device
+    from mtnlg.train.sft import sft_stage
+
+    def progress(step: int, loss: float) -> None:
+        if step % 10 == 0 or step == cfg.sft.steps:
+            print(f"sft step {step}/{cfg.sft.steps} loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    result = sft_stage(cfg, run_dir, device=pick_device(cfg.train.device), on_step=progress)
+    if result is not None:
+        print(f"SFT: {result.steps} steps on {result.conversations} conversations in {result.seconds:.0f}s, "
+              f"assistant loss {result.loss_before:.4f} -> {result.loss_after:.4f}; checkpoint {result.checkpoint}",
+              file=sys.stderr)
+    return 0
