@@ -13,6 +13,8 @@ Prints a table of tokens/s and ratios; ``--json`` prints one object with ``ratio
 Model bandwidth utilisation (``mbu_b1``, ``mbu_b1_int8``): the weight bytes one decode step reads
 (every layer, the LM head, one embedding row) times tokens/s at batch 1, divided by the read
 bandwidth of a buffer of the same size measured in the same run (``torch.sum`` over it, best of 20).
+``--llama-cpp`` adds llama.cpp at batch 1 on the same model exported to GGUF (``ratio_llama_cpp``,
+mtnlg tokens/s over llama.cpp's; skipped with the reason when llama-cpp-python is not installed).
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--int8", action="store_true", help="also time mtnlg with int8 weights (quantize=True)")
+    ap.add_argument("--llama-cpp", action="store_true", help="also decode with llama.cpp at batch 1 "
+                    "(llama-cpp-python; benchmarks/llama_cpp_decode.py): ratio_llama_cpp")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -127,6 +131,11 @@ def main() -> None:
         bwq = read_bandwidth(wq)
         result.update(ratio_b1_int8=rows[1]["ratio_int8"], ratio_b8_int8=rows[8]["ratio_int8"], weight_bytes_int8=wq,
                       read_gb_s_int8=bwq / 1e9, mbu_b1_int8=wq * rows[1]["int8_tok_s"] / bwq)
+    if args.llama_cpp:
+        from llama_cpp_decode import describe, side_by_side
+
+        result.update(side_by_side(m, n, args.prompt_len, args.repeats, torch.get_num_threads(),
+                                   rows[1]["mtnlg_tok_s"], rows[1].get("int8_tok_s")))
     if args.json:
         print(json.dumps(result))
         return
@@ -140,6 +149,8 @@ def main() -> None:
     print(f"mbu_b1 {result['mbu_b1']:.2f} ({wb / 1e6:.1f} MB/token, buffer read {result['read_gb_s']:.1f} GB/s)"
           + (f"   mbu_b1_int8 {result['mbu_b1_int8']:.2f} ({result['weight_bytes_int8'] / 1e6:.1f} MB/token, "
              f"{result['read_gb_s_int8']:.1f} GB/s)" if q is not None else ""))
+    if args.llama_cpp:
+        print(describe(result))
 
 
 if __name__ == "__main__":
