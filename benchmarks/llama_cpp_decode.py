@@ -69,7 +69,6 @@ def side_by_side(m: Any, n: int, prompt_len: int, repeats: int, threads: int, mt
             result[f"ratio_llama_cpp{suffix}"] = our_tok_s / tok_s
             result[f"llama_cpp_{kind}_same_tokens"] = sum(a == b for a, b in zip(ours, theirs)) if kind == "f32" \
                 else None
-            del llm
     result["llama_cpp_version"] = getattr(llama_cpp, "__version__", "?")
     return result
 

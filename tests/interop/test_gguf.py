@@ -23,9 +23,10 @@ from mtnlg.interop.gguf import export_gguf, gguf_tensors
 
 gguf = pytest.importorskip("gguf")
 
-CORPUS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "Hello world, hello tokenizer! the theme then"] * 10
-TEXTS = ["Hello world, hello tokenizer!  spaces\tand\nlines", "床前明月光，疑是地上霜。", f"special {EOD} and {PAD}",
-         "emoji 🙂 and bytes \x00\x7f", " the theme"]
+CORPUS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+          "Hello world, hello tokenizer! the theme then"] * 10
+TEXTS = ["Hello world, hello tokenizer!  spaces\tand\nlines", "床前明月光，疑是地上霜。",
+         f"special {EOD} and {PAD}", "emoji 🙂 and bytes \x00\x7f", " the theme"]
 VOCAB = 320  # > the tokenizer's vocabulary: the padded rows get [PAD{i}] tokens
 
 
