@@ -210,6 +210,13 @@ def test_refusals(tmp_path, model):
     with pytest.raises(ConfigError, match="gguf-type"):
         export_gguf(model, tmp_path / "x.gguf", "q4_0")
     assert not list(tmp_path.iterdir())  # nothing half-written
+    export_gguf(model, tmp_path / "x.gguf")
+    with pytest.raises(ConfigError, match="--force"):
+        export_gguf(model, tmp_path / "x.gguf")
+    export_gguf(model, tmp_path / "x.gguf", force=True)
+    model.save_pretrained(tmp_path / "mt")
+    with pytest.raises(ConfigError, match="inside the input"):
+        export_gguf(model, tmp_path / "mt" / "x.gguf", source=tmp_path / "mt")
 
 
 def test_cli_json_summary(files, tmp_path, capsys, model):

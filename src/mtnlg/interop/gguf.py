@@ -101,6 +101,9 @@ def vocabulary(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int], l
 
     gguf = _gguf()
     kind = gguf.TokenType
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} "
+                          "embedding rows (model.vocab_size); re-train or re-export with a matching tokenizer")
     hf = tokenizer.hf
     vocab = hf.get_vocab(with_added_tokens=True)
     by_id = {i: t for t, i in vocab.items()}
