@@ -2,7 +2,7 @@
 
 The benchmark model is exported with ``mtnlg convert``'s GGUF writer (:mod:`mtnlg.interop.gguf`), f32
 (and q8_0 when decode.py also times mtnlg's int8 weights), and llama-cpp-python decodes it greedily at
-batch 1 with the same thread count: prefill of the prompt, then one token at a time, the same work
+batch 1 with the same thread count and an f32 KV cache (as mtnlg's): prefill of the prompt, then one token at a time, the same work
 decode.py times for mtnlg. ``ratio_llama_cpp`` = mtnlg tokens/s / llama.cpp tokens/s at the same
 precision (the issue's goal: >= 1); ``ratio_llama_cpp_int8`` compares mtnlg int8 with llama.cpp q8_0.
 
@@ -62,7 +62,8 @@ def side_by_side(m: Any, n: int, prompt_len: int, repeats: int, threads: int, mt
         for kind, our_tok_s, suffix in kinds:
             path = export_gguf(m, Path(d) / f"bench-{kind}.gguf", kind)
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt_len + n + 8, n_batch=max(prompt_len, 8),
-                                  n_threads=threads, n_threads_batch=threads, verbose=False)
+                                  n_threads=threads, n_threads_batch=threads, verbose=False,
+                                  type_k=0, type_v=0)  # GGML_TYPE_F32 KV cache, as mtnlg's
             theirs = _decode(llm, prompt, n)
             tok_s = n / _time(lambda: _decode(llm, prompt, n), repeats)
             result[f"llama_cpp_{kind}_tok_s"] = tok_s
