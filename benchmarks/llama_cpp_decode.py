@@ -3,8 +3,8 @@
 The benchmark model is exported with ``mtnlg convert``'s GGUF writer (:mod:`mtnlg.interop.gguf`), f32
 (and q8_0 when decode.py also times mtnlg's int8 weights), and llama-cpp-python decodes it greedily at
 batch 1 with the same thread count and an f32 KV cache (as mtnlg's): prefill of the prompt, then one
-token at a time, the same work decode.py times for mtnlg. ``ratio_llama_cpp`` = mtnlg tokens/s / llama.cpp tokens/s at the same
-precision (the issue's goal: >= 1); ``ratio_llama_cpp_int8`` compares mtnlg int8 with llama.cpp q8_0.
+token at a time, the same work decode.py times for mtnlg. ``ratio_llama_cpp`` = mtnlg tokens/s /
+llama.cpp tokens/s at the same precision (the issue's goal: >= 1); ``ratio_llama_cpp_int8`` compares mtnlg int8 with llama.cpp q8_0.
 
 llama-cpp-python builds llama.cpp from source and is not part of ``setup.sh``; without it the keys are
 null and ``llama_cpp_skipped`` says why. The benchmark model uses exact GELU (llama.cpp's GPT-2 graph
