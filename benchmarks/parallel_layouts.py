@@ -44,7 +44,7 @@ def config(parallel: dict):
 
 
 def measure(parallel: dict, steps: int, warmup: int) -> dict:
-    from mtnlg.parallel.engine import build_engine
+    from mtnlg.train.step import build_train_step as build_engine
 
     cfg = config(parallel)
     eng = build_engine(cfg, torch.device("cpu"))

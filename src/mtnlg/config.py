@@ -149,6 +149,26 @@ class ParallelConfig:
         if self.pp_microbatches < 0:
             raise ConfigError(f"parallel.pp_microbatches must be >= 0, got {self.pp_microbatches}")
 
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks (``dp_replicate * dp_shard``; resolve ``dp_shard=-1`` first)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        """Processes the layout needs (``pp * dp * tp``; resolve ``dp_shard=-1`` first)."""
+        return self.pp * self.dp * self.tp
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Heads and the FFN width must split evenly over ``tp`` ranks (checked before any launch)."""
+        if model.num_heads % self.tp:
+            divisors = [d for d in range(1, model.num_heads + 1) if model.num_heads % d == 0]
+            raise ConfigError(f"model.num_heads={model.num_heads} is not divisible by parallel.tp={self.tp}; "
+                              f"choose parallel.tp among {divisors}")
+        if model.ffn_hidden_size % self.tp:
+            raise ConfigError(f"model.ffn_hidden_size={model.ffn_hidden_size} is not divisible by parallel.tp="
+                              f"{self.tp}; change one of them")
+
 
 @dataclass
 class TrainConfig:
@@ -174,7 +194,9 @@ class TrainConfig:
     rampup_tokens: int = 0
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: str = "none"  # none | full | selective
-    compile: bool = False
+    compile: bool = False  # torch.compile each block (inductor; on-disk cache, so a second run does not recompile)
+    chunked_loss: bool = True  # LM head + cross entropy in token chunks (never all [tokens, vocab] logits); 1 process
+    fused_adamw: bool = True  # torch's fused AdamW kernel where it applies (plain tensors)
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
     eval_interval: int = 25
@@ -310,6 +332,11 @@ class Config:
             raise ConfigError(f"model.dropout={self.model.dropout} with parallel.pp={self.parallel.pp}: the dropout "
                               "masks are keyed by each row's tokens, which later pipeline stages do not see; set "
                               "model.dropout=0 or parallel.pp=1")
+        self.parallel.check_model(self.model)
+        if self.parallel.tp > 1 and self.parallel.sequence_parallel and self.train.seq_len % self.parallel.tp:
+            raise ConfigError(f"train.seq_len={self.train.seq_len} is not divisible by parallel.tp={self.parallel.tp} "
+                              f"(sequence parallel splits the sequence); change train.seq_len or parallel.tp, or set "
+                              f"parallel.sequence_parallel=false")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                               f"lower train.seq_len or raise model.max_seq_len")

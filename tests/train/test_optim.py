@@ -9,13 +9,8 @@ import torch
 
 from mtnlg.config import TrainConfig
 from mtnlg.errors import ConfigError
-from mtnlg.train.optim import (
-    BatchRamp,
-    apply_activation_checkpointing,
-    build_optimizer,
-    build_scheduler,
-    lr_at,
-)
+from mtnlg.parallel.parallelize import apply_activation_checkpointing
+from mtnlg.train.optim import BatchRamp, build_optimizer, build_scheduler, lr_at
 
 
 def test_adamw_hyperparameters_and_no_decay_groups(tiny_model):

@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from mtnlg.parallel.mesh import resolve_degrees
+
+        resolve_degrees(cfg.parallel, args.nproc)  # a layout that does not fit fails here, once, not in N ranks
         output = output or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         rc = _relaunch(args, output)
         return _sft(cfg, output) if rc == 0 else rc

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -68,21 +68,48 @@ def named_inits(model: nn.Module, cfg: ModelConfig, seed: int) -> Iterator[tuple
         yield name, init_value(name, p.shape, cfg, seed)
 
 
+def _canonical(model: nn.Module, name: str) -> str:
+    """The head's weight is the embedding's (tied): a pipeline stage's own copy of it
+    (``output.weight`` without an embedding next to it) starts from the embedding's value."""
+    return "tok_embeddings.weight" if name == "output.weight" else name
+
+
 @torch.no_grad()
-def init_weights(model: GPT, seed: int = 0) -> GPT:
-    """Fill every parameter of an already-allocated model with its deterministic initial value."""
+def init_weights(model: GPT, seed: int = 0, cfg: ModelConfig | None = None, vocab_rows: int | None = None,
+                 assign: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> GPT:
+    """Fill every parameter of an already-allocated model with its deterministic initial value.
+
+    ``cfg`` (default ``model.cfg``) names the init rules; ``vocab_rows`` (default: all) is the
+    layout-independent padded vocabulary whose embedding rows are drawn, extra rows (padding for
+    tensor parallelism) start at zero; ``assign(param, full_value)`` writes a value into a sharded
+    parameter (default ``param.copy_``), so parallel code can hand in its local slice.
+    """
+    cfg = cfg or model.cfg
     for name, p in model.named_parameters():
-        p.copy_(init_value(name, p.shape, model.cfg, seed).to(p.dtype))
+        name = _canonical(model, name)
+        shape = torch.Size(p.shape)
+        if name == "tok_embeddings.weight" and vocab_rows is not None and shape[0] != vocab_rows:
+            value = torch.zeros(shape)
+            value[:vocab_rows] = init_value(name, torch.Size((vocab_rows, shape[1])), cfg, seed)
+        else:
+            value = init_value(name, shape, cfg, seed)
+        if assign is not None:
+            assign(p, value)
+        else:
+            p.copy_(value.to(p.dtype))
     return model
 
 
 @torch.no_grad()
 def materialize(model: GPT, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                seed: int = 0, init: bool = True) -> GPT:
-    """Allocate a meta model's storage on ``device`` in ``dtype`` and (optionally) initialise it."""
+                seed: int = 0, init: bool = True, cfg: ModelConfig | None = None, vocab_rows: int | None = None,
+                assign: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> GPT:
+    """Allocate a meta model's (or a pipeline stage's, possibly sharded) storage on ``device`` in
+    ``dtype`` and (optionally) initialise it; see :func:`init_weights` for the keywords."""
     model.to_empty(device=device)
-    model.to(dtype)
+    if dtype != torch.float32:
+        model.to(dtype)
     model.tie_weights()
     if init:
-        init_weights(model, seed)
+        init_weights(model, seed, cfg=cfg, vocab_rows=vocab_rows, assign=assign)
     return model

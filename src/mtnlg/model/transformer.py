@@ -165,6 +165,17 @@ class GPT(nn.Module):
         (``-1`` while decoding) or one column per row (a [B] tensor); the result is then [B, V].
         ``head`` replaces ``self.output`` (a faster layout of the same weight for decoding).
         """
+        h = self.hidden_states(tokens, positions, cache, attn_mask, token_embeds, logits_at)
+        out = head if head is not None else self.output
+        return out(h) if out is not None else h
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: LayerCache | None = None, attn_mask: torch.Tensor | None = None,
+                      token_embeds: torch.Tensor | None = None,
+                      logits_at: int | torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` without the LM head: the final (normed) hidden states [B, T, h] (at
+        ``logits_at`` only, when given), for a loss that applies the head itself in chunks (never
+        holding all [B*T, vocab] logits at once)."""
         start = cache.length if cache is not None else 0
         h = self.embed(tokens, positions, token_embeds, start) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
@@ -176,8 +187,7 @@ class GPT(nn.Module):
                                                                        logits_at]
         if self.norm is not None:
             h = self.norm(h)
-        out = head if head is not None else self.output
-        return out(h) if out is not None else h
+        return h
 
 
 def count_parameters(cfg: ModelConfig, padded_vocab_size: int | None = None) -> int:

@@ -6,8 +6,8 @@ All three are ``fully_shard`` over the data-parallel part of the mesh::
     dp_shard = 1, dp_replicate > 1   DDP  (a 1-way shard: parameters replicated, grads all-reduced)
     both > 1                         HSDP (shard inside a replica group, all-reduce across groups)
 
-Gradients are summed, not averaged (divide factor 1): the engine scales each loss so that the sum
-is the token-weighted or the per-rank mean (see :mod:`mtnlg.parallel.engine`).
+Gradients are summed, not averaged (divide factor 1): the step scales each loss so that the sum
+is the token-weighted or the per-rank mean (see :mod:`mtnlg.train.step`).
 
 ``sync_every = H > 1`` (local SGD / DiLoCo): the replicas skip the cross-replica all-reduce for H
 inner steps, then average their parameter deltas and apply an outer Nesterov-SGD step.
@@ -52,7 +52,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: boo
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     for m in model.modules():
         if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)  # the engine scales the loss; FSDP only sums
+            m.set_gradient_divide_factor(1.0)  # the step scales the loss; FSDP only sums
             m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
     return model
 

@@ -13,11 +13,10 @@ from :func:`mtnlg.device.backend_for` (nccl on CUDA, gloo on CPU), the one place
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -31,29 +30,9 @@ log = logging.getLogger(__name__)
 DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
-@dataclass(frozen=True)
-class Degrees:
-    """Resolved parallel degrees (every one >= 1; their product is the world size)."""
-
-    pp: int
-    dp_replicate: int
-    dp_shard: int
-    tp: int
-
-    @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def world(self) -> int:
-        return self.pp * self.dp * self.tp
-
-    def as_dict(self) -> dict[str, int]:
-        return {d: getattr(self, d) for d in DIMS}
-
-
-def resolve_degrees(pcfg: ParallelConfig, world_size: int) -> Degrees:
-    """Fill ``dp_shard=-1`` with what is left of the world and check the product equals the world size."""
+def resolve_degrees(pcfg: ParallelConfig, world_size: int) -> ParallelConfig:
+    """A copy of ``pcfg`` with ``dp_shard=-1`` filled from the world size (the one type for the
+    layout's degrees: ``.pp .dp_replicate .dp_shard .tp .dp .world``); checks the product."""
     rest = pcfg.dp_replicate * pcfg.tp * pcfg.pp
     dp_shard = pcfg.dp_shard
     if dp_shard == -1:
@@ -62,7 +41,7 @@ def resolve_degrees(pcfg: ParallelConfig, world_size: int) -> Degrees:
                 f"world size {world_size} is not divisible by parallel.dp_replicate*tp*pp = "
                 f"{pcfg.dp_replicate}*{pcfg.tp}*{pcfg.pp} = {rest}; change the degrees or the number of processes")
         dp_shard = world_size // rest
-    deg = Degrees(pp=pcfg.pp, dp_replicate=pcfg.dp_replicate, dp_shard=dp_shard, tp=pcfg.tp)
+    deg = dataclasses.replace(pcfg, dp_shard=dp_shard)
     if deg.world != world_size:
         raise ConfigError(
             f"parallel.dp_replicate*dp_shard*tp*pp = {pcfg.dp_replicate}*{dp_shard}*{pcfg.tp}*{pcfg.pp} = "
@@ -103,10 +82,3 @@ def sub(mesh: DeviceMesh, dim: str) -> DeviceMesh:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return mesh[dim]
-
-
-def mesh_degrees(mesh: DeviceMesh | None) -> Degrees:
-    """The degrees of a mesh built by :func:`build_mesh` (all 1 for None)."""
-    if mesh is None:
-        return Degrees(1, 1, 1, 1)
-    return Degrees(*(mesh[d].size() for d in DIMS))

@@ -200,8 +200,8 @@ def split_stage(model: nn.Module, counts: list[int], stage: int) -> nn.Module:
     """A copy of ``model`` (normally on meta) that keeps only stage ``stage``'s parts, same names.
 
     The last stage's head, when it does not also hold the embedding, gets its own (untied) weight
-    named ``output.weight``; :class:`~mtnlg.parallel.engine.Engine` initialises it like the
-    embedding and sums the two gradients.
+    named ``output.weight``; materialization (``mtnlg.model.init``) initialises it like the
+    embedding, and the step (``mtnlg.train.step``) sums the two gradients.
     """
     stages = len(counts)
     start = sum(counts[:stage])

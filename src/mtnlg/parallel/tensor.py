@@ -30,22 +30,15 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from mtnlg.config import ModelConfig
-from mtnlg.errors import ConfigError
+from mtnlg.config import ModelConfig, ParallelConfig
 from mtnlg.model.dropout import HashDropout
 
 log = logging.getLogger(__name__)
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
-    """Heads and the FFN width must split evenly over ``tp`` ranks."""
-    if cfg.num_heads % tp:
-        divisors = [d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0]
-        raise ConfigError(f"model.num_heads={cfg.num_heads} is not divisible by parallel.tp={tp}; "
-                          f"choose parallel.tp among {divisors}")
-    if cfg.ffn_hidden_size % tp:
-        raise ConfigError(f"model.ffn_hidden_size={cfg.ffn_hidden_size} is not divisible by parallel.tp={tp}; "
-                          f"change one of them")
+    """Heads and the FFN width must split evenly over ``tp`` ranks (see ``ParallelConfig.check_model``)."""
+    ParallelConfig(tp=tp).check_model(cfg)
 
 
 def tp_model_config(cfg: ModelConfig, tp: int) -> ModelConfig:

@@ -12,9 +12,9 @@
         metrics (rank 0) ─ valid every eval_interval ─ checkpoint every interval / on SIGTERM, SIGINT
     test split at the end, final checkpoint, loss.png
 
-Every rank runs the same loop; only rank 0 writes metrics and plots. The engine (``mtnlg.parallel``)
-owns the model layout; this module owns the optimizer, the schedule, the data order and the
-checkpoints.
+Every rank runs the same loop; only rank 0 writes metrics and plots. The step (``mtnlg.train.step``,
+on a model laid out by ``mtnlg.parallel.parallelize``) owns the layout, loss, precision and
+train/eval mode; this module owns the optimizer, the schedule, the data order and the checkpoints.
 """
 
 from __future__ import annotations
@@ -38,14 +38,7 @@ from mtnlg.config import Config
 from mtnlg.errors import MtnlgError
 from mtnlg import checkpoint as ckpt
 from mtnlg.train.metrics import MetricsWriter, flops_per_token, peak_memory_mb, peak_tflops, perplexity
-from mtnlg.train.optim import (
-    BatchRamp,
-    apply_activation_checkpointing,
-    apply_compile,
-    autocast,
-    build_optimizer,
-    build_scheduler,
-)
+from mtnlg.train.optim import BatchRamp, build_optimizer, build_scheduler, set_kernel
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +89,8 @@ class Trainer:
                  on_record: Callable[[dict[str, Any]], None] | None = None):
         from mtnlg.data.datasets import BatchSampler, build_datasets, prepare_tokenizer
         from mtnlg.device import pick_device
-        from mtnlg.parallel.engine import build_engine, init_distributed
+        from mtnlg.parallel.mesh import init_distributed
+        from mtnlg.train.step import build_train_step
 
         self.cfg = cfg
         self.on_record = on_record
@@ -119,11 +113,8 @@ class Trainer:
                 dist.barrier()
 
         seed_everything(cfg.train.seed)
-        self.engine = build_engine(cfg, self.device)
+        self.engine = build_train_step(cfg, self.device)  # layout, activation checkpointing, compile
         self.model_parts = list(self.engine.model_parts)
-        apply_activation_checkpointing(self.model_parts, cfg.train.activation_checkpointing)
-        if cfg.train.compile:
-            apply_compile(self.model_parts)
         self.optimizers = [build_optimizer([part], cfg.train) for part in self.model_parts]
         self.schedulers = [build_scheduler(opt, cfg.train) for opt in self.optimizers]
         self.ramp = BatchRamp(cfg.train, self.engine.dp_size)
@@ -167,6 +158,8 @@ class Trainer:
                 ckpt.abandon_after(self.ckpt_root, 0)  # starting over: the old history must not win later
             return None
         state = ckpt.load_checkpoint(found, self.model_parts, self.optimizers)
+        for opt in self.optimizers:  # the saved param groups name the saving layout's AdamW kernel
+            set_kernel(opt, self.cfg.train.fused_adamw)
         self.step = int(state["step"])
         if self.is_main:
             ckpt.abandon_after(self.ckpt_root, self.step)  # continuing an older step: newer ones are abandoned
@@ -204,8 +197,7 @@ class Trainer:
         t0 = time.perf_counter()
         batch_size = self.ramp.batch_size(self.sampler.consumed)
         micro = self._batch(self.sampler.next_batch(batch_size), self.datasets["train"])
-        with autocast(self.device, tc.precision):
-            out = self.engine.train_step(micro)
+        out = self.engine.train_step(micro)
         loss = float(out.loss)
         grad_norm = float(self.engine.clip_grad_norm_(tc.grad_clip if tc.grad_clip > 0 else float("inf")))
         bad = not (math.isfinite(loss) and math.isfinite(grad_norm) and self.engine.grads_finite())
@@ -255,14 +247,7 @@ class Trainer:
         n = max(unit, n // unit * unit)  # whole micro-batches on every rank (small splits wrap around)
         per = n // self.engine.dp_size
         indices = [i % len(ds) for i in range(self.engine.dp_rank * per, (self.engine.dp_rank + 1) * per)]
-        for part in self.model_parts:
-            part.eval()
-        try:
-            with torch.no_grad(), autocast(self.device, tc.precision):
-                loss_sum, count = self.engine.eval_loss(self._batch(indices, ds))
-        finally:
-            for part in self.model_parts:
-                part.train()
+        loss_sum, count = self.engine.eval_loss(self._batch(indices, ds))  # eval mode, no grad, then train
         loss = float(loss_sum) / max(1.0, float(count))
         return {"step": self.step, "split": split, "loss": loss, "ppl": perplexity(loss), "tokens": int(count)}
 
@@ -312,8 +297,6 @@ class Trainer:
         last_saved = self.step if self.resumed_from else None
         tok_rates: list[float] = []
         try:
-            for part in self.model_parts:
-                part.train()
             while self.step < tc.steps:
                 record = self.train_step()
                 tok_rates.append(record["tokens_per_s"])

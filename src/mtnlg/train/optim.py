@@ -1,5 +1,6 @@
-"""Optimisation pieces of the training loop: AdamW, the LR schedule, the MT-NLG batch-size ramp,
-the precision policy, activation checkpointing and torch.compile.
+"""Optimisation pieces of the training loop: AdamW, the LR schedule and the MT-NLG batch-size ramp.
+(Activation checkpointing and torch.compile are applied with the layout, in
+:mod:`mtnlg.parallel.parallelize`; precision is set by the step, :mod:`mtnlg.train.step`.)
 
 Everything here works on a list of model parts (one per pipeline stage held by this rank) whose
 parameters may be plain tensors or DTensors (FSDP2 / TP); nothing here talks to other ranks.
@@ -16,7 +17,6 @@ LR schedule (Megatron / MT-NLG)::
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Iterable, Iterator
@@ -52,19 +52,31 @@ def no_decay(name: str, p: torch.Tensor) -> bool:
 def build_optimizer(model_parts: Iterable[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW(beta1, beta2, eps, weight_decay) with two groups: decayed matrices, undecayed biases/norms.
 
-    The foreach kernels are used for plain tensors and turned off when any parameter is a DTensor
-    (sharded params of mixed meshes cannot always be grouped by the foreach path).
+    Plain tensors use torch's fused AdamW kernel (``train.fused_adamw``, one pass over each
+    parameter's state instead of a dozen element-wise ops); DTensor parameters (FSDP2 / TP) use the
+    per-parameter path (sharded params of mixed meshes cannot always be grouped or fused).
     """
     decay, plain = [], []
     for name, p in unique_parameters(model_parts):
         (plain if no_decay(name, p) else decay).append(p)
     if not decay and not plain:
         raise ConfigError("the model has no trainable parameters")
-    any_dtensor = any(_is_dtensor(p) for p in decay + plain)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
               {"params": plain, "weight_decay": 0.0, "name": "no_decay"}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False if any_dtensor else None)
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
+    set_kernel(opt, cfg.fused_adamw)
+    return opt
+
+
+def set_kernel(optimizer: torch.optim.Optimizer, fused: bool = True) -> None:
+    """Choose AdamW's kernel from the parameters this optimizer holds now: fused for plain tensors,
+    the per-parameter loop for DTensors. Call again after loading a state dict saved under another
+    layout (its param groups carry the saving layout's choice)."""
+    any_dtensor = any(_is_dtensor(p) for g in optimizer.param_groups for p in g["params"])
+    for g in optimizer.param_groups:
+        g["fused"] = bool(fused and not any_dtensor) or None
+        g["foreach"] = False if any_dtensor or g["fused"] else None
 
 
 # -- learning-rate schedule ------------------------------------------------------------------------
@@ -144,77 +156,3 @@ class BatchRamp:
     def num_micro_batches(self, consumed_samples: int) -> int:
         """Micro-batches each data-parallel rank runs (gradient accumulation) at this point."""
         return self.batch_size(consumed_samples) // (self.micro_batch_size * self.dp_size)
-
-
-# -- precision -------------------------------------------------------------------------------------
-
-
-def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """The compute-precision context for forward/backward: bf16 autocast over fp32 master weights on
-    CUDA (``auto`` or ``bf16``); fp32 (no autocast) on CPU under ``auto``, where bf16 matmul is slow.
-    Parameters and optimizer states always stay fp32."""
-    from mtnlg.device import compute_dtype
-
-    dtype = compute_dtype(device, precision)
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# -- activation checkpointing and compile ----------------------------------------------------------
-
-
-def _blocks(model_parts: Iterable[nn.Module]) -> list[nn.Module]:
-    from mtnlg.model.transformer import Block
-
-    return [m for part in model_parts for m in part.modules() if isinstance(m, Block)]
-
-
-def _selective_policy():
-    """Save the outputs of matmuls and attention, recompute the cheap element-wise ops (GELU,
-    LayerNorm, dropout, adds): most of the activation memory back for a few % of the FLOPs."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    save = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-            torch.ops.aten._scaled_dot_product_efficient_attention.default,
-            torch.ops.aten._scaled_dot_product_flash_attention.default,
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
-
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
-
-    return policy
-
-
-def apply_activation_checkpointing(model_parts: Iterable[nn.Module], mode: str) -> int:
-    """Recompute block activations in backward: ``full`` keeps only each block's input, ``selective``
-    keeps matmul/attention outputs and recomputes the rest. Patches each Block's ``forward`` in place
-    (parameter names and FSDP/TP hooks are unchanged). Returns the number of blocks wrapped."""
-    if mode == "none":
-        return 0
-    if mode not in ("full", "selective"):
-        raise ConfigError(f"train.activation_checkpointing='{mode}' is not one of ['none', 'full', 'selective']")
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-
-    blocks = _blocks(model_parts)
-    for block in blocks:
-        inner = block.forward
-        if mode == "full":
-            def fwd(*args, _inner=inner, **kwargs):
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-        else:
-            def fwd(*args, _inner=inner, **kwargs):
-                return checkpoint(_inner, *args, use_reentrant=False,
-                                  context_fn=functools.partial(create_selective_checkpoint_contexts,
-                                                               _selective_policy()), **kwargs)
-        block.forward = fwd
-    return len(blocks)
-
-
-def apply_compile(model_parts: Iterable[nn.Module]) -> int:
-    """torch.compile each transformer block in place (per-block regions compile fast and compose with
-    FSDP2 / TP hooks). Returns the number of blocks compiled."""
-    blocks = _blocks(model_parts)
-    for block in blocks:
-        block.compile()
-    return len(blocks)
