@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
                 parts.append(f"{name} loss {value:.4f}")
         if result.tokens_per_s:
             parts.append(f"{result.tokens_per_s:.0f} tokens/s")
+        if "step_time_s" in result.extra:
+            parts.append(f"{result.extra['step_time_s']:.2f} s/step (first step {result.extra['first_step_s']:.1f} s)")
         if result.skipped_steps:
             parts.append(f"{result.skipped_steps} skipped steps")
         print(f"{', '.join(parts)}; run directory {result.run_dir}", file=sys.stderr)

@@ -296,10 +296,12 @@ class Trainer:
         start_time = time.monotonic()
         last_saved = self.step if self.resumed_from else None
         tok_rates: list[float] = []
+        step_times: list[float] = []
         try:
             while self.step < tc.steps:
                 record = self.train_step()
                 tok_rates.append(record["tokens_per_s"])
+                step_times.append(record["step_time_s"])
                 result.train_loss = record["loss"]
                 self._emit(record)
                 if self.step % tc.eval_interval == 0 or self.step == tc.steps:
@@ -337,6 +339,8 @@ class Trainer:
         result.skipped_steps = self.skipped_steps
         if tok_rates:
             result.tokens_per_s = float(np.median(tok_rates))
+            result.extra["step_time_s"] = float(np.median(step_times))  # median: compile / warm-up steps apart
+            result.extra["first_step_s"] = step_times[0]
         if self.is_main and cfg.log.jsonl:
             try:
                 from mtnlg.train.plot import plot_run

@@ -50,8 +50,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     need = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    kind = h.device.type
+    # the matmuls run in autocast's dtype when it is on (bf16 on CUDA), the softmax in fp32
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
     return _LinearCrossEntropy.apply(h, weight, y, mask, chunk or default_chunk(weight.shape[0]), need,
-                                     float(grad_scale))
+                                     float(grad_scale), dtype)
 
 
 _SUM = 2  # at::Reduction::Sum
@@ -59,15 +62,21 @@ _SUM = 2  # at::Reduction::Sum
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, y, mask, chunk, need_grad, grad_scale):  # noqa: D102
+    def forward(ctx, h, weight, y, mask, chunk, need_grad, grad_scale, dtype):  # noqa: D102
+        with torch.autocast(h.device.type, enabled=False):
+            return _LinearCrossEntropy._forward(ctx, h, weight, y, mask, chunk, need_grad, grad_scale, dtype)
+
+    @staticmethod
+    def _forward(ctx, h, weight, y, mask, chunk, need_grad, grad_scale, dtype):
         grad_h = torch.empty_like(h) if need_grad and ctx.needs_input_grad[0] else None
         grad_w = None
         want_w = need_grad and ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         g = torch.full((), grad_scale, dtype=torch.float32, device=h.device)
+        w = weight.to(dtype)
         for s in range(0, h.shape[0], chunk):
-            hc, yc = h[s:s + chunk], y[s:s + chunk]
-            z = (hc @ weight.t()).float()
+            hc, yc = h[s:s + chunk].to(dtype), y[s:s + chunk]
+            z = (hc @ w.t()).float()
             if mask is not None:
                 z = z + mask
             logp = torch._log_softmax(z, 1, False)
@@ -79,9 +88,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dlogp = torch.ops.aten.nll_loss_backward(g, logp, yc, None, _SUM, IGNORE, count)
             dz = torch.ops.aten._log_softmax_backward_data(dlogp, logp, 1, torch.float32)
             del dlogp, logp
-            dz = dz.to(h.dtype)
+            dz = dz.to(dtype)
             if grad_h is not None:
-                torch.mm(dz, weight.to(h.dtype), out=grad_h[s:s + chunk])
+                if dtype == h.dtype:
+                    torch.mm(dz, w, out=grad_h[s:s + chunk])
+                else:
+                    grad_h[s:s + chunk] = dz.mm(w)
             if want_w:
                 dw = dz.t().mm(hc).to(weight.dtype)
                 grad_w = dw if grad_w is None else grad_w.add_(dw)
@@ -97,4 +109,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         factor = g / ctx.grad_scale  # exactly 1.0 when the caller scaled by grad_scale: the grads stay bit-exact
         dh = grad_h * factor.to(grad_h.dtype) if grad_h is not None else None
         dw = grad_w * factor.to(grad_w.dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
