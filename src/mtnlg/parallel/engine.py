@@ -132,7 +132,8 @@ class Engine:
                             "optimizer still runs every %d steps", pc.sync_every, pc.sync_every)
             group = m["dp_replicate"].get_group() if m is not None and deg.dp_replicate > 1 else None
             params = [p for part in parts for p in part.parameters()]
-            self.outer = OuterSync(params, group, pc.sync_every, pc.outer_lr, pc.outer_momentum, pc.outer_async)
+            self.outer = OuterSync(params, group, pc.sync_every, pc.outer_lr, pc.outer_momentum, pc.outer_async,
+                                     mesh=m)
         log.info("engine: rank %d stages %s dp %d/%d tp %d/%d", self.rank, self.stage_ids, self.dp_rank,
                  self.dp_size, self.tp_rank, deg.tp)
 
