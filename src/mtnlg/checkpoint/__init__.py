@@ -4,6 +4,7 @@
   ``--checkpoint`` path; finding the newest complete checkpoint; abandoned histories; output checks.
 * :mod:`~mtnlg.checkpoint.sharded`: save / load sharded training checkpoints (DCP), layout-portable.
 * :mod:`~mtnlg.checkpoint.inference`: read a training checkpoint into a model for inference.
+* :mod:`~mtnlg.checkpoint.outer`: local SGD's outer and per-replica state inside those checkpoints.
 * :mod:`~mtnlg.checkpoint.stream`: read a training checkpoint one tensor at a time (int8 loading).
 * :mod:`~mtnlg.checkpoint.manifest`: sha256 manifests, verified on every load.
 * :mod:`~mtnlg.checkpoint.safe_read`: DCP reading without unpickling anything but its metadata classes.

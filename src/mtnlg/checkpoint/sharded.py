@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from mtnlg.checkpoint import outer as outer_ckpt
 from mtnlg.checkpoint.manifest import fsync_dir, write_manifest
 from mtnlg.checkpoint.resolve import abandon_after, list_checkpoints, step_dir_name
 from mtnlg.checkpoint.safe_read import dcp_load, read_metadata
@@ -147,8 +148,11 @@ def _finite(state: dict[str, Any]) -> str | None:
 
 def save_checkpoint(root: str | Path, step: int, model_parts: Sequence[nn.Module],
                     optimizers: Sequence[torch.optim.Optimizer], trainer_state: dict[str, Any],
-                    keep: int, config: Config | None = None, tokenizer_dir: str | Path | None = None) -> Path:
+                    keep: int, config: Config | None = None, tokenizer_dir: str | Path | None = None,
+                    outer: Any = None) -> Path:
     """Collective: every rank calls it. Writes ``root/step_N`` atomically and prunes to ``keep``.
+    ``outer``: the engine's local-SGD ``OuterSync`` (``parallel.sync_every > 1``), saved as
+    :mod:`mtnlg.checkpoint.outer` describes.
 
     Raises CheckpointError (on every rank, nothing written) when a weight or optimizer value is not
     finite: a diverged model is never saved."""
@@ -156,14 +160,21 @@ def save_checkpoint(root: str | Path, step: int, model_parts: Sequence[nn.Module
     rank = _rank()
     final = root / step_dir_name(step)
     state = {"model": model_state(model_parts), "optim": optimizer_state(model_parts, optimizers)}
-    bad = _finite(state["model"]) or _finite(state["optim"])
+    outer_info = None
+    if outer is not None:
+        groups, outer_info = outer_ckpt.outer_groups(outer, outer_ckpt.param_names(model_parts, outer.params))
+        state.update(groups)
+    bad = next((b for b in map(_finite, state.values()) if b), None)
     if not _all_true(bad is None):
         where = f" ({bad} on rank {rank})" if bad else ""
         raise CheckpointError(f"step {step}: the weights or optimizer state are not finite{where}; not saving a "
                               f"diverged model (lower train.lr, check the data, or resume from {root})")
     vocab = vocab_size_of(model_parts)
-    unpad_vocab(state["model"], vocab)
-    unpad_vocab(state["optim"], vocab)
+    for group in state.values():
+        unpad_vocab(group, vocab)
+    if outer is not None and outer.replicas > 1:  # per-replica tensors, stacked over dp_replicate
+        state.update(outer_ckpt.replica_groups(outer, state))
+        state.pop("outer_start", None)
     name = [None]
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -176,6 +187,8 @@ def save_checkpoint(root: str | Path, step: int, model_parts: Sequence[nn.Module
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist())
         trainer_state = {**trainer_state, "rng": rng_state(), "world_size": _world(), "rank": rank}
+        if outer_info is not None:
+            trainer_state["outer"] = outer_info
         save_trainer_state(trainer_state, tmp / f"trainer_rank{rank}.json")
         _barrier()
         if rank == 0:
@@ -308,30 +321,56 @@ def check_model_config(path: Path, model_parts: Sequence[nn.Module]) -> None:
 
 
 def load_checkpoint(path: str | Path, model_parts: Sequence[nn.Module],
-                    optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, Any]:
+                    optimizers: Sequence[torch.optim.Optimizer], outer: Any = None) -> dict[str, Any]:
     """Collective: load model + optimizer (resharding onto this layout, re-padding the vocabulary) and
     return the trainer state of this rank (or of rank 0 when the world size changed). ``path`` must be
-    verified already. Every failure is a one-line CheckpointError naming what differs."""
+    verified already. Every failure is a one-line CheckpointError naming what differs. ``outer``: the
+    engine's local-SGD ``OuterSync``, restored too (or restarted at the loaded weights when the
+    checkpoint has no local-SGD state)."""
     path = Path(path)
     meta = read_metadata(path).state_dict_metadata
+    trainer = read_trainer_state(path)
     state = {"model": model_state(model_parts), "optim": optimizer_state(model_parts, optimizers)}
+    names: list[str] = []
+    stacks_ok = False
+    if outer is not None:
+        names = outer_ckpt.param_names(model_parts, outer.params)
+        kinds, stacks_ok = outer_ckpt.expected(outer, trainer.get("outer"))
+        if stacks_ok and outer.overlap and trainer["outer"].get("overlap"):
+            kinds = [*kinds, "start"]
+        state.update(outer_ckpt.templates(outer, names, kinds))
     vocab = vocab_size_of(model_parts)
     error: CheckpointError | None = None
     swapped: dict[str, dict[str, Any]] = {}
     aliases: dict[str, dict[str, tuple[str, bool]]] = {}
     try:
         check_model_config(path, model_parts)
-        for group in ("model", "optim"):
-            flat_meta = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(group + ".")}
+        for group in list(state):
+            # per-replica round starts are saved only stacked (below); their shapes are the weights'
+            src = "model" if group == "outer_start" and stacks_ok else group
+            flat_meta = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(src + ".")}
             aliases[group] = _alias_tied(state[group], flat_meta)
             swapped[group] = _fit_template(state[group], flat_meta, vocab, path)
     except CheckpointError as e:
         error = e
     if not _all_true(error is None):
         raise error or CheckpointError(f"{path}: does not match this model on another rank; see its log")
-    dcp_load(state, path, no_dist=not _dist())
-    for group in ("model", "optim"):
-        _pad_back(state[group], swapped[group], vocab or 0)
+    stacks: dict[str, dict[str, Any]] = {}
+    if stacks_ok:
+        stacks = outer_ckpt.replica_groups(outer, state, fresh=True)
+        if not {f"{g}.{k}" for g, vals in stacks.items() for k in vals} <= set(meta):
+            log.warning("%s has no per-replica local-SGD state: every replica resumes from replica 0's", path)
+            stacks = {}
+            state.pop("outer_start", None)
+    # a tensor loaded per replica is not loaded a second time from its replica-0 copy
+    plain = {g: {k: v for k, v in vals.items() if k not in stacks.get(f"replica_{g.removeprefix('outer_')}", {})}
+             for g, vals in state.items() if g != "outer_start" or not stacks}
+    dcp_load({**plain, **stacks}, path, no_dist=not _dist())
+    for group, vals in plain.items():
+        state[group].update(vals)  # non-tensor values (param_groups.*) are replaced, not filled in
+    outer_ckpt.apply_replicas(state, stacks)
+    for group in state:
+        _pad_back(state[group], swapped.get(group, {}), vocab or 0)
         for key, (twin, renamed) in aliases[group].items():
             state[group][key] = state[group].pop(twin) if renamed else state[group][twin]
     try:
@@ -340,7 +379,9 @@ def load_checkpoint(path: str | Path, model_parts: Sequence[nn.Module],
             set_optimizer_state_dict(part, opt, state["optim"], options=_OPTS)
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot apply the saved state ({str(e).splitlines()[0][:300]})") from None
-    return read_trainer_state(path)
+    if outer is not None:
+        outer_ckpt.load_into(outer, names, {g: v for g, v in state.items() if g.startswith("outer_")})
+    return trainer
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:

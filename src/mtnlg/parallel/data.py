@@ -71,9 +71,10 @@ class OuterSync:
     """
 
     def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup | None, every: int,
-                 lr: float, momentum: float, overlap: bool = False):
+                 lr: float, momentum: float, overlap: bool = False, mesh: DeviceMesh | None = None):
         self.params = params
         self.group = group
+        self.mesh = mesh  # the whole device mesh: checkpoints stack per-replica state over its dp_replicate dim
         self.every = every
         self.overlap = overlap
         self.anchors = [local(p).detach().clone() for p in params]
@@ -84,6 +85,16 @@ class OuterSync:
 
     def _world(self) -> int:
         return dist.get_world_size(self.group) if self.group is not None else 1
+
+    @property
+    def replicas(self) -> int:
+        """How many replicas average at each outer step."""
+        return self._world()
+
+    @property
+    def replica(self) -> int:
+        """This rank's replica index (its rank in the outer group)."""
+        return dist.get_rank(self.group) if self.group is not None else 0
 
     def _start_average(self, deltas: list[torch.Tensor]) -> tuple[dist.Work | None, torch.Tensor]:
         flat = torch.cat([d.flatten() for d in deltas])
@@ -145,15 +156,25 @@ class OuterSync:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, object]) -> None:
-        for a, v in zip(self.anchors, state["anchors"]):
+        """Restore :meth:`state_dict`. Missing pieces start fresh from the current parameters: no
+        ``anchors`` (a checkpoint of a ``sync_every = 1`` run) anchors at the parameters, no ``starts``
+        begins the round at the parameters, no ``momentum`` / ``pending`` means none yet."""
+        anchors = state.get("anchors") or [local(p) for p in self.params]
+        for a, v in zip(self.anchors, anchors):
             a.copy_(v)
-        for a, m in zip(self.anchors, state["momentum"]):
+        self.opt.state.clear()
+        for a, m in zip(self.anchors, state.get("momentum") or [None] * len(self.anchors)):
             if m is not None:
                 self.opt.state[a]["momentum_buffer"] = m.clone()
         if self.overlap:
-            for b, v in zip(self.starts, state["starts"]):
+            starts = state.get("starts") or [local(p) for p in self.params]
+            for b, v in zip(self.starts, starts):
                 b.copy_(v)
             self._pending = (None, state["pending"].clone()) if state.get("pending") is not None else None
+
+    def reset(self) -> None:
+        """Start the outer optimizer afresh at the current parameters (after loading other weights)."""
+        self.load_state_dict({})
 
 
 def delayed_outer_reference(replica_params: list[list[torch.Tensor]], inner_step, every: int, steps: int,

@@ -139,7 +139,7 @@ class Trainer:
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.ckpt_root, self.step, self.model_parts, self.optimizers,
                                     self.trainer_state(), keep=self.cfg.checkpoint.keep, config=self.cfg,
-                                    tokenizer_dir=self.run_dir / "tokenizer")
+                                    tokenizer_dir=self.run_dir / "tokenizer", outer=getattr(self.engine, "outer", None))
 
     def resume(self) -> Path | None:
         """Load the checkpoint chosen by ``checkpoint.resume`` (rank 0 verifies, all ranks load)."""
@@ -157,7 +157,7 @@ class Trainer:
             if self.is_main and self.cfg.checkpoint.resume == "none":
                 ckpt.abandon_after(self.ckpt_root, 0)  # starting over: the old history must not win later
             return None
-        state = ckpt.load_checkpoint(found, self.model_parts, self.optimizers)
+        state = ckpt.load_checkpoint(found, self.model_parts, self.optimizers, outer=getattr(self.engine, "outer", None))
         for opt in self.optimizers:  # the saved param groups name the saving layout's AdamW kernel
             set_kernel(opt, self.cfg.train.fused_adamw)
         self.step = int(state["step"])

@@ -93,7 +93,7 @@ class TrainStep:
             group = m["dp_replicate"].get_group() if m is not None and self.layout.dp_replicate > 1 else None
             params = [p for part in self.model_parts for p in part.parameters()]
             self.outer = OuterSync(params, group, self.layout.sync_every, self.layout.outer_lr,
-                                   self.layout.outer_momentum, self.layout.outer_async)
+                                   self.layout.outer_momentum, self.layout.outer_async, mesh=m)
         log.info("step: rank %d stages %s dp %d/%d tp %d/%d%s", dist.get_rank() if self.world > 1 else 0,
                  pm.stage_ids, self.dp_rank, self.dp_size, self.tp_rank, self.layout.tp,
                  " chunked loss" if self.chunked else "")
