@@ -49,7 +49,7 @@ class Run:
     """One layout's engine, optimizer and data sampler (what the trainer holds)."""
 
     def __init__(self, layout: str):
-        from mtnlg.parallel.engine import build_engine
+        from mtnlg.train.step import build_train_step as build_engine
 
         torch.manual_seed(0)
         self.cfg = config(layout)
@@ -130,7 +130,7 @@ def test_changed_model_is_one_line_naming_the_field(tmp_path):
     path = r.save(tmp_path)
     cfg = config("one")
     cfg.model.hidden_size = 32
-    from mtnlg.parallel.engine import build_engine
+    from mtnlg.train.step import build_train_step as build_engine
 
     eng = build_engine(cfg, torch.device("cpu"))
     opts = [torch.optim.AdamW(p.parameters()) for p in eng.model_parts]

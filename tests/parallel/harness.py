@@ -59,7 +59,7 @@ def micro_batches(step: int, dp_rank: int, dp_size: int, uneven: bool = True, mi
 def run_steps(cfg: Config, steps: int = STEPS, uneven: bool = True, micro: int = MICRO,
               with_engine: bool = False):
     """Train ``steps`` AdamW steps with the engine; return the per-step losses (and the engine)."""
-    from mtnlg.parallel.engine import build_engine
+    from mtnlg.train.step import build_train_step as build_engine
 
     torch.manual_seed(0)
     eng = build_engine(cfg, torch.device("cpu"))

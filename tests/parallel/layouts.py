@@ -36,7 +36,7 @@ def two_rank_suite(layouts: list[dict]) -> dict[str, object]:
 def comm_volumes() -> dict[str, object]:
     """Bytes per mesh dim for one step of known shapes (compared with Megatron's formulas), and the
     DP bytes of a 4-microbatch step vs a 1-microbatch step (accumulation syncs once)."""
-    from mtnlg.parallel.engine import build_engine
+    from mtnlg.train.step import build_train_step as build_engine
 
     out: dict[str, object] = {}
     for sp in (False, True):
@@ -61,7 +61,7 @@ def local_sgd() -> list[dict[str, object]]:
     """sync_every=2 on 2 replicas: per step, a parameter checksum and the bytes per dim."""
     import torch.distributed as dist
 
-    from mtnlg.parallel.engine import build_engine
+    from mtnlg.train.step import build_train_step as build_engine
 
     cfg = tiny_config(dp_replicate=2, dp_shard=1, sync_every=2, outer_lr=0.7, outer_momentum=0.9)
     eng = build_engine(cfg, torch.device("cpu"))

@@ -16,7 +16,7 @@ N = 7
 
 def _train(cfg, steps: range, ckpt_dir, save_at: int | None, resume: bool) -> list[float]:
     from mtnlg.checkpoint import load_checkpoint, save_checkpoint
-    from mtnlg.parallel.engine import build_engine
+    from mtnlg.train.step import build_train_step as build_engine
 
     torch.manual_seed(0)
     eng = build_engine(cfg, torch.device("cpu"))

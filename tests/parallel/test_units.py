@@ -12,7 +12,8 @@ from mtnlg.config import ModelConfig, ParallelConfig
 from mtnlg.errors import ConfigError
 from mtnlg.model import build_model, count_parameters, materialize
 from mtnlg.parallel import pipeline as pipe
-from mtnlg.parallel.engine import build_engine, init_distributed
+from mtnlg.parallel.mesh import init_distributed
+from mtnlg.train.step import build_train_step as build_engine
 from mtnlg.parallel.mesh import resolve_degrees
 from mtnlg.parallel.tensor import check_tp, tp_model_config
 
