@@ -3,8 +3,8 @@
 Sections: ``model``, ``data``, ``parallel``, ``train``, ``checkpoint``, ``log``, ``serve``, ``sft``.
 Every value is type-checked against its annotation; an unknown key or a wrong type raises a
 :class:`~mtnlg.errors.ConfigError` with one line naming the key, the expected type and the closest
-valid key. The defaults are the embedded default job: a ~12M-parameter MT-NLG model trained on the
-built-in ``poems`` corpus on CPU.
+valid key. The defaults are the embedded default job: a small MT-NLG model trained on all the
+Chinese text of fortunes-zh (the ``poems`` corpus weighted up, blended with ``zh``) on CPU.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ OUTPUT_LAYER_INITS = ("scaled_normal", "normal", "zeros")
 class ModelConfig:
     """Architecture of the GPT decoder (MT-NLG style: pre-LN, learned positions, GELU, tied head)."""
 
-    vocab_size: int = 2048  # the default job's BPE on the small poems corpus; larger vocabularies overfit it
+    # None = the tokenizer's size: for a built-in corpus, a token for every character it holds plus
+    # its frequent merges (see data/tokenizer.py); a number trains a BPE of exactly that size.
+    vocab_size: int | None = None
     hidden_size: int = 384
     num_layers: int = 6
     num_heads: int = 6
@@ -57,7 +59,7 @@ class ModelConfig:
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_seq_len",
                      "make_vocab_size_divisible_by"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
@@ -86,6 +88,9 @@ class ModelConfig:
 
         The one padding formula: the runtime (``mtnlg.parallel.tensor.tp_model_config``) and the planner
         (``mtnlg.plan``) both use it; e.g. GPT-2's 50,257 tokens with 128 at tp=8 -> 51,200 rows."""
+        if self.vocab_size is None:
+            raise ConfigError("model.vocab_size is not known yet (None = the tokenizer's size): set "
+                              "--model.vocab_size=N, or let the run's tokenizer fill it in")
         multiple = self.make_vocab_size_divisible_by * tp
         return -(-self.vocab_size // multiple) * multiple
 
@@ -94,7 +99,9 @@ class ModelConfig:
 class DataConfig:
     """Where training tokens come from."""
 
-    corpus: str = "poems"  # built-in corpus used when `paths` is empty
+    # Built-in corpus used when `paths` is empty: a name, or a weighted blend of names (each split by
+    # documents, then mixed by weight). The default: all Chinese text of fortunes-zh, poems weighted up.
+    corpus: str = "poems:0.25,zh:0.75"
     # Preprocessed prefixes, optionally weighted: [0.7, "a", 0.3, "b"] or ["a", "b"].
     paths: list[Any] = field(default_factory=list)
     tokenizer: str | None = None  # tokenizer dir; None = train one on the corpus and cache it
@@ -174,7 +181,7 @@ class ParallelConfig:
 class TrainConfig:
     """Optimisation, precision and the training schedule."""
 
-    steps: int = 150  # the default job: ~300k tokens, ~5-6 minutes on 2 idle CPU cores
+    steps: int = 150  # the default job: ~307k tokens (under one pass over the corpus), ~4 minutes on 2 idle CPU cores
     seq_len: int = 128
     global_batch_size: int = 16  # sequences per optimizer step (all data-parallel ranks together)
     micro_batch_size: int = 16  # sequences per forward/backward on one rank
@@ -199,19 +206,20 @@ class TrainConfig:
     fused_adamw: bool = True  # torch's fused AdamW kernel where it applies (plain tensors)
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
-    eval_interval: int = 25
-    eval_batches: int = 8
+    eval_interval: int = 50
+    eval_batches: int = 0  # valid evaluations: at most this many global batches of sequences; 0 = the whole split
     max_bad_steps: int = 5
     max_time_s: float | None = None  # stop (and checkpoint) after this much wall time
 
     def validate(self) -> None:
-        for name in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_interval", "eval_batches",
-                     "max_bad_steps"):
+        for name in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_interval", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"train.{name} must be a finite number, got {getattr(self, name)}")
+        if self.eval_batches < 0:
+            raise ConfigError(f"train.eval_batches must be >= 0 (0 = the whole valid split), got {self.eval_batches}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         for name in ("beta1", "beta2"):

@@ -79,7 +79,7 @@ def _perplexity(args: argparse.Namespace) -> int:
     from mtnlg.checkpoint import resolve_checkpoint
     from mtnlg.config import Config
     from mtnlg.device import pick_device
-    from mtnlg.eval.perplexity import evaluate, prefix_dataset, token_byte_lengths
+    from mtnlg.eval.perplexity import eval_pieces, evaluate, prefix_dataset, token_byte_lengths, token_char_lengths
 
     resolved = resolve_checkpoint(args.checkpoint)  # once: the same directory for the config and the weights
     config_path = args.config or find_run_config(resolved)
@@ -96,16 +96,18 @@ def _perplexity(args: argparse.Namespace) -> int:
         cfg.train.seq_len = seq_len
         split = args.split or "test"
         dataset, source = build_datasets(cfg, tok)[split], {"split": split}
-    n = len(dataset) if args.max_samples is None else min(len(dataset), args.max_samples)
-    samples = (dataset[i] for i in range(n))
-    with tqdm(total=n, desc="eval", unit="seq", disable=args.json, leave=False) as bar:
-        result = evaluate(model.model, samples, token_byte_lengths(tok), batch_size=args.batch_size,
-                          progress=lambda done: bar.update(done - bar.n))
+    pieces = eval_pieces(dataset)  # every target token once, as the training loop scores a split
+    if args.max_samples is not None:
+        pieces = pieces[:args.max_samples]
+    with tqdm(total=len(pieces), desc="eval", unit="seq", disable=args.json, leave=False) as bar:
+        result = evaluate(model.model, pieces, token_byte_lengths(tok), batch_size=args.batch_size,
+                          progress=lambda done: bar.update(done - bar.n), char_lengths=token_char_lengths(tok))
     out = {"checkpoint": args.checkpoint, **source, "seq_len": seq_len, **result.to_dict()}
     if args.json:
         print(json.dumps(out))
     else:
         where = f"split {source['split']}" if "split" in source else f"data {source['data']}"
         print(f"{where}: loss {result.loss:.4f}  perplexity {result.perplexity:.3f}  bits/byte "
-              f"{result.bits_per_byte:.4f}  ({result.tokens:,} tokens, {result.samples} x {seq_len + 1})")
+              f"{result.bits_per_byte:.4f}  bits/char {result.bits_per_char:.4f}  ({result.tokens:,} tokens, "
+              f"{result.samples} sequences of <= {seq_len + 1})")
     return 0

@@ -10,6 +10,7 @@ newest complete checkpoint in ``--output``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -54,6 +55,7 @@ class _Progress:
     def __init__(self, total: int, enabled: bool, tty: bool, interval: int):
         self.total, self.enabled, self.tty, self.interval, self.bar = total, enabled, tty, interval, None
         self.valid: float | None = None
+        self.post: dict[str, str] = {}
         self.t0 = time.monotonic()
 
     def _line(self, record: dict) -> None:
@@ -74,8 +76,10 @@ class _Progress:
 
             self.bar = tqdm(total=self.total, initial=record["step"] - 1, unit="step", dynamic_ncols=True,
                             desc="train")
-        if record["split"] == "valid":
+        if record["split"] == "valid":  # shown at once, not with the next step's record
             self.valid = record["loss"]
+            self.post["valid"] = f"{self.valid:.3f}"
+            self.bar.set_postfix(self.post, refresh=True)
         if record["split"] != "train":
             return
         self.bar.update(record["step"] - self.bar.n)
@@ -85,6 +89,7 @@ class _Progress:
             post["mfu"] = f"{100 * record['mfu']:.0f}%"
         if self.valid is not None:
             post["valid"] = f"{self.valid:.3f}"
+        self.post = post
         self.bar.set_postfix(post, refresh=False)
 
     def close(self) -> None:
@@ -118,8 +123,13 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"run directory: {trainer.run_dir}  ({count_parameters(cfg.model) / 1e6:.1f}M parameters, "
               f"{trainer.world} process(es), device {trainer.device})", file=sys.stderr)
+    # While the bar is drawn, log lines go through tqdm.write: each on its own line, the bar redrawn below.
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    redirect = logging_redirect_tqdm() if progress.enabled and progress.tty else contextlib.nullcontext()
     try:
-        result = trainer.fit()
+        with redirect:
+            result = trainer.fit()
     finally:
         progress.close()
     if is_main:

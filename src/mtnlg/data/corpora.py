@@ -2,9 +2,18 @@
 
 ``poems`` and ``zh`` come from the Debian package ``fortunes-zh`` (installed by ``bash setup.sh``):
 fortune files whose entries are separated by lines holding a single ``%`` and whose titles and
-authors are coloured with ANSI escapes. We strip the escapes and keep one entry per document
-(title and author lines included). ``python`` is the standard library's own source, present on
-every machine, as a fallback when the package is missing.
+authors are coloured with ANSI escapes. We strip the escapes and keep one entry per document,
+stored as clean text a model should learn to write:
+
+* ``poems``: the body first, then one attribution line (``——李白《静夜思》``), so a model learns
+  to open with verse, not with a title or an author line (the raw entries start with both);
+* ``zh``: the Chinese entries only (those where under a tenth of the non-space characters are
+  Chinese, such as box-drawn tables and command listings, are dropped), with indentation,
+  non-breaking spaces and runs of blank lines normalized.
+
+``python`` is the standard library's own source, present on every machine, as a fallback when the
+package is missing. ``corpus_weights`` parses the blend syntax of ``data.corpus``
+(``"poems:0.3,zh:0.7"``).
 """
 
 from __future__ import annotations
@@ -29,13 +38,14 @@ class CorpusSpec:
     name: str
     description: str
     files: tuple[str, ...] = ()  # fortune files; empty = the Python standard library
+    clean: str = ""  # "poem" | "zh" | "" (as parsed)
 
 
 CORPORA: dict[str, CorpusSpec] = {
-    "poems": CorpusSpec("poems", "Tang 300 + Song 100 poems (Debian fortunes-zh), one poem per document",
-                        ("tang300", "song100")),
-    "zh": CorpusSpec("zh", "Chinese classics and sayings (fortunes-zh 'chinese'), one entry per document",
-                     ("chinese",)),
+    "poems": CorpusSpec("poems", "Tang 300 + Song 100 poems (Debian fortunes-zh), one poem per document: "
+                        "body, then ——author《title》", ("tang300", "song100"), "poem"),
+    "zh": CorpusSpec("zh", "Chinese classics, sayings and notes (fortunes-zh 'chinese'), one entry per document",
+                     ("chinese",), "zh"),
     "python": CorpusSpec("python", "the Python standard library's source files, one file per document"),
 }
 
@@ -75,6 +85,46 @@ def parse_fortunes(text: str) -> list[str]:
     return [d for d in docs if d]
 
 
+_HEADER = re.compile(r"^(?:题目[:：])?\s*(?P<title>《[^\n]*?》[^\n]*)\n作者[:：]\s*(?P<author>[^\n]*)\n")
+_SUBTITLE = re.compile(r"^\s*[（(]?其[一二三四五六七八九十]+[)）]?\s*$")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def clean_poem(entry: str) -> str:
+    """``《title》\\n作者：author\\nbody`` -> ``body\\n——author《title》`` (sub-heading lines such as
+    ``其一`` dropped, indentation and blank lines removed). Entries without that header are kept as
+    their non-blank lines."""
+    m = _HEADER.match(entry)
+    body = entry[m.end():] if m else entry
+    lines = [ln.strip() for ln in body.split("\n")]
+    lines = [ln for ln in lines if ln and not _SUBTITLE.match(ln)]
+    if m:
+        author = re.sub(r"[（(][０-９0-9－\-—？?\s]*[）)]", "", m.group("author")).strip()
+        title = m.group("title").strip()
+        lines.append(f"——{author}{title}" if author else f"——{title}")
+    return "\n".join(lines)
+
+
+def chinese_share(text: str) -> float:
+    """Fraction of the non-space characters of ``text`` that are Chinese (CJK ideographs)."""
+    chars = [c for c in text if not c.isspace()]
+    return sum(1 for c in chars if _CJK.match(c)) / len(chars) if chars else 0.0
+
+
+def clean_zh(entry: str) -> str:
+    """Indentation, non-breaking spaces and runs of spaces / blank lines normalized."""
+    lines = [re.sub(r"[ \t\u00a0\u3000]+", " ", ln).strip() for ln in entry.replace("\u00a0", " ").split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _clean(spec: CorpusSpec, docs: list[str]) -> list[str]:
+    if spec.clean == "poem":
+        docs = [clean_poem(d) for d in docs]
+    elif spec.clean == "zh":
+        docs = [clean_zh(d) for d in docs if chinese_share(d) >= 0.1]
+    return [d for d in docs if d]
+
+
 def _load_fortunes(spec: CorpusSpec) -> list[str]:
     d = fortunes_dir()
     if d is None:
@@ -89,7 +139,7 @@ def _load_fortunes(spec: CorpusSpec) -> list[str]:
             raise DataError(f"{path} is missing (fortunes-zh looks incomplete); run `bash setup.sh`") from None
         except UnicodeDecodeError as e:
             raise DataError(f"{path} is not valid UTF-8 at byte {e.start}; reinstall fortunes-zh") from None
-    return docs
+    return _clean(spec, docs)
 
 
 def _python_files() -> list[Path]:
@@ -126,6 +176,33 @@ def _load_cached(name: str, where: str) -> tuple[str, ...]:  # keyed by location
 def _check_name(name: str) -> None:
     if name not in CORPORA:
         raise DataError(f"unknown corpus '{name}'; built-in corpora are {list(CORPORA)}" + did_you_mean(name, CORPORA))
+
+
+def corpus_weights(spec: str) -> list[tuple[str, float | None]]:
+    """``"poems:0.3,zh:0.7"`` -> ``[("poems", 0.3), ("zh", 0.7)]``; ``"poems"`` -> ``[("poems", None)]``.
+
+    A name without a weight is mixed in proportion to its size; every name must be built in."""
+    out: list[tuple[str, float | None]] = []
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition(":")
+        _check_name(name)
+        if not weight:
+            out.append((name, None))
+            continue
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if not (w >= 0 and w != float("inf")):
+            raise DataError(f"data.corpus='{spec}': the weight of '{name}' must be a non-negative number, e.g. "
+                            f"poems:0.3,zh:0.7")
+        out.append((name, w))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise DataError(f"data.corpus='{spec}' names a corpus twice")
+    if any(w is not None for _, w in out) and (any(w is None for _, w in out) or sum(w for _, w in out) <= 0):
+        raise DataError(f"data.corpus='{spec}': give every corpus a weight (not all zero), or none")
+    return out
 
 
 def load_corpus(name: str) -> list[str]:

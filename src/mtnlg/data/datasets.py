@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtnlg.data.corpora import corpus_fingerprint, load_corpus
+from mtnlg.data.corpora import corpus_fingerprint, corpus_weights, load_corpus
 from mtnlg.data.indexed import IndexedDataset, exists, tokenizer_path
 from mtnlg.data.tokenizer import TOKENIZER_FILE, Tokenizer, train_bpe
 from mtnlg.errors import ConfigError, DataError
@@ -71,6 +71,8 @@ def prepare_tokenizer(cfg, run_dir: Path | None = None) -> Tokenizer:
         tok = Tokenizer.load(side)
     else:
         tok = corpus_tokenizer(d.corpus, cfg.model.vocab_size)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tok.vocab_size
     padded = cfg.model.padded_vocab_size()
     if tok.vocab_size > padded:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size} "
@@ -84,14 +86,19 @@ def prepare_tokenizer(cfg, run_dir: Path | None = None) -> Tokenizer:
     return tok
 
 
-def corpus_tokenizer(corpus: str, vocab_size: int) -> Tokenizer:
-    """A BPE trained on a built-in corpus, trained once and cached under ``tokenizers/<hash>/``."""
-    key = hashlib.sha256(f"bpe-v1:{corpus}:{corpus_fingerprint(corpus)}:{vocab_size}".encode()).hexdigest()[:16]
+def corpus_tokenizer(corpus: str, vocab_size: int | None = None) -> Tokenizer:
+    """A BPE trained on the built-in corpora that ``corpus`` names (``"poems"`` or a blend such as
+    ``"poems:0.3,zh:0.7"``, weights ignored: every document once), trained once and cached under
+    ``tokenizers/<hash>/``. ``vocab_size=None``: the size the corpus calls for (see ``train_bpe``)."""
+    names = sorted(n for n, _ in corpus_weights(corpus))
+    content = ",".join(f"{n}={corpus_fingerprint(n)}" for n in names)
+    key = hashlib.sha256(f"bpe-v2:{content}:{vocab_size}".encode()).hexdigest()[:16]
     target = cache_dir() / "tokenizers" / key
     if (target / TOKENIZER_FILE).is_file():
         return Tokenizer.load(target)
-    log.info("training a %d-token byte-level BPE on corpus '%s' (cached in %s)", vocab_size, corpus, target)
-    tok = train_bpe(load_corpus(corpus), vocab_size)
+    log.info("training a %s byte-level BPE on %s (cached in %s)",
+             f"{vocab_size}-token" if vocab_size else "character-covering", "+".join(names), target)
+    tok = train_bpe([doc for n in names for doc in load_corpus(n)], vocab_size)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
     tok.save(tmp)
@@ -189,6 +196,40 @@ class GPTDataset(Dataset):
         return torch.from_numpy(out)
 
 
+    def stream(self) -> np.ndarray:
+        """The split's whole token stream (its documents back to back, each ending in EOD)."""
+        parts = [self.indexed.get(int(d)) for d in self.documents]
+        return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+
+    def whole(self) -> list[torch.Tensor]:
+        """The stream cut into pieces of at most ``seq_len + 1`` tokens that overlap by one token, so
+        every token after the first is a target exactly once (the last piece may be shorter)."""
+        tokens = torch.from_numpy(self.stream())
+        L = self.seq_len
+        return [tokens[k:k + L + 1] for k in range(0, max(0, tokens.numel() - 1), L)]
+
+
+def eval_sequences(dataset: Dataset) -> list[torch.Tensor]:
+    """Every target token of a split exactly once, for evaluation: the pieces of :meth:`GPTDataset.whole`,
+    for a blend those of each part with a positive weight in turn (no weighting, no wrap-around)."""
+    if isinstance(dataset, BlendedDataset):
+        return [s for d, w in zip(dataset.datasets, dataset.weights) if w > 0 for s in eval_sequences(d)]
+    if isinstance(dataset, GPTDataset):
+        return dataset.whole()
+    raise DataError(f"cannot evaluate a {type(dataset).__name__}; expected a GPTDataset or a BlendedDataset")
+
+
+def pad_sequences(seqs: list[torch.Tensor], length: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, labels)`` of shape ``[len(seqs), length - 1]``: short pieces padded with ``pad_id`` in the
+    inputs and -100 (ignored by the loss) in the labels."""
+    x = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    y = torch.full((len(seqs), length), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :s.numel()] = s
+        y[i, :s.numel()] = s
+    return x[:, :-1], y[:, 1:]
+
+
 class BlendedDataset(Dataset):
     """Several datasets mixed by weight: item ``i`` comes from dataset ``dataset_index[i]``.
 
@@ -244,16 +285,21 @@ def build_datasets(cfg, tokenizer: Tokenizer) -> dict[str, Dataset]:
     """``{"train", "valid", "test"}`` datasets of ``train.seq_len + 1``-token samples.
 
     From ``data.paths`` (preprocessed prefixes, blended by weight; unweighted prefixes are mixed in
-    proportion to their sizes) or, when it is empty, from the built-in ``data.corpus`` tokenized
-    on the fly into the cache. Each prefix is split by documents with ``data.split`` and
+    proportion to their sizes) or, when it is empty, from the built-in ``data.corpus`` (one name or
+    a weighted blend such as ``"poems:0.3,zh:0.7"``) tokenized on the fly into the cache. Each prefix is split by documents with ``data.split`` and
     ``data.seed``; a split with weight 0 is an empty dataset. Small corpora still give every other
     split at least one sample (short valid/test splits wrap around and repeat their documents).
     """
     d, seq_len = cfg.data, cfg.train.seq_len
-    entries = parse_paths(d.paths) if d.paths else [(1.0, str(corpus_prefix(d.corpus, tokenizer)))]
+    if d.paths:
+        entries = parse_paths(d.paths)
+    else:
+        entries = [(w, str(corpus_prefix(name, tokenizer))) for name, w in corpus_weights(d.corpus)]
     indexed = []
     for _, prefix in entries:
         ds = IndexedDataset(prefix)
+        seconds = ds.verify()  # a flipped bit or a foreign token id stops the run here, naming the file
+        log.info("verified %s (%.1f MB) in %.2f s", ds.bin_path, ds.num_tokens * ds.dtype.itemsize / 1e6, seconds)
         if ds.vocab_size != tokenizer.vocab_size:
             raise DataError(f"{ds.idx_path} was tokenized with a {ds.vocab_size}-token vocabulary but the tokenizer "
                             f"has {tokenizer.vocab_size}; set --data.tokenizer to the one used by `mtnlg preprocess`")

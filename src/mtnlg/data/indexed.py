@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -86,7 +87,15 @@ class IndexedWriter:
 
     def __init__(self, prefix: str | Path, vocab_size: int, eod_id: int | None = None):
         self.bin_path, self.idx_path = paths_for(prefix)
-        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+        for p in (self.bin_path, self.idx_path):
+            if p.is_dir():
+                raise DataError(f"{p} is a directory; choose another --output prefix (or remove that directory)")
+        if self.bin_path.parent.exists() and not self.bin_path.parent.is_dir():
+            raise DataError(f"--output {prefix}: {self.bin_path.parent} is a file, not a directory")
+        try:
+            self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"--output {prefix}: cannot create {self.bin_path.parent} ({e.strerror or e})") from None
         self.vocab_size = int(vocab_size)
         self.eod_id = -1 if eod_id is None else int(eod_id)
         self.dtype = dtype_for_vocab(vocab_size)
@@ -125,13 +134,18 @@ class IndexedWriter:
         body = offsets.astype("<i8").tobytes() + lengths.astype("<u4").tobytes()
         header = _HEADER.pack(MAGIC, VERSION, _CODES[self.dtype], self.vocab_size, self.eod_id, self.num_docs,
                               self.num_tokens, self._crc & 0xFFFFFFFF, zlib.crc32(body) & 0xFFFFFFFF)
-        with open(self._tmp_idx, "wb") as f:
-            f.write(header)
-            f.write(body)
-        os.replace(self._tmp_bin, self.bin_path)
-        os.replace(self._tmp_idx, self.idx_path)
+        try:
+            with open(self._tmp_idx, "wb") as f:
+                f.write(header)
+                f.write(body)
+            os.replace(self._tmp_bin, self.bin_path)
+            os.replace(self._tmp_idx, self.idx_path)
+        except OSError as e:
+            self.abort()
+            raise DataError(f"cannot write {self.bin_path} / {self.idx_path}: {e.strerror or e}") from None
 
     def abort(self) -> None:
+        """Close and remove the temporary files (nothing under the final names is touched)."""
         self._f.close()
         for p in (self._tmp_bin, self._tmp_idx):
             p.unlink(missing_ok=True)
@@ -207,12 +221,18 @@ class IndexedDataset:
         doc = self[i]
         return doc[offset:] if length is None else doc[offset:offset + length]
 
-    def verify(self) -> None:
-        """Read the whole ``.bin``: check its CRC-32 and that every token is below the vocabulary size."""
+    def verify(self) -> float:
+        """Read the whole ``.bin``: check its CRC-32 and that every token is below the vocabulary size.
+
+        Training and evaluation call it when they start (about a second per GB); returns the seconds."""
+        t0 = time.perf_counter()
         if _crc32(np.asarray(self.tokens).view(np.uint8)) != self._bin_crc:
-            raise DataError(f"{self.bin_path} is corrupt (checksum mismatch); re-run `mtnlg preprocess`")
+            raise DataError(f"{self.bin_path} is corrupt (checksum mismatch with {self.idx_path.name}); re-run "
+                            f"`mtnlg preprocess`")
         if self.num_tokens and int(self.tokens.max()) >= self.vocab_size:
-            raise DataError(f"{self.bin_path} has token id {int(self.tokens.max())} >= vocab size {self.vocab_size}")
+            raise DataError(f"{self.bin_path} has token id {int(self.tokens.max())}, outside its {self.vocab_size}-token "
+                            f"vocabulary; re-run `mtnlg preprocess` with the model's tokenizer")
+        return time.perf_counter() - t0
 
     def summary(self) -> dict:
         """Counts and types, as ``mtnlg data inspect`` prints them."""

@@ -214,6 +214,9 @@ def parse_task(task: _Task, json_key: str = "text", separator: str | None = None
         except ValueError as e:
             bad.append(BadLine(task.source, task.first + i, f"invalid JSON ({str(e).split(':')[0]})"))
             continue
+        except RecursionError:
+            bad.append(BadLine(task.source, task.first + i, "invalid JSON (nested too deeply)"))
+            continue
         value = obj.get(json_key) if isinstance(obj, dict) else None
         if not isinstance(value, str):
             bad.append(BadLine(task.source, task.first + i, f"no string field '{json_key}'"))
@@ -248,20 +251,75 @@ def _init_worker(tok: Tokenizer, json_key: str, separator: str | None, serial: b
     _W.update(tok=tok, json_key=json_key, separator=separator, dtype=dtype_for_vocab(tok.vocab_size))
 
 
+PIECE_CHARS = 1 << 15  # a longer document is encoded in pieces of about this many characters
+BATCH_CHARS = 1 << 20  # characters encoded in one encode_batch call (bounds the tokenizer's memory)
+
+
+def split_document(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """``text`` cut into pieces of about ``size`` characters whose encodings, concatenated, equal the
+    encoding of ``text``: each cut falls right after a newline (or a space) that sits between two
+    non-space characters, where the byte-level pre-tokenizer always starts a new word anyway. A stretch
+    of ``2 * size`` characters without such a place is cut where it is (exactness yields to memory)."""
+    if len(text) <= size:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > size:
+        lo, hi = start + size // 2, start + 2 * size
+        cut = -1
+        for sep in ("\n", " "):
+            j = text.find(sep, start + size, hi)
+            while j != -1 and not (j + 1 < len(text) and not text[j - 1].isspace() and not text[j + 1].isspace()):
+                j = text.find(sep, j + 1, hi)
+            if j == -1:
+                j = text.rfind(sep, lo, start + size)
+                while j != -1 and not (not text[j - 1].isspace() and not text[j + 1].isspace()):
+                    j = text.rfind(sep, lo, j)
+            if j != -1:
+                cut = j + 1 if sep == "\n" else j  # after a newline; before a space (" word" is one word)
+                break
+        if cut <= start:
+            cut = min(len(text), start + size)
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return [p for p in pieces if p]
+
+
 def _encode_task(task: _Task) -> tuple[np.ndarray, np.ndarray, list[BadLine], int]:
-    """Parse and tokenize one work unit: (tokens with an EOD after each doc, doc lengths, bad lines, bytes)."""
+    """Parse and tokenize one work unit: (tokens with an EOD after each doc, doc lengths, bad lines, bytes).
+
+    Memory stays proportional to the text, whatever one document's size: long documents are cut
+    into pieces (:func:`split_document`) and at most ``BATCH_CHARS`` characters are encoded at once,
+    their ids kept as compact arrays."""
     docs, bad = parse_task(task, _W["json_key"], _W["separator"])
     tok: Tokenizer = _W["tok"]
-    eod = tok.eod_id
-    flat: list[int] = []
-    lengths = np.empty(len(docs), np.int64)
-    if docs:
-        for j, enc in enumerate(tok.hf.encode_batch(docs, add_special_tokens=False)):
-            ids = enc.ids
-            flat += ids
-            flat.append(eod)
-            lengths[j] = len(ids) + 1
-    return np.array(flat, dtype=_W["dtype"]), lengths, bad, task.nbytes
+    dtype = _W["dtype"]
+    eod = np.array([tok.eod_id], dtype=dtype)
+    lengths = np.zeros(len(docs), np.int64)
+    out: list[np.ndarray] = []
+    pending: list[tuple[int, str | None]] = []  # (document, piece) in order; None = that document's EOD
+    size = 0
+
+    def flush() -> None:
+        nonlocal size
+        texts = [t for _, t in pending if t is not None]
+        encs = iter(tok.hf.encode_batch(texts, add_special_tokens=False) if texts else [])
+        for j, t in pending:
+            ids = eod if t is None else np.array(next(encs).ids, dtype=dtype)
+            out.append(ids)
+            lengths[j] += ids.size
+        pending.clear()
+        size = 0
+
+    for j, doc in enumerate(docs):
+        for piece in split_document(doc):
+            pending.append((j, piece))
+            size += len(piece)
+            if size >= BATCH_CHARS:
+                flush()
+        pending.append((j, None))
+    flush()
+    return (np.concatenate(out) if out else np.zeros(0, dtype)), lengths, bad, task.nbytes
 
 
 def _mp_context():
@@ -336,8 +394,11 @@ def preprocess(inputs: list[str], tokenizer: Tokenizer, output: str | Path, *, j
                             consume(window.popleft().result())
                     while window:
                         consume(window.popleft().result())
-                except BrokenProcessPool as e:
-                    raise DataError(f"a preprocessing worker died ({e}); retry with --workers 1") from None
+                except BrokenProcessPool:
+                    raise DataError(f"a preprocessing worker died, most likely killed by the system for lack of "
+                                    f"memory (each of the {workers} workers holds one {CHUNK_BYTES >> 10} KiB chunk, or "
+                                    f"one whole JSONL line, and its tokens); use fewer --workers or free some "
+                                    f"memory") from None
                 finally:
                     for fut in window:
                         fut.cancel()

@@ -7,6 +7,8 @@ no tokenizer is given; ``train_bpe`` learns merges from a corpus. Saved as ``tok
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -66,6 +68,8 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise DataError(f"--output {d} is an existing file; the tokenizer is saved into a directory")
         d.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(d / TOKENIZER_FILE))
         return d / TOKENIZER_FILE
@@ -115,14 +119,85 @@ def byte_tokenizer() -> Tokenizer:
     return Tokenizer(hf)
 
 
-def train_bpe(texts: Iterable[str] | Iterator[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    """Learn a byte-level BPE of exactly ``vocab_size`` tokens (or fewer if the corpus is too small)."""
+def train_bpe(texts: Iterable[str] | Iterator[str], vocab_size: int | None = None,
+              min_frequency: int | None = None) -> Tokenizer:
+    """A byte-level BPE whose tokens cover the corpus's characters first, then its frequent strings.
+
+    ::
+
+        bytes (256) + specials ──► one token per character, most frequent first (each character's
+        UTF-8 bytes merged into one token: 春 = e6 98 a5 -> (e6 98) -> (e6 98 a5))
+                               ──► merges of whole-character tokens, most frequent pair first
+
+    So a model never has to spell a character of its corpus out of byte pieces (which lets sampling
+    emit half characters and characters the corpus never had). ``vocab_size=None`` sizes the
+    vocabulary from the corpus: every character, plus merges of pairs seen at least
+    ``min_frequency`` times (default: once per 2,000 characters of text, at least 2). A given
+    ``vocab_size`` is met exactly (or fewer tokens when the corpus has too little to merge); when it
+    is smaller than full coverage, the most frequent characters get tokens and the rest stay bytes.
+    """
+    docs = [t for t in texts if t]
+    counts: Counter[str] = Counter()
+    for d in docs:
+        counts.update(d)
+    total = sum(counts.values())
     min_size = 256 + len(SPECIAL_TOKENS)
-    if vocab_size < min_size:
+    if vocab_size is not None and vocab_size < min_size:
         raise ConfigError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {min_size} "
                           f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
-    hf = _finish(HFTokenizer(models.BPE()))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    hf.train_from_iterator(texts, trainer=trainer)
+    if min_frequency is None:
+        min_frequency = max(2, total // 2000) if vocab_size is None else 2
+    budget = (vocab_size if vocab_size is not None else 1 << 31) - len(SPECIAL_TOKENS)
+    vocab = {_BYTE_TO_UNICODE[b]: b for b in range(256)}
+    merges: list[tuple[str, str]] = []
+
+    def add(a: str, b: str) -> None:
+        if a + b not in vocab:
+            vocab[a + b] = len(vocab)
+            merges.append((a, b))
+
+    # 1. character coverage, most frequent first (ties: code point, so the result is deterministic)
+    for ch, _n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        pieces = [_BYTE_TO_UNICODE[b] for b in ch.encode("utf-8", errors="surrogatepass")]
+        prefixes = ["".join(pieces[:k]) for k in range(2, len(pieces) + 1)]
+        if len(vocab) + sum(p not in vocab for p in prefixes) > budget:
+            break
+        for k in range(1, len(pieces)):
+            add("".join(pieces[:k]), pieces[k])
+    # 2. merges of whole-character tokens, in the order a standard BPE trainer learns them
+    if len(vocab) < budget and docs:
+        trained = _finish(HFTokenizer(models.BPE()))
+        trainer = trainers.BpeTrainer(vocab_size=min(budget + len(SPECIAL_TOKENS), 1 << 20),
+                                      min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trained.train_from_iterator(docs, trainer=trainer)
+        for a, b in json.loads(trained.to_str())["model"]["merges"]:
+            if len(vocab) >= budget:
+                break
+            if a in vocab and b in vocab and _whole(a) and _whole(b):
+                add(a, b)
+    hf = _finish(HFTokenizer(models.BPE(vocab=vocab, merges=merges)))
+    hf.add_special_tokens(SPECIAL_TOKENS)
     return Tokenizer(hf)
+
+
+def _whole(token: str) -> bool:
+    """True when a byte-level token string is a sequence of whole UTF-8 characters."""
+    try:
+        bytes(_UNICODE_TO_BYTE[c] for c in token).decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def uncovered_characters(tokenizer: Tokenizer, texts: Iterable[str]) -> set[str]:
+    """The characters of ``texts`` that have no token of their own (they are spelled in byte pieces)."""
+    chars: set[str] = set()
+    for t in texts:
+        chars.update(t)
+    out = set()
+    for ch in chars:
+        tok = "".join(_BYTE_TO_UNICODE[b] for b in ch.encode("utf-8", errors="surrogatepass"))
+        if tokenizer.hf.token_to_id(tok) is None:
+            out.add(ch)
+    return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -237,13 +238,25 @@ def export_hf(model: Any, output: str | Path, dtype: str = "float32") -> Path:
         save_file(hf_state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         own_pad = tok.pad_id if tok.pad_id != tok.eod_id else None  # no pad token of its own: none, as GPT-2
         (tmp / "config.json").write_text(json.dumps(gpt2_config(cfg, tok.eod_id, own_pad, dtype), indent=2))
-        gen = {"bos_token_id": tok.eod_id, "eos_token_id": tok.eod_id, "pad_token_id": tok.pad_id,
-               "max_length": cfg.max_position_embeddings, "do_sample": False}
+        # No length: a saved max_length makes transformers warn on every generate(max_new_tokens=...)
+        # (and a saved max_new_tokens would override a caller's max_length); callers pass their own.
+        gen = {"bos_token_id": tok.eod_id, "eos_token_id": tok.eod_id, "pad_token_id": tok.pad_id, "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         save_hf_tokenizer(tok, tmp, cfg.max_position_embeddings)
         write_manifest(tmp, fmt="mtnlg-hf-export-1")  # checksums, verified when mtnlg imports it again
+        _ordinary_permissions(tmp)
     log.info("exported %s parameters to %s", f"{sum(v.numel() for v in hf_state.values()):,}", out)
     return out
+
+
+def _ordinary_permissions(directory: Path) -> None:
+    """Directories 0755 and files 0644 (temporary directories and some writers default to owner-only),
+    minus what the umask takes away, so an export can be shared like any other download."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o755 & ~umask)
+    for p in directory.rglob("*"):
+        p.chmod((0o755 if p.is_dir() else 0o644) & ~umask)
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "float32") -> Path:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from mtnlg.config import Config
-from mtnlg.errors import MtnlgError
+from mtnlg.errors import ConfigError, MtnlgError
 from mtnlg import checkpoint as ckpt
 from mtnlg.train.metrics import MetricsWriter, flops_per_token, peak_memory_mb, peak_tflops, perplexity
 from mtnlg.train.optim import BatchRamp, build_optimizer, build_scheduler, set_kernel
@@ -57,6 +57,8 @@ class TrainResult:
     tokens_per_s: float | None = None
     checkpoint: Path | None = None
     resumed_from: Path | None = None
+    best_valid_loss: float | None = None  # the lowest valid loss of this run and its step
+    best_valid_step: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,9 +103,10 @@ class Trainer:
             run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(_broadcast(str(run_dir)))
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"--output {self.run_dir} is an existing file; a run is written into a directory")
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.run_dir / "config.yaml")
         # Rank 0 fills the tokenizer / data caches first; the others then read them.
         for turn in (True, False):
             if self.is_main == turn:
@@ -111,6 +114,8 @@ class Trainer:
                 self.datasets = build_datasets(cfg, self.tokenizer)
             if _dist():
                 dist.barrier()
+        if self.is_main:  # after the tokenizer: model.vocab_size=None has become its size
+            cfg.save(self.run_dir / "config.yaml")
 
         seed_everything(cfg.train.seed)
         self.engine = build_train_step(cfg, self.device)  # layout, activation checkpointing, compile
@@ -239,15 +244,23 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, split: str) -> dict[str, Any]:
-        """Mean loss over the first ``eval_batches`` global batches of ``split`` (fixed samples)."""
+        """Mean loss over ``split``: every target token exactly once (:func:`eval_sequences`), the same
+        tokens ``mtnlg eval`` scores. ``train.eval_batches > 0`` limits the valid split to that many
+        global batches' worth of sequences; the test split is always evaluated whole."""
+        from mtnlg.data.datasets import eval_sequences, pad_sequences
+
         tc = self.cfg.train
-        ds = self.datasets[split]
-        unit = tc.micro_batch_size * self.engine.dp_size
-        n = min(len(ds), tc.eval_batches * tc.global_batch_size)
-        n = max(unit, n // unit * unit)  # whole micro-batches on every rank (small splits wrap around)
-        per = n // self.engine.dp_size
-        indices = [i % len(ds) for i in range(self.engine.dp_rank * per, (self.engine.dp_rank + 1) * per)]
-        loss_sum, count = self.engine.eval_loss(self._batch(indices, ds))  # eval mode, no grad, then train
+        seqs = eval_sequences(self.datasets[split])
+        if split == "valid" and tc.eval_batches:
+            seqs = seqs[:tc.eval_batches * tc.global_batch_size]
+        dp, mbs = self.engine.dp_size, tc.micro_batch_size
+        per = -(-len(seqs) // dp)
+        per = -(-per // mbs) * mbs  # whole micro-batches on every rank; the padding is all ignored labels
+        mine = seqs[self.engine.dp_rank * per:(self.engine.dp_rank + 1) * per]
+        mine += [torch.empty(0, dtype=torch.long)] * (per - len(mine))
+        micro = [tuple(t.to(self.device) for t in pad_sequences(mine[i:i + mbs], tc.seq_len + 1))
+                 for i in range(0, per, mbs)]
+        loss_sum, count = self.engine.eval_loss(micro)  # eval mode, no grad, then train
         loss = float(loss_sum) / max(1.0, float(count))
         return {"step": self.step, "split": split, "loss": loss, "ppl": perplexity(loss), "tokens": int(count)}
 
@@ -306,8 +319,11 @@ class Trainer:
                 self._emit(record)
                 if self.step % tc.eval_interval == 0 or self.step == tc.steps:
                     valid = self.evaluate("valid")
-                    result.valid_loss = valid["loss"]
-                    self._emit(valid)
+                    if valid["tokens"]:  # an empty valid split (data.split=100,0,0) has nothing to score
+                        result.valid_loss = valid["loss"]
+                        if result.best_valid_loss is None or valid["loss"] < result.best_valid_loss:
+                            result.best_valid_loss, result.best_valid_step = valid["loss"], self.step
+                        self._emit(valid)
                 timed_out = tc.max_time_s is not None and time.monotonic() - start_time > tc.max_time_s
                 if tc.max_time_s is not None and _dist():  # rank 0's clock decides, for every rank
                     timed_out = bool(_broadcast(timed_out))
@@ -327,8 +343,11 @@ class Trainer:
                 result.checkpoint = self.save()
             if result.status == "finished":
                 test = self.evaluate("test")
-                result.test_loss = test["loss"]
-                self._emit(test)
+                if test["tokens"]:
+                    result.test_loss = test["loss"]
+                    self._emit(test)
+            if self.is_main and result.checkpoint is not None and result.best_valid_step is not None:
+                _say_which_checkpoint(result)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -349,6 +368,20 @@ class Trainer:
             except Exception as e:  # a plot must never fail a finished run
                 log.warning("could not plot %s: %s", self.run_dir, e)
         return result
+
+
+def _say_which_checkpoint(result: TrainResult) -> None:
+    """Generation loads the newest checkpoint of a run; say so, and say when it is not the best."""
+    if result.best_valid_step == result.step:
+        log.info("generation loads %s, the checkpoint with the best valid loss (%.4f)", result.checkpoint,
+                 result.best_valid_loss)
+    else:
+        best = Path(result.checkpoint).with_name(f"step_{result.best_valid_step:08d}")
+        log.warning("valid loss was lowest at step %d (%.4f), not at the last step %d (%.4f): generation loads the "
+                    "newest checkpoint %s; %s", result.best_valid_step, result.best_valid_loss, result.step,
+                    result.valid_loss, result.checkpoint,
+                    f"pass --checkpoint {best} for the best one" if best.is_dir() else
+                    "train fewer steps (or save more often) to keep the best one")
 
 
 def _compute_dtype(device: torch.device, precision: str) -> torch.dtype:

@@ -1,5 +1,5 @@
 """PNG plots of a run's ``metrics.jsonl``: ``loss.png`` (train / valid loss) and ``throughput.png``
-(tokens/s and MFU). Uses matplotlib's non-interactive Agg backend, so it works without a display."""
+(tokens/s and MFU, each on its own axes). Uses matplotlib's non-interactive Agg backend, so it works without a display."""
 
 from __future__ import annotations
 
@@ -55,18 +55,22 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     plt.close(fig)
     written.append(out / "loss.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps, values = _series(records, "train", "tokens_per_s")
-    ax.plot(steps, values, color="tab:blue", label="tokens/s")
-    ax.set_xlabel("step")
-    ax.set_ylabel("tokens / s", color="tab:blue")
+    # tokens/s and MFU each on its own axes (one above the other, same steps), never drawn over each other
     msteps, mfu = _series(records, "train", "mfu")
-    if msteps:
-        ax2 = ax.twinx()
-        ax2.plot(msteps, [100 * m for m in mfu], color="tab:orange", alpha=0.7, label="MFU")
-        ax2.set_ylabel("MFU (%)", color="tab:orange")
+    rows = 2 if msteps else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(7, 2.6 * rows + 0.6), sharex=True, squeeze=False)
+    ax = axes[0][0]
+    steps, values = _series(records, "train", "tokens_per_s")
+    ax.plot(steps, values, color="tab:blue")
+    ax.set_ylabel("tokens / s")
     ax.set_title(f"{run.name}: throughput")
     ax.grid(alpha=0.3)
+    if msteps:
+        ax2 = axes[1][0]
+        ax2.plot(msteps, [100 * m for m in mfu], color="tab:orange")
+        ax2.set_ylabel("MFU (%)")
+        ax2.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(out / "throughput.png", dpi=100)
     plt.close(fig)
