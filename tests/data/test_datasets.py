@@ -124,6 +124,7 @@ def test_data_parallel_ranks_are_disjoint_and_union_is_the_single_process_batch(
 
 def test_build_datasets_on_the_builtin_corpus(tmp_path, private_cache):
     cfg = _cfg()
+    cfg.data.corpus = "poems"
     cfg.model.vocab_size = 600
     tok = prepare_tokenizer(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
@@ -137,7 +138,9 @@ def test_build_datasets_on_the_builtin_corpus(tmp_path, private_cache):
     docs = [set(d.documents.tolist()) for d in sets.values()]
     assert not (docs[0] & docs[1] or docs[0] & docs[2] or docs[1] & docs[2])
     text = tok.decode(sets["valid"][0].tolist())
-    assert "作者" in text or "<|endoftext|>" in text
+    from mtnlg.data.corpora import load_corpus
+
+    assert any(text.split("<|endoftext|>")[0] in d for d in load_corpus("poems"))
     assert len(list((private_cache / "data").glob("poems-*.bin"))) == 1
     build_datasets(cfg, tok)  # reuses the cached prefix
     assert len(list((private_cache / "data").glob("poems-*.bin"))) == 1
@@ -155,3 +158,51 @@ def test_mismatched_tokenizer_is_rejected(tmp_path, poem_tok):
     cfg.data.tokenizer = str(tmp_path / "tok")
     with pytest.raises(ConfigError, match="model.vocab_size"):
         prepare_tokenizer(cfg, None)
+
+
+def test_blended_builtin_corpora_split_each_part_and_evaluate_every_token_once(tmp_path, private_cache):
+    from mtnlg.data.datasets import BlendedDataset, GPTDataset, eval_sequences, pad_sequences
+
+    cfg = _cfg()
+    cfg.data.corpus = "poems:0.5,zh:0.5"
+    cfg.model.vocab_size = 400
+    cfg.train.seq_len = 64
+    tok = prepare_tokenizer(cfg, None)
+    sets = build_datasets(cfg, tok)
+    assert isinstance(sets["train"], BlendedDataset)
+    picks = sets["train"].dataset_index[:1000]
+    assert abs((picks == 0).mean() - 0.5) < 0.01  # the weights, not the sizes (zh is 20 times larger)
+    for name in ("valid", "test"):
+        parts = sets[name].datasets
+        pieces = eval_sequences(sets[name])
+        # every target token of every part exactly once: the pieces overlap by one token per cut
+        assert sum(p.numel() - 1 for p in pieces) == sum(d.num_tokens - 1 for d in parts)
+        assert all(p.numel() <= 65 for p in pieces)
+        stream = torch.from_numpy(parts[0].stream())
+        first = [p for p in pieces[:len(parts[0].whole())]]
+        assert torch.equal(torch.cat([first[0]] + [p[1:] for p in first[1:]]), stream)
+    x, y = pad_sequences([torch.tensor([5, 6, 7]), torch.tensor([8, 9])], 4)
+    assert x.tolist() == [[5, 6, 7], [8, 9, 0]] and y.tolist() == [[6, 7, -100], [9, -100, -100]]
+    assert isinstance(sets["valid"].datasets[0], GPTDataset)
+
+
+def test_training_verifies_token_files_when_it_starts(tmp_path, poem_tok):
+    prefix = tmp_path / "d"
+    with IndexedWriter(prefix, poem_tok.vocab_size, poem_tok.eod_id) as w:
+        for _ in range(20):
+            w.add_document(np.array(poem_tok.encode("床前明月光，疑是地上霜。") + [poem_tok.eod_id]))
+    poem_tok.hf.save(str(tokenizer_path(prefix)))
+    cfg = _cfg(paths=[str(prefix)])
+    build_datasets(cfg, poem_tok)  # intact: fine
+    data = bytearray((tmp_path / "d.bin").read_bytes())
+    data[7] ^= 0x10  # one flipped bit
+    (tmp_path / "d.bin").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"d\.bin is corrupt \(checksum"):
+        build_datasets(cfg, poem_tok)
+    # an id outside the vocabulary (with a matching checksum) is named too, not an IndexError later
+    with IndexedWriter(tmp_path / "big", 70000, 0) as w:
+        w.add_document(np.array([1, 69999, 2]))
+    ds = IndexedDataset(tmp_path / "big")
+    ds.vocab_size = 1000  # as a file whose header and tokens disagree
+    with pytest.raises(DataError, match="token id 69999, outside its 1000-token vocabulary"):
+        ds.verify()

@@ -23,3 +23,39 @@ def test_tokenizer_train_command(tmp_path, capsys):
     assert tok.vocab_size == 400 and tok.eod_id == tok.token_to_id(EOD) and tok.pad_id == tok.token_to_id(PAD)
     assert tok.token_to_id(ROLE_TOKENS["assistant"]) is not None
     assert main(["tokenizer", "train", "--corpus", "poems", "--vocab-size", "100", "--output", str(tmp_path / "x")]) == 2
+
+
+def test_tokenizer_covers_every_character_of_its_corpus_and_sizes_itself():
+    from collections import Counter
+
+    from mtnlg.data.tokenizer import train_bpe, uncovered_characters
+
+    docs = load_corpus("poems")
+    tok = train_bpe(docs)  # vocab_size=None: the corpus decides
+    assert uncovered_characters(tok, docs) == set()
+    chars = set("".join(docs))
+    for ch in chars:  # one token per character, and it decodes to that character
+        ids = tok.encode(ch)
+        assert len(ids) == 1 and tok.decode(ids) == ch
+    assert tok.vocab_size > 256 + len(chars) - sum(c.isascii() for c in chars)  # sized by the corpus, not 2,048
+    assert all(tok.decode(tok.encode(d)) == d for d in docs[:50])
+    # a smaller budget is met exactly: the most frequent characters get tokens first
+    small = train_bpe(docs, 1000)
+    assert small.vocab_size == 1000
+    missing = uncovered_characters(small, docs)
+    counts = Counter("".join(docs))
+    covered = chars - missing
+    assert missing and min(counts[c] for c in covered if not c.isascii()) >= max(counts[c] for c in missing)
+
+
+def test_default_job_tokenizer_covers_all_of_fortunes_zh(tmp_path, monkeypatch):
+    from mtnlg.config import Config
+    from mtnlg.data.datasets import prepare_tokenizer
+    from mtnlg.data.tokenizer import uncovered_characters
+
+    monkeypatch.setenv("MTNLG_CACHE", str(tmp_path))
+    cfg = Config()
+    assert cfg.model.vocab_size is None and cfg.data.corpus == "poems:0.25,zh:0.75"
+    tok = prepare_tokenizer(cfg)
+    assert cfg.model.vocab_size == tok.vocab_size  # the model's vocabulary follows the tokenizer's
+    assert uncovered_characters(tok, load_corpus("poems") + load_corpus("zh")) == set()

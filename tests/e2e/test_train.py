@@ -69,6 +69,16 @@ def test_run_directory_metrics_and_plots(full_run, tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 1000
 
 
+def test_train_and_eval_report_the_same_test_loss(full_run, capsys):
+    """The loop's final test loss and `mtnlg eval --split test` score the same tokens of the same checkpoint."""
+    (test,) = [r for r in read_metrics(full_run / "metrics.jsonl") if r["split"] == "test"]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(full_run), "--split", "test", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["tokens"] == test["tokens"]
+    assert got["loss"] == pytest.approx(test["loss"], rel=1e-5)
+
+
 def test_resume_after_sigterm_is_bit_exact(full_run, tmp_path):
     """SIGTERM at step 7 saves a checkpoint and stops; resuming gives exactly the uninterrupted curve."""
     from mtnlg.train.loop import Trainer

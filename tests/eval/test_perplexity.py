@@ -27,11 +27,11 @@ def model_dir(tmp_path):
 
 
 def independent_loss(model: MegatronLmModel, stream: list[int], seq_len: int) -> tuple[list[float], list[int]]:
-    """Per-token NLLs and target ids, sample by sample, through the public API's forward."""
-    n = (len(stream) - 1) // seq_len
+    """Per-token NLLs and target ids of every token after the first (the last window may be shorter),
+    window by window, through the public API's forward."""
     losses, targets = [], []
-    for i in range(n):
-        x = torch.tensor(stream[i * seq_len:i * seq_len + seq_len + 1])
+    for k in range(0, len(stream) - 1, seq_len):
+        x = torch.tensor(stream[k:k + seq_len + 1])
         with torch.no_grad():
             logp = F.log_softmax(model(x[:-1])[0], dim=-1)
         for pos, t in enumerate(x[1:].tolist()):
@@ -64,26 +64,24 @@ def test_perplexity_of_a_prefix_equals_exp_mean_loss(tmp_path, model_dir, capsys
     assert got["bits_per_byte"] == pytest.approx(sum(losses) / math.log(2) / text_bytes, rel=1e-6)
 
 
-def test_split_eval_uses_the_data_module(tmp_path, model_dir, monkeypatch, capsys):
-    """--split valid/test evaluates exactly build_datasets(cfg)[split] (the built-in poems corpus here)."""
+def test_split_eval_scores_every_token_of_the_split_once(tmp_path, model_dir, monkeypatch, capsys):
+    """--split valid evaluates build_datasets(cfg)[split] whole: each target token exactly once."""
     monkeypatch.setenv("MTNLG_CACHE", str(tmp_path / "cache"))
     from mtnlg.data.datasets import build_datasets
 
-    seq_len = 48
-    rc = main(["eval", "--checkpoint", str(model_dir), "--split", "valid", "--json", f"--train.seq_len={seq_len}"])
+    seq_len, over = 48, [f"--train.seq_len=48", "--data.corpus=poems"]
+    rc = main(["eval", "--checkpoint", str(model_dir), "--split", "valid", "--json", *over])
     assert rc == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     model = MegatronLmModel.from_pretrained(model_dir)
-    cfg = Config.load(None, [f"--train.seq_len={seq_len}"])
-    valid = build_datasets(cfg, model.tokenizer)["valid"]
-    nll, count = 0.0, 0
-    for i in range(len(valid)):
-        x = valid[i]
-        with torch.no_grad():
-            nll += float(F.cross_entropy(model(x[:-1])[0], x[1:], reduction="sum"))
-        count += seq_len
-    assert got["split"] == "valid" and got["samples"] == len(valid) and got["tokens"] == count
-    assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-6)
+    valid = build_datasets(Config.load(None, over), model.tokenizer)["valid"]
+    stream = valid.stream().tolist()
+    losses, targets = independent_loss(model, stream, seq_len)
+    assert got["split"] == "valid" and got["tokens"] == len(stream) - 1 == len(losses)
+    assert got["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    # the characters of the split's text, less the first one (its first byte is no target)
+    chars = len(model.tokenizer.decode([t for t in stream if t != model.tokenizer.eod_id])) - 1
+    assert got["chars"] == chars and got["bits_per_char"] == pytest.approx(sum(losses) / math.log(2) / chars, rel=1e-6)
 
 
 def test_eval_errors_are_one_line(tmp_path, model_dir, capsys):
