@@ -187,3 +187,38 @@ def test_cli_subprocess_shows_progress_with_throughput(tmp_path, poem_tok):
     assert "tokenizing" in r.stderr and "B/s" in r.stderr  # the bar reports bytes per second
     assert f"{len(POEMS)} documents" in r.stdout and "MB/s" in r.stdout
     assert len(IndexedDataset(tmp_path / "o")) == len(POEMS)
+
+
+def test_hostile_inputs_give_one_line_errors_and_leave_nothing_behind(tmp_path, poem_tok, capsys):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": "好"}\n' + "[" * 200_000 + "\n")
+    stats = preprocess([str(deep)], poem_tok, tmp_path / "ok", on_error="skip")
+    assert stats.documents == 1 and stats.bad_lines == 1 and "nested too deeply" in str(stats.errors[0])
+    with pytest.raises(DataError, match="deep.jsonl:2: invalid JSON"):
+        preprocess([str(deep)], poem_tok, tmp_path / "ok2", on_error="fail")
+    (tmp_path / "d.bin").mkdir()
+    with pytest.raises(DataError, match=r"d\.bin is a directory"):
+        preprocess([str(deep)], poem_tok, tmp_path / "d")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="afile is a file"):
+        preprocess([str(deep)], poem_tok, tmp_path / "afile" / "p")
+    poem_tok.save(tmp_path / "tok")
+    assert main(["tokenizer", "train", "--input", str(deep), "--vocab-size", "300", "--output",
+                 str(tmp_path / "afile")]) == 2
+    assert "afile is an existing file" in capsys.readouterr().err
+    assert not [p for p in tmp_path.rglob("*.tmp")]  # no temporary files left behind
+
+
+def test_huge_documents_are_encoded_in_pieces_exactly(tmp_path, poem_tok):
+    from mtnlg.data.preprocess import split_document
+
+    text = "\n".join(POEMS * 4) + " and some english words here" * 2000
+    pieces = split_document(text, 1000)
+    assert "".join(pieces) == text and len(pieces) > 100 and max(map(len, pieces)) <= 2000
+    assert [t for p in pieces for t in poem_tok.encode(p)] == poem_tok.encode(text)  # the cuts change nothing
+    assert split_document("春" * 5000, 1000) == ["春" * 1000] * 5  # no place to cut: cut anyway, bounded
+    src = tmp_path / "big.jsonl"
+    src.write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n" + json.dumps({"text": "短"}) + "\n")
+    preprocess([str(src)], poem_tok, tmp_path / "big")
+    ds = IndexedDataset(tmp_path / "big")
+    assert len(ds) == 2 and ds[0].tolist() == poem_tok.encode(text) + [poem_tok.eod_id]
