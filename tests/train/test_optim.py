@@ -103,4 +103,4 @@ def test_example_configs_are_valid():
     tiny = Config.load(examples / "tiny.yaml")
     poems = Config.load(examples / "poems.yaml")
     assert tiny.model.dropout == 0.0  # exact-resume and reshard tests rely on it
-    assert poems.data.corpus == "poems" and poems.train.steps > Config().train.steps
+    assert poems.data.corpus.startswith("poems") and poems.train.steps > Config().train.steps
