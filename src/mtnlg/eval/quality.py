@@ -253,7 +253,8 @@ def quality_report(run: str | Path, prompt: str = "床前明月光，疑是地�
     def sample(seed: int) -> list[str]:
         import dataclasses
 
-        return continue_poem(lm, prompt, 2, dataclasses.replace(base, seed=seed))
+        # seeds far apart: continue_poem seeds line j with seed + j, so neighbouring seeds would share lines
+        return continue_poem(lm, prompt, 2, dataclasses.replace(base, seed=1000 * seed))
 
     poems = poem_figures(sample, prompt, anchors["alphabet"], num_poems)
     return {"run": str(run), "corpus": cfg.data.corpus, "ngram_order": anchors["ngram"].order,
