@@ -34,6 +34,11 @@ def heldout_poems(split: str = "test") -> list[str]:
     return [docs[int(i)] for i in sorted(split_documents(len(docs), SPLIT, SEED)[split])]
 
 
+def _verse(poem: str) -> list[str]:
+    """The poem's lines without the attribution line (``——作者《题目》``) the corpus stores after the body."""
+    return [line for line in poem.split("\n") if not line.startswith("——")]
+
+
 def _body_start(lines: list[str]) -> int:
     """Index of the first verse line (after the 《title》 and 作者： lines)."""
     k = 0
@@ -45,7 +50,7 @@ def _body_start(lines: list[str]) -> int:
 def lambada_examples(poems: list[str]) -> list[dict]:
     out = []
     for p, poem in enumerate(poems):
-        lines = poem.split("\n")
+        lines = _verse(poem)
         start = _body_start(lines)
         for k in range(start + 1, len(lines)):  # at least one verse line of context
             line = lines[k]
@@ -59,12 +64,12 @@ def cloze_examples(poems: list[str], seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     by_len: dict[int, list[tuple[int, str]]] = {}
     for p, poem in enumerate(poems):
-        lines = poem.split("\n")
+        lines = _verse(poem)
         for line in lines[_body_start(lines):]:
             by_len.setdefault(len(line), []).append((p, line))
     out = []
     for p, poem in enumerate(poems):
-        lines = poem.split("\n")
+        lines = _verse(poem)
         start = _body_start(lines)
         for k in range(start + 1, len(lines)):
             gold = lines[k]
