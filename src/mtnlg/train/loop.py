@@ -321,6 +321,7 @@ class Trainer:
                     valid = self.evaluate("valid")
                     if valid["tokens"]:  # an empty valid split (data.split=100,0,0) has nothing to score
                         result.valid_loss = valid["loss"]
+                        result.extra["valid_step"] = self.step
                         if result.best_valid_loss is None or valid["loss"] < result.best_valid_loss:
                             result.best_valid_loss, result.best_valid_step = valid["loss"], self.step
                         self._emit(valid)
@@ -347,7 +348,7 @@ class Trainer:
                     result.test_loss = test["loss"]
                     self._emit(test)
             if self.is_main and result.checkpoint is not None and result.best_valid_step is not None:
-                _say_which_checkpoint(result)
+                _say_which_checkpoint(result, self.step)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -370,15 +371,20 @@ class Trainer:
         return result
 
 
-def _say_which_checkpoint(result: TrainResult) -> None:
-    """Generation loads the newest checkpoint of a run; say so, and say when it is not the best."""
-    if result.best_valid_step == result.step:
+def _say_which_checkpoint(result: TrainResult, step: int) -> None:
+    """Generation loads the newest checkpoint of a run (saved at ``step``); say so, and say whether it is
+    the one with the best valid loss."""
+    last = result.extra.get("valid_step")
+    best = Path(result.checkpoint).with_name(f"step_{result.best_valid_step:08d}")
+    if result.best_valid_step == step:
         log.info("generation loads %s, the checkpoint with the best valid loss (%.4f)", result.checkpoint,
                  result.best_valid_loss)
+    elif last == result.best_valid_step:  # still improving at the last evaluation; newer steps unvalidated
+        log.info("generation loads the newest checkpoint %s; the last validation (step %d, loss %.4f) was the best "
+                 "so far", result.checkpoint, last, result.best_valid_loss)
     else:
-        best = Path(result.checkpoint).with_name(f"step_{result.best_valid_step:08d}")
-        log.warning("valid loss was lowest at step %d (%.4f), not at the last step %d (%.4f): generation loads the "
-                    "newest checkpoint %s; %s", result.best_valid_step, result.best_valid_loss, result.step,
+        log.warning("valid loss was lowest at step %d (%.4f), not at the last evaluation (step %s, %.4f): generation "
+                    "loads the newest checkpoint %s; %s", result.best_valid_step, result.best_valid_loss, last,
                     result.valid_loss, result.checkpoint,
                     f"pass --checkpoint {best} for the best one" if best.is_dir() else
                     "train fewer steps (or save more often) to keep the best one")
