@@ -41,7 +41,7 @@ def test_new_lines_match_length_and_punctuation(tok):
 
 
 def test_constraint_allows_multi_character_tokens_only_within_the_line():
-    tok = train_bpe(POEMS * 10, vocab_size=300)
+    tok = train_bpe(POEMS * 10)  # sized by the text: every character, then merges (two-character tokens)
     c = LineConstraint(tok, 5, "，", tok.vocab_size)
     two = [i for i in range(tok.vocab_size) if len(tok.decode([i])) == 2 and all(map(is_hanzi, tok.decode([i])))]
     assert two, "the BPE should have learned some two-character tokens"

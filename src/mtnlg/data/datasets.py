@@ -92,7 +92,7 @@ def corpus_tokenizer(corpus: str, vocab_size: int | None = None) -> Tokenizer:
     ``tokenizers/<hash>/``. ``vocab_size=None``: the size the corpus calls for (see ``train_bpe``)."""
     names = sorted(n for n, _ in corpus_weights(corpus))
     content = ",".join(f"{n}={corpus_fingerprint(n)}" for n in names)
-    key = hashlib.sha256(f"bpe-v2:{content}:{vocab_size}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"bpe-v3:{content}:{vocab_size}".encode()).hexdigest()[:16]
     target = cache_dir() / "tokenizers" / key
     if (target / TOKENIZER_FILE).is_file():
         return Tokenizer.load(target)

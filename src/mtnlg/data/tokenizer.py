@@ -147,8 +147,10 @@ def train_bpe(texts: Iterable[str] | Iterator[str], vocab_size: int | None = Non
                           f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     if min_frequency is None:
         min_frequency = max(2, total // 2000) if vocab_size is None else 2
-    budget = (vocab_size if vocab_size is not None else 1 << 31) - len(SPECIAL_TOKENS)
-    vocab = {_BYTE_TO_UNICODE[b]: b for b in range(256)}
+    budget = vocab_size if vocab_size is not None else 1 << 31
+    # the special tokens first (ids 0-5, as a BPE trainer lays them out, so vocab.json holds them), then bytes
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    vocab.update({_BYTE_TO_UNICODE[b]: len(SPECIAL_TOKENS) + b for b in range(256)})
     merges: list[tuple[str, str]] = []
 
     def add(a: str, b: str) -> None:
@@ -167,7 +169,7 @@ def train_bpe(texts: Iterable[str] | Iterator[str], vocab_size: int | None = Non
     # 2. merges of whole-character tokens, in the order a standard BPE trainer learns them
     if len(vocab) < budget and docs:
         trained = _finish(HFTokenizer(models.BPE()))
-        trainer = trainers.BpeTrainer(vocab_size=min(budget + len(SPECIAL_TOKENS), 1 << 20),
+        trainer = trainers.BpeTrainer(vocab_size=min(budget, 1 << 20),
                                       min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         trained.train_from_iterator(docs, trainer=trainer)
