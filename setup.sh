@@ -13,16 +13,14 @@ say() { echo "setup.sh: $*"; }
 # the indexes pip is configured with (pip.conf, PIP_INDEX_URL / PIP_EXTRA_INDEX_URL): when one of them
 # serves PyTorch's CPU builds, the "+cpu" build is taken; else pip's default index, whose Linux x86-64
 # torch is the multi-GB CUDA build. To get the CPU build, point pip at PyTorch's CPU wheel index first
-# (PyTorch's "Get started" page names it), e.g. `pip config set global.extra-index-url <that index>`.
+# (PyTorch's "Get started" page names it), e.g. `pip config set global.extra-index-url <that index>`,
+# or put the CPU wheel in a folder named by pip's find-links.
 TORCH_SPEC="torch>=2.6,<2.15"
 if "$PY" -c "import torch" >/dev/null 2>&1; then
     say "keeping the installed $("$PY" -c 'import torch; print("torch", torch.__version__)')"
 else
-    pip_indexes="${PIP_INDEX_URL:-}${PIP_EXTRA_INDEX_URL:-}$("$PY" -m pip config list 2>/dev/null | grep -i 'index-url' || true)"
-    if [ -n "$pip_indexes" ]; then
-        say "trying torch 2.13.0+cpu (the CPU build) from pip's configured index (a few minutes)..."
-    fi
-    if [ -n "$pip_indexes" ] && "$PY" -m pip install --quiet "torch==2.13.0+cpu" 2>/dev/null; then
+    say "trying torch 2.13.0+cpu (the CPU build) from the indexes and wheel folders pip is configured with..."
+    if "$PY" -m pip install --quiet "torch==2.13.0+cpu" 2>/dev/null; then
         say "installed torch 2.13.0+cpu"
     else
         say "installing $TORCH_SPEC from pip's default index (on Linux x86-64 the CUDA build, ~2.5 GB; for the"

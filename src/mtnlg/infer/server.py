@@ -5,8 +5,7 @@
     POST /v1/completions        prompt (str | [str] | [int] | [[int]]) -> text_completion
     POST /v1/chat/completions   messages (system/user/assistant) -> chat.completion (the one chat template)
     POST /v1/poem               the opening lines of a poem -> more lines of the same form (an mtnlg extension)
-    GET  /v1/models   GET /metrics (Prometheus text)   POST /tokenize   POST /detokenize
-    GET  /health      GET /  (the chat web page, mtnlg/infer/web)
+    GET /v1/models  GET /metrics  POST /tokenize  POST /detokenize  GET /health  GET / (the web page)
 
 The protocol (parse, validate, render) lives in :mod:`mtnlg.infer.protocol`; this module is the app.
 With an API key set, every route but ``/health`` and the page needs ``Authorization: Bearer KEY``.
