@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import yaml
@@ -20,10 +21,16 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     data = cfg.to_dict()
-    params = count_parameters(cfg.model)
+    note = ""
+    model = cfg.model
+    if model.vocab_size is None:  # the run's tokenizer decides: count the rest, say what each token adds
+        model = dataclasses.replace(model, vocab_size=0)
+        note = f" + {model.hidden_size:,} per vocabulary entry (model.vocab_size comes from the run's tokenizer)"
+    params = count_parameters(model)
     if args.json:
-        print(json.dumps({"config": data, "params": params}, indent=2, ensure_ascii=False))
+        out = {"config": data, "params": params, **({"params_note": note.strip(" +")} if note else {})}
+        print(json.dumps(out, indent=2, ensure_ascii=False))
     else:
         print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), end="")
-        print(f"# model parameters: {params:,}")
+        print(f"# model parameters: {params:,}{note}")
     return 0

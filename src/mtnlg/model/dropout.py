@@ -64,11 +64,12 @@ class HashDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if self.row_keys is None or self.row_keys.shape[0] != x.shape[0]:
-            raise RuntimeError("HashDropout needs the row keys of this batch (set by GPT.forward from the tokens)")
+        keys = self.row_keys
+        if keys is None or keys.shape[0] != x.shape[0]:  # a block used on its own: rows keyed by batch index
+            keys = torch.arange(x.shape[0], device=x.device, dtype=torch.int64)
         t0 = self.seq_shard[0] * x.shape[1]
-        keep = keep_mask(x.shape, self.p, self.seed, self.site, self.row_keys, t0, x.device)
-        return x * keep.to(x.dtype) / (1.0 - self.p)
+        keep = keep_mask(x.shape, self.p, self.seed, self.site, keys, t0, x.device)
+        return x.masked_fill(~keep, 0.0) * (1.0 / (1.0 - self.p))  # autograd keeps the 1-byte mask only
 
     def extra_repr(self) -> str:
         return f"p={self.p}, site={self.site}"
