@@ -36,7 +36,7 @@ def _write_run(root: str, dims: dict, q) -> None:
     from mtnlg.config import Config
     from mtnlg.data.tokenizer import byte_tokenizer
     from mtnlg.model.init import build_model, materialize
-    from mtnlg.train.checkpoint import save_checkpoint
+    from mtnlg.checkpoint import save_checkpoint
 
     cfg = Config()
     for k, v in dims.items():

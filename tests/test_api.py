@@ -299,7 +299,7 @@ def _training_run(tmp_path, **model):
     """A run directory as training writes it (sharded DCP checkpoint + config.yaml + tokenizer/)."""
     from mtnlg.config import Config
     from mtnlg.model.init import build_model, materialize
-    from mtnlg.train.checkpoint import save_checkpoint
+    from mtnlg.checkpoint import save_checkpoint
 
     cfg = Config()
     for k, v in dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=128, **model).items():

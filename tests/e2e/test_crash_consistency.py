@@ -2,7 +2,7 @@
 
 Each trial forks a child (sharing the already-imported torch, so a trial costs a fraction of a second,
 not an interpreter start) that runs the trainer's real save path,
-:func:`mtnlg.train.checkpoint.save_checkpoint`, with its own step-specific weights and optimizer state,
+:func:`mtnlg.checkpoint.save_checkpoint`, with its own step-specific weights and optimizer state,
 and dies by SIGKILL (no handler, no cleanup: a node losing power, the OOM killer) at a random moment of
 that save. The moment is picked two ways:
 
@@ -36,7 +36,7 @@ import torch
 from mtnlg.config import CheckpointConfig, ModelConfig
 from mtnlg.errors import CheckpointError
 from mtnlg.model.init import build_model, materialize
-from mtnlg.train import checkpoint as ckpt
+from mtnlg import checkpoint as ckpt
 
 pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="the crash trials fork the trainer (POSIX only)"),
               pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]

@@ -160,7 +160,7 @@ def test_nan_guard_skips_then_aborts(tmp_path):
 
 def test_from_pretrained_loads_the_run(full_run):
     from mtnlg.api import MegatronLmModel
-    from mtnlg.train.checkpoint import load_for_inference
+    from mtnlg.checkpoint import load_for_inference
 
     model = MegatronLmModel.from_pretrained(full_run)
     _, state, tok = load_for_inference(full_run / "checkpoints" / "step_00000020")

@@ -17,7 +17,7 @@ from mtnlg.errors import ConfigError, DataError
 from mtnlg.eval.chat_quality import is_poem_form
 from mtnlg.infer.chat_template import ChatTemplate
 from mtnlg.model.init import build_model, materialize
-from mtnlg.train import checkpoint as ckpt
+from mtnlg import checkpoint as ckpt
 from mtnlg.train.optim import build_optimizer
 from mtnlg.train.sft import collate, encode_examples, finetune, masked_loss, sft_stage
 from mtnlg.train.sft_data import load_conversations, parse_poem_document, poem_conversations, write_conversations

@@ -5,7 +5,7 @@
     RUN (a trained checkpoint) ──► model + tokenizer + config (as inference loads them)
     conversations ──► ChatTemplate.encode_conversation ──► ids + assistant mask ──► padded batches
     AdamW (train.optim) on   mean cross entropy over  mask[1:]  (the reply and its <|end|>)
-    ──► a checkpoint saved with train.checkpoint's save function, in RUN2's (or RUN's) checkpoints/
+    ──► a checkpoint saved with mtnlg.checkpoint's save function, in RUN2's (or RUN's) checkpoints/
 
 One process, the materialised model, no parallel layout: the models this stage is for fit one
 device, and this path does not depend on how the pre-training engine lays models out. The result is
