@@ -20,6 +20,7 @@ from mtnlg.cli import main
 from mtnlg.data.tokenizer import EOD, PAD, train_bpe
 from mtnlg.errors import ConfigError
 from mtnlg.interop.gguf import export_gguf, gguf_tensors
+from tests.interop.test_hf import perturbed
 
 gguf = pytest.importorskip("gguf")
 
@@ -28,16 +29,6 @@ CORPUS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡
 TEXTS = ["Hello world, hello tokenizer!  spaces\tand\nlines", "床前明月光，疑是地上霜。",
          f"special {EOD} and {PAD}", "emoji 🙂 and bytes \x00\x7f", " the theme"]
 VOCAB = 320  # > the tokenizer's vocabulary: the padded rows get [PAD{i}] tokens
-
-
-def perturbed(model: MegatronLmModel, seed: int = 0) -> MegatronLmModel:
-    """Random biases and LayerNorm affines (the init leaves them 0/1, which would hide layout bugs)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name or name.startswith("norm."):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
 
 
 def tiny(activation: str = "gelu_tanh") -> MegatronLmModel:
