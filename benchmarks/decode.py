@@ -135,7 +135,7 @@ def main() -> None:
         from llama_cpp_decode import describe, side_by_side
 
         result.update(side_by_side(m, n, args.prompt_len, args.repeats, torch.get_num_threads(),
-                                   rows[1]["mtnlg_tok_s"], rows[1].get("int8_tok_s")))
+                                   rows[1]["mtnlg_tok_s"], rows[1].get("int8_tok_s"), time_it))
     if args.json:
         print(json.dumps(result))
         return

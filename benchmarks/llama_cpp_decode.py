@@ -14,7 +14,7 @@ uses the tanh approximation), so the tokens are reported (``llama_cpp_f32_same_t
 from __future__ import annotations
 
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +35,10 @@ def _decode(llm: Any, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def side_by_side(m: Any, n: int, prompt_len: int, repeats: int, threads: int, mtnlg_tok_s: float,
-                 int8_tok_s: float | None = None) -> dict[str, Any]:
-    """Time llama.cpp on ``m`` (a :class:`MegatronLmModel`) at batch 1; keys for decode.py's JSON."""
+                 int8_tok_s: float | None, time_it: Callable[[Callable[[], Any], int], float]) -> dict[str, Any]:
+    """Time llama.cpp on ``m`` (a :class:`MegatronLmModel`) at batch 1 with decode.py's ``time_it`` (so both
+    sides are timed alike); keys for decode.py's JSON."""
     result: dict[str, Any] = {"ratio_llama_cpp": None, "llama_cpp_skipped": None}
     try:
         import llama_cpp
@@ -65,7 +56,7 @@ def side_by_side(m: Any, n: int, prompt_len: int, repeats: int, threads: int, mt
                                   n_threads=threads, n_threads_batch=threads, verbose=False,
                                   type_k=0, type_v=0)  # GGML_TYPE_F32 KV cache, as mtnlg's
             theirs = _decode(llm, prompt, n)
-            tok_s = n / _time(lambda: _decode(llm, prompt, n), repeats)
+            tok_s = n / time_it(lambda: _decode(llm, prompt, n), repeats)
             result[f"llama_cpp_{kind}_tok_s"] = tok_s
             result[f"ratio_llama_cpp{suffix}"] = our_tok_s / tok_s
             result[f"llama_cpp_{kind}_same_tokens"] = sum(a == b for a, b in zip(ours, theirs)) if kind == "f32" \
