@@ -32,6 +32,11 @@ def test_gemm_lookup_exact_interpolated_and_clamped():
     assert p.gemm_rate(64, 64, 91) == pytest.approx(1e12 + 0.5e12 * math.log(91 / 64) / math.log(2))
     assert p.gemm_rate(8, 8, 8) == 1e12 and p.gemm_rate(4096, 4096, 4096) == 2e12  # clamped
     assert p.gemm_time(64, 64, 64, count=3) == pytest.approx(3 * 2 * 64**3 / 1e12)
+    # a thin shape the table lacks is no faster than its bytes (2·(mk + kn + mn)) at 1e11 B/s ...
+    assert p.gemm_time(4096, 4096, 8, elem_bytes=2) == pytest.approx(2 * (2 * 4096 * 8 + 4096**2) / 1e11)
+    assert p.batched_gemm_time(3, 256, 256, 8, elem_bytes=2) == pytest.approx(3 * 2 * (2 * 256 * 8 + 256**2) / 1e11)
+    # ... but a measured shape already includes its memory traffic
+    assert p.gemm_time(64, 64, 64, elem_bytes=2) == pytest.approx(2 * 64**3 / 1e12)
 
 
 def test_collective_points_interpolate_then_fit():
@@ -45,6 +50,9 @@ def test_collective_points_interpolate_then_fit():
     assert ar.time("all_reduce", 10_000, 1) == 0.0  # one rank: nothing to do
     assert p.links["inter"]["all_reduce"].points == ()  # no points given for inter
     assert p.collective_time("all_gather", 4000, 2, span=16, gpus_per_node=8) == pytest.approx(1e-5 + 2000 / 1e9)
+    # 4 of the group's devices on each node: 4 network links carry the node-to-node traffic at once
+    assert p.collective_time("all_gather", 4000, 2, 16, 8, lanes=4) == pytest.approx(1e-5 + 2000 / 4 / 1e9)
+    assert p.collective_time("all_gather", 4000, 2, 8, 8, lanes=4) == pytest.approx(1e-5 + 2000 / 1e9)  # intra
 
 
 def test_json_round_trip(tmp_path):

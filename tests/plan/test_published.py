@@ -2,19 +2,27 @@
 
 The time model (:mod:`mtnlg.plan.timemodel`) prices each part with the shipped ``a100-80gb`` profile,
 whose numbers come from data sheets and published matmul tables (their sources are in the JSON), never
-from these runs. The trends the papers show must hold (larger models reach more TFLOP/s per GPU;
-MT-NLG loses TFLOP/s per GPU as the GPU count grows). The +-10% goal is not met today: the model
-predicts 6-30% more TFLOP/s than Table 1 and ~50-60% more than the MT-NLG runs; that test is an
-``xfail(strict=True)`` that records the miss and turns red the day it passes, so it cannot go stale.
+from these runs. Each run is planned with the layout its paper states; what a paper leaves out is
+inferred and said so below. The trends the papers show must hold (larger models reach more TFLOP/s per
+GPU; MT-NLG loses TFLOP/s per GPU as the GPU count grows). The +-10% goal is not met: the two
+``xfail(strict=True)`` tests record the miss and turn red the day it passes, so they cannot go stale.
 
-* Smith et al. 2022, "Using DeepSpeed and Megatron to Train Megatron-Turing NLG 530B"
-  (arXiv:2201.11990), Table 1: 530B, 8-way TP x 35-way PP, global batch 1920, sequence 2048 on A100
-  80GB: 280 nodes (2240 GPUs) 60.1 s/iteration, 126 TFLOP/s per GPU; 420 nodes (3360 GPUs) 44.4 s, 113.
 * Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using
-  Megatron-LM" (arXiv:2104.04473), Table 1 (vocabulary 51200, sequence 2048, A100 80GB), e.g. 76.1B
-  (80 heads, hidden 10240, 60 layers) at TP 8 x PP 4 on 1024 GPUs, batch 1792: 140 TFLOP/s per GPU
-  (45% of peak); 1008B (160 heads, 25600, 128 layers) at TP 8 x PP 64 on 3072 GPUs: 163 TFLOP/s (52%).
-  The table does not give the micro-batch size; we plan with 1.
+  Megatron-LM" (arXiv:2104.04473), Table 1 (vocabulary 51200, sequence 2048, A100 80GB, fp16 mixed
+  precision, full recomputation; eq. 3 counts its FLOPs). Sec. 5.1: "we use the interleaved pipeline
+  schedule with the scatter/gather optimization enabled". Inferred: micro-batch 1 (Megatron's
+  interleaved schedule needs the micro-batch count to be a multiple of pp, and with micro-batch 1 every
+  row's is: 48/2, 56/4, 96/8, 144/16, 280/35, 512/64; at 2 the 310B row's 72 is not); no sequence
+  parallelism and no distributed optimizer (both came to Megatron in 2022), so ZeRO-0; model chunks per
+  rank not stated: we take the fewest that interleave (2, or 3 where the layers per stage are odd).
+  Predicted - published: +15 +11 +6 +8 +19 +25 +24 +24 +22 +23 %.
+* Smith et al. 2022, "Using DeepSpeed and Megatron to Train Megatron-Turing NLG 530B"
+  (arXiv:2201.11990), system performance: 530B, 8-way TP x 35-way PP (DeepSpeed's pipeline engine: plain 1F1B),
+  global batch 1920, sequence 2048 on A100 80GB: 280, 350 and 420 DGX nodes (2240, 2800, 3360 GPUs) at
+  60.1, 50.2 and 44.4 s per iteration, 126, 121 and 113 TFLOP/s per GPU. Predicted - published: +46 +47
+  +53 %. Megatron itself ran the same model on the same 2240 GPUs at 159 TFLOP/s (Narayanan et al.
+  Table 2, batch 2240), so most of this gap is between the two software stacks, which the model does not
+  price; the rest is the one Table 1 shows.
 """
 
 from __future__ import annotations
@@ -27,12 +35,12 @@ from mtnlg.plan.presets import PRESETS, _preset
 A100 = get_gpu("a100-80gb")
 
 
-MTNLG = [(2240, 60.1, 126), (3360, 44.4, 113)]
+MTNLG = [(2240, 60.1, 126), (2800, 50.2, 121), (3360, 44.4, 113)]
 
 
 def _mtnlg(gpus: int, seconds: float | None = None):
-    return plan(PRESETS["mtnlg-530b"], Layout(gpus, tp=8, pp=35, global_batch=1920, micro_batch=1), A100,
-                iteration_time=seconds)
+    layout = Layout(gpus, tp=8, pp=35, global_batch=1920, micro_batch=1, sequence_parallel=False)
+    return plan(PRESETS["mtnlg-530b"], layout, A100, iteration_time=seconds)
 
 
 @pytest.mark.parametrize("gpus,seconds,tflops", MTNLG)
@@ -43,7 +51,7 @@ def test_mtnlg_530b_arithmetic(gpus, seconds, tflops):
 
 
 def test_mtnlg_530b_loses_tflops_as_gpus_grow():
-    """Published: 126 (2240 GPUs) > 113 (3360); the model must fall too, through 2800 GPUs."""
+    """Published: 126 (2240 GPUs) > 121 (2800) > 113 (3360); the model must fall too."""
     tf = [_mtnlg(g).est_tflops_per_gpu for g in (2240, 2800, 3360)]
     assert tf[0] > tf[1] > tf[2]
     # the cause is the fixed pipeline bubble: fewer microbatches per pipeline as dp grows
@@ -65,10 +73,18 @@ TABLE_1 = [  # billions of parameters, heads, hidden, layers, tp, pp, GPUs, batc
 ]
 
 
+def _chunks(layers: int, pp: int) -> int:
+    """Model chunks per rank: the fewest that interleave (the paper does not state them)."""
+    per_stage = layers // pp
+    return 1 if pp == 1 else min(v for v in range(2, per_stage + 1) if per_stage % v == 0)
+
+
 def _table_1(row):
     billions, heads, hidden, layers, tp, pp, gpus, batch, _ = row
     model = _preset(f"{billions}b", layers, hidden, heads, 51200, 2048)
-    return plan(model, Layout(gpus, tp=tp, pp=pp, global_batch=batch, micro_batch=1), A100)
+    layout = Layout(gpus, tp=tp, pp=pp, vpp=_chunks(layers, pp), global_batch=batch, micro_batch=1, zero=0,
+                    sequence_parallel=False)
+    return plan(model, layout, A100)
 
 
 @pytest.mark.parametrize("billions,heads,hidden,layers,tp,pp,gpus,batch,tflops", TABLE_1)
@@ -86,9 +102,19 @@ def test_narayanan_table_1_larger_models_reach_more():
     assert tf[-1] == max(tf)
 
 
-@pytest.mark.xfail(strict=True, reason="measured miss, not tuned away: predicted TFLOP/s per GPU are 6-30% above "
-                                       "Table 1 and ~50-60% above the MT-NLG runs (see the module docstring)")
-def test_published_tflops_within_10_percent():
+def _errors(rows) -> list[float]:
+    return [round(p / t - 1, 3) for p, t in rows]
+
+
+@pytest.mark.xfail(strict=True, reason="measured miss, not tuned away: predicted TFLOP/s per GPU are 6-25% above "
+                                       "Table 1 (see the module docstring)")
+def test_narayanan_table_1_within_10_percent():
     pred = [(_table_1(row).est_tflops_per_gpu, row[-1]) for row in TABLE_1]
-    pred += [(_mtnlg(g).est_tflops_per_gpu, tf) for g, _, tf in MTNLG]
-    assert all(abs(p / t - 1) <= 0.10 for p, t in pred), [round(p / t - 1, 3) for p, t in pred]
+    assert all(abs(e) <= 0.10 for e in _errors(pred)), _errors(pred)
+
+
+@pytest.mark.xfail(strict=True, reason="measured miss, not tuned away: predicted TFLOP/s per GPU are 46-53% above "
+                                       "the MT-NLG runs (see the module docstring)")
+def test_mtnlg_530b_within_10_percent():
+    pred = [(_mtnlg(g).est_tflops_per_gpu, tf) for g, _, tf in MTNLG]
+    assert all(abs(e) <= 0.10 for e in _errors(pred)), _errors(pred)

@@ -27,14 +27,23 @@ SMALL = Shape(layers=2, hidden=8, ffn=32, heads=2, vocab=16, seq=4, micro_batch=
               recompute="none", zero=0, sp=True, dtype_bytes=2, params_per_gpu=1000.0)
 
 
+def mm(m: int, n: int, k: int, batch: int = 1) -> float:
+    """A matmul the table does not hold: its FLOPs at the rate, or its 2-byte operands and result at the
+    element-wise bandwidth, whichever takes longer."""
+    return batch * max(2 * m * n * k / R, 2 * (m * k + k * n + m * n) / BW)
+
+
 def test_compute_terms_by_hand():
     parts = stage_parts(profile(), SMALL, first=True, last=True)
     T = 4
-    layer_fwd = 2 * T * (12 * 8 + 8 * 4 + 16 * 8 + 8 * 16)  # QKV, proj, fc1, fc2 on 1/2 of the weights
-    logits_fwd = 2 * T * 8 * 8  # (T, V/t, h)
-    assert parts["gemm"] == pytest.approx((2 * 3 * layer_fwd + 3 * logits_fwd) / R)  # fwd + 2 backward each
-    # one head per rank: QK^T and softmax.V of 2·4·4·4 FLOPs, forward + 2 backward matmuls each
-    assert parts["attention"] == pytest.approx(2 * 2 * 3 * 128 / R)
+
+    def linear(m, n, k):  # forward, input-grad, weight-grad
+        return mm(m, n, k) + mm(m, k, n) + mm(k, n, m)
+
+    layer = linear(T, 12, 8) + linear(T, 8, 4) + linear(T, 16, 8) + linear(T, 8, 16)  # 1/2 of the weights each
+    assert parts["gemm"] == pytest.approx(2 * layer + linear(T, 8, 8))  # 2 layers + logits (T, V/t, h)
+    # one head per rank (d = 4): QK^T (s, s, d) and softmax.V (s, d, s), forward + 2 backward matmuls each
+    assert parts["attention"] == pytest.approx(2 * 3 * 2 * mm(4, 4, 4))
     # per layer forward: LayerNorms 2·2·T·h/2, residual+dropout 2·3·T·h/2, GELU 2·T·f/2, softmax 4·b·a·s²/2
     layer_elems = 4 * 16 + 6 * 16 + 2 * 4 * 16 + 4 * 2 * 16 / 2
     ew = 2 * layer_elems * 3 * 2 + 3 * 3 * T * 8 * 2 + 5 * T * 8 * 4  # x 3 passes x 2 B; embedding; fp32 CE
@@ -45,9 +54,9 @@ def test_compute_terms_by_hand():
 def test_full_recompute_adds_a_forward():
     full = dataclasses.replace(SMALL, recompute="full")
     a, b = stage_parts(profile(), SMALL, True, False), stage_parts(profile(), full, True, False)
-    layer_fwd = 2 * 4 * (12 * 8 + 8 * 4 + 16 * 8 + 8 * 16)
-    assert b["gemm"] - a["gemm"] == pytest.approx(2 * layer_fwd / R)  # 2 layers, one more forward
-    assert b["attention"] - a["attention"] == pytest.approx(2 * 2 * 128 / R)
+    layer_fwd = mm(4, 12, 8) + mm(4, 8, 4) + mm(4, 16, 8) + mm(4, 8, 16)
+    assert b["gemm"] - a["gemm"] == pytest.approx(2 * layer_fwd)  # 2 layers, one more forward
+    assert b["attention"] - a["attention"] == pytest.approx(2 * 2 * mm(4, 4, 4))
     assert b["overhead"] - a["overhead"] == pytest.approx(2 * 14 * OP)
 
 
@@ -71,6 +80,10 @@ def test_pipeline_sends_by_hand():
     msg = 1 * 4 * 8 * 2 / 2  # b·s·h/t elements of 2 bytes
     assert pp_time(profile(), sh) == pytest.approx(2 * 2 * (LAT + msg / LINK))  # fwd + bwd per chunk
     assert pp_time(profile(), SMALL) == 0
+    # without SP the receiver all-gathers the tp shares of the replicated activation (scatter/gather)
+    no_sp = dataclasses.replace(sh, sp=False)
+    gather = LAT + 2 * msg * (1 / 2) / LINK  # all-gather of b·s·h·2 bytes over tp = 2
+    assert pp_time(profile(), no_sp) == pytest.approx(2 * 2 * (LAT + msg / LINK + gather))
 
 
 def test_dp_reduction_by_stage():
@@ -82,6 +95,9 @@ def test_dp_reduction_by_stage():
     per_mb = 3 * (LAT + ppg * 2 * 0.5 / LINK)  # AG forward, AG backward, RS
     assert dp_times(profile(), z3) == pytest.approx((2 * per_mb, per_mb))
     assert dp_times(profile(), dataclasses.replace(SMALL, dp=1)) == (0.0, 0.0)
+    # across nodes (dp 8 x tp 2 = 16 > 8 per node): 4 of the group's devices per node share the traffic
+    wide = dataclasses.replace(SMALL, dp=8)
+    assert dp_times(profile(), wide)[0] == pytest.approx(LAT + ppg * 2 * (2 * 7 / 8) / 4 / LINK)
 
 
 def test_iteration_terms_sum_and_overlap():

@@ -21,7 +21,8 @@ A profile is a small JSON file (format ``mtnlg-plan-profile/1``)::
   of achieved FLOP/s for forward + backward at (s, s, head_dim).
 * ``links``: per collective, time(S) = latency + S · factor / busbw with S the buffer size and the
   ring factor of nccl-tests' bus bandwidth: 2(n-1)/n for all-reduce, (n-1)/n for all-gather and
-  reduce-scatter, 1 for send/recv. ``intra`` joins devices of one node, ``inter`` crosses nodes.
+  reduce-scatter, 1 for send/recv. ``intra`` joins devices of one node, ``inter`` crosses nodes over
+  one device's network link (a group with several devices on each node uses as many links at once).
 * ``overlap``: the share of the data-parallel reduction that can hide behind backward compute (1 on
   GPUs, where NCCL runs on its own streams; ~0 on a CPU, where gloo competes for the same cores).
 * ``concurrency``: how many devices of one host run at full speed at once (CPU: cores / threads per rank).
@@ -101,26 +102,41 @@ class Profile:
         """Achieved FLOP/s of an ``[m, k] x [k, n]`` matmul."""
         return _rate(self.gemm, m, n, k)
 
-    def gemm_time(self, m: int, n: int, k: int, count: int = 1) -> float:
-        """Seconds of ``count`` matmuls of this shape."""
+    def gemm_time(self, m: int, n: int, k: int, count: int = 1, elem_bytes: int = 0) -> float:
+        """Seconds of ``count`` matmuls of this shape. A shape the table does not hold is interpolated by
+        FLOPs alone, which knows nothing of a thin one: with ``elem_bytes`` it also takes at least the time
+        to move its operands and result (elem_bytes·(mk + kn + mn)) at the element-wise bandwidth."""
         if m <= 0 or n <= 0 or k <= 0:
             return 0.0
-        return count * 2.0 * m * n * k / self.gemm_rate(m, n, k)
+        return count * self._gemm_seconds(1, m, n, k, elem_bytes)
 
-    def batched_gemm_time(self, batch: int, m: int, n: int, k: int) -> float:
-        """Seconds of one batched call of ``batch`` matmuls of this shape, at the rate of its total FLOPs."""
+    def batched_gemm_time(self, batch: int, m: int, n: int, k: int, elem_bytes: int = 0) -> float:
+        """Seconds of one batched call of ``batch`` matmuls of this shape, at the rate of its total FLOPs
+        (and, with ``elem_bytes``, no faster than its bytes at the element-wise bandwidth)."""
         if batch <= 0 or m <= 0 or n <= 0 or k <= 0:
             return 0.0
-        return batch * 2.0 * m * n * k / self.gemm_rate(batch * m, n, k)
+        return self._gemm_seconds(batch, m, n, k, elem_bytes)
+
+    def _gemm_seconds(self, batch: int, m: int, n: int, k: int, elem_bytes: int) -> float:
+        rows = batch * m
+        compute = batch * 2.0 * m * n * k / self.gemm_rate(rows, n, k)
+        if not elem_bytes or any((tm, tn, tk) == (rows, n, k) for tm, tn, tk, _ in self.gemm):
+            return compute  # a measured shape already includes its memory traffic
+        return max(compute, batch * elem_bytes * (m * k + k * n + m * n) / self.elementwise_bw)
 
     def attention_rate(self, s: int, d: int) -> float:
         """Achieved FLOP/s of fused attention forward + backward at sequence ``s``, head dim ``d``."""
         return _rate(self.attention, s, s, d)
 
-    def collective_time(self, op: str, nbytes: float, ranks: int, span: int, gpus_per_node: int) -> float:
-        """Seconds of one collective of ``nbytes`` over ``ranks`` devices spread over ``span`` ranks of the world."""
-        link = self.links["intra" if span <= gpus_per_node else "inter"]
-        return link[op].time(op, nbytes, ranks)
+    def collective_time(self, op: str, nbytes: float, ranks: int, span: int, gpus_per_node: int,
+                        lanes: int = 1) -> float:
+        """Seconds of one collective of ``nbytes`` over ``ranks`` devices spread over ``span`` ranks of the world.
+        Across nodes, ``lanes`` is how many of the group's devices share each node: each brings its own
+        network link (one NIC per GPU in DGX/HGX nodes), and NCCL spreads its rings over them, so the
+        node-to-node traffic moves ``lanes`` times as fast as over the one link ``inter`` describes."""
+        if span <= gpus_per_node:
+            return self.links["intra"][op].time(op, nbytes, ranks)
+        return self.links["inter"][op].time(op, nbytes / max(1, lanes), ranks)
 
     # -- JSON --------------------------------------------------------------------------------------
     def as_dict(self) -> dict:

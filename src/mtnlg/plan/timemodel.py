@@ -6,7 +6,9 @@ d = h/a, t tensor-parallel size, T = b·s tokens, r = 1/t with sequence parallel
 * **gemm**: per layer the forward matmuls QKV (T, 3h/t, h), proj (T, h, h/t), fc1 (T, f/t, h) and
   fc2 (T, h, f/t) as (m, n, k); each backward has the input-gradient (m, k, n) and the weight-gradient
   (k, n, m) matmul; full recomputation runs the forward ones again. Each at its shape's rate in the
-  profile. The last stage adds the logit layer (T, V/t, h) and its two backward matmuls.
+  profile, and a shape the profile did not measure no faster than its operands and result move at the
+  element-wise bandwidth (thin matmuls, e.g. attention's with k = d, are bound by memory, not by FLOPs).
+  The last stage adds the logit layer (T, V/t, h) and its two backward matmuls.
 * **attention**: ``unfused``: b·a/t batched matmuls (s, s, d) for QKᵀ and (s, d, s) for softmax·V,
   2 backward matmuls each (the forward recomputed under full and selective recomputation), at the
   rate of the batched call's total FLOPs;
@@ -26,12 +28,15 @@ d = h/a, t tensor-parallel size, T = b·s tokens, r = 1/t with sequence parallel
   recomputation) of the T·h activation: all-reduces, or all-gather + reduce-scatter pairs with SP;
   one more for the vocab-parallel embedding (first stage) and one for gathering the logits' input
   (last stage); 3 all-reduces of T fp32 values for the vocab-parallel cross entropy.
-* **pp_comm**: per micro-batch and model chunk one forward and one backward send of T·h/t elements.
+* **pp_comm**: per micro-batch and model chunk one forward and one backward send of T·h/t elements;
+  without SP the receiver all-gathers the T·h activation over tp (Megatron's scatter/gather).
 * **bubble**: f/(1-f) x (everything above but the optimizer), f the schedule's bubble fraction.
 * **dp_comm**: the gradient reduction over dp (ZeRO-0 all-reduce; ZeRO-1/2 reduce-scatter +
   all-gather of the weights; ZeRO-3 an all-gather forward and backward and a reduce-scatter per
   micro-batch), less the part the profile's ``overlap`` hides behind backward compute (the last
-  micro-batch's backward for ZeRO-0/1/2; all compute for ZeRO-3, whose gathers are prefetched).
+  micro-batch's backward for ZeRO-0/1/2; all compute for ZeRO-3, whose gathers are prefetched). Across
+  nodes each of the group's devices on a node brings its own network link (tp fastest in rank order:
+  min(dp, devices per node / tp) of them), so a tp=1 group crosses nodes 8x as fast as a tp=8 one.
 
 Compute terms are scaled by max(1, devices per host / profile concurrency): CPU ranks sharing cores.
 The slowest stage (the first or the last) sets the pace of the pipeline.
@@ -78,10 +83,11 @@ class Shape:
         return self.tp * self.pp * self.dp
 
 
-def _linear(p: Profile, m: int, n: int, k: int, passes: tuple[float, float, float]) -> float:
+def _linear(p: Profile, m: int, n: int, k: int, passes: tuple[float, float, float], eb: int) -> float:
     """Forward (m, n, k), input-grad (m, k, n), weight-grad (k, n, m), each run ``passes[i]`` times."""
     fwd, dgrad, wgrad = passes
-    return fwd * p.gemm_time(m, n, k) + dgrad * p.gemm_time(m, k, n) + wgrad * p.gemm_time(k, n, m)
+    return (fwd * p.gemm_time(m, n, k, elem_bytes=eb) + dgrad * p.gemm_time(m, k, n, elem_bytes=eb)
+            + wgrad * p.gemm_time(k, n, m, elem_bytes=eb))
 
 
 def stage_parts(p: Profile, sh: Shape, first: bool, last: bool) -> dict[str, float]:
@@ -91,8 +97,9 @@ def stage_parts(p: Profile, sh: Shape, first: bool, last: bool) -> dict[str, flo
     r = 1 / t if sh.sp and t > 1 else 1.0
     full = sh.recompute == "full"
     passes = (2.0 if full else 1.0, 1.0, 1.0)
-    layer_gemm = (_linear(p, T, 3 * h // t, h, passes) + _linear(p, T, h, h // t, passes)
-                  + _linear(p, T, f // t, h, passes) + _linear(p, T, h, f // t, passes))
+    eb = sh.dtype_bytes
+    layer_gemm = (_linear(p, T, 3 * h // t, h, passes, eb) + _linear(p, T, h, h // t, passes, eb)
+                  + _linear(p, T, f // t, h, passes, eb) + _linear(p, T, h, f // t, passes, eb))
     heads = b * a // t
     att_fwd_again = 1.0 if sh.recompute in ("full", "selective") else 0.0
     if p.attention_kind == "fused":
@@ -101,7 +108,7 @@ def stage_parts(p: Profile, sh: Shape, first: bool, last: bool) -> dict[str, flo
         softmax = 0.0
     else:
         fwd = 1 + att_fwd_again  # QK^T (s, s, d) and softmax.V (s, d, s); each backward has 2 matmuls
-        layer_att = sum(c * p.batched_gemm_time(heads, *mnk) for mnk in ((s, s, d), (s, d, s))
+        layer_att = sum(c * p.batched_gemm_time(heads, *mnk, elem_bytes=eb) for mnk in ((s, s, d), (s, d, s))
                         for c in (fwd, 2))
         softmax = 4.0 * b * a * s * s / t
     fwd_elems = 2 * 2 * T * h * r + 2 * 3 * T * h * r + 2 * T * f / t + softmax
@@ -117,7 +124,7 @@ def stage_parts(p: Profile, sh: Shape, first: bool, last: bool) -> dict[str, flo
         ops += 6
     if last:
         V = sh.vocab
-        gemm += _linear(p, T, V // t, h, (1, 1, 1))
+        gemm += _linear(p, T, V // t, h, (1, 1, 1), eb)
         elementwise += 5 * T * V / t * 4 / p.elementwise_bw
         ops += 12
     return {"gemm": gemm, "attention": L * layer_att, "elementwise": elementwise, "overhead": ops * p.op_overhead_s}
@@ -148,11 +155,17 @@ def step_sync_time(p: Profile, sh: Shape) -> float:
 
 
 def pp_time(p: Profile, sh: Shape) -> float:
-    """Pipeline sends of one micro-batch on one stage: one forward and one backward per model chunk."""
+    """Pipeline sends of one micro-batch on one stage: one forward and one backward per model chunk, each
+    of the tp ranks sending its 1/tp share of the activation. Without sequence parallelism the activation
+    is replicated over the tp ranks, so the receiver all-gathers the shares over the node's links to rebuild
+    it (Megatron's scatter/gather, Narayanan et al. 2021 sec. 4.1); with it, the shares are what it keeps."""
     if sh.pp == 1:
         return 0.0
-    msg = sh.micro_batch * sh.seq * sh.hidden * sh.dtype_bytes / sh.tp
-    return 2 * sh.chunks * p.collective_time("send_recv", msg, 2, sh.world, sh.gpus_per_node)
+    act = sh.micro_batch * sh.seq * sh.hidden * sh.dtype_bytes
+    one = p.collective_time("send_recv", act / sh.tp, 2, sh.world, sh.gpus_per_node)
+    if sh.tp > 1 and not sh.sp:
+        one += p.collective_time("all_gather", act, sh.tp, sh.tp, sh.gpus_per_node)
+    return 2 * sh.chunks * one
 
 
 def dp_times(p: Profile, sh: Shape) -> tuple[float, float]:
@@ -160,17 +173,18 @@ def dp_times(p: Profile, sh: Shape) -> tuple[float, float]:
     if sh.dp == 1:
         return 0.0, 0.0
     span, g = sh.tp * sh.dp, sh.gpus_per_node
+    lanes = min(sh.dp, max(1, g // sh.tp))  # the group's devices on one node (tp fastest, then dp)
     wbytes = sh.params_per_gpu * sh.dtype_bytes
     gbytes = sh.params_per_gpu * (sh.dtype_bytes if sh.mixed_precision else 4)
     if sh.zero >= 3:
-        per_mb = (2 * p.collective_time("all_gather", wbytes, sh.dp, span, g)
-                  + p.collective_time("reduce_scatter", gbytes, sh.dp, span, g))
+        per_mb = (2 * p.collective_time("all_gather", wbytes, sh.dp, span, g, lanes)
+                  + p.collective_time("reduce_scatter", gbytes, sh.dp, span, g, lanes))
         return per_mb * sh.microbatches, per_mb
     if sh.zero >= 1:
-        total = (p.collective_time("reduce_scatter", gbytes, sh.dp, span, g)
-                 + p.collective_time("all_gather", wbytes, sh.dp, span, g))
+        total = (p.collective_time("reduce_scatter", gbytes, sh.dp, span, g, lanes)
+                 + p.collective_time("all_gather", wbytes, sh.dp, span, g, lanes))
     else:
-        total = p.collective_time("all_reduce", gbytes, sh.dp, span, g)
+        total = p.collective_time("all_reduce", gbytes, sh.dp, span, g, lanes)
     return total, total
 
 
