@@ -15,12 +15,13 @@ GPU; MT-NLG loses TFLOP/s per GPU as the GPU count grows). The +-10% goal is not
   row's is: 48/2, 56/4, 96/8, 144/16, 280/35, 512/64; at 2 the 310B row's 72 is not); no sequence
   parallelism and no distributed optimizer (both came to Megatron in 2022), so ZeRO-0; model chunks per
   rank not stated: we take the fewest that interleave (2, or 3 where the layers per stage are odd).
-  Predicted - published: +15 +11 +6 +8 +19 +25 +24 +24 +22 +23 %.
+  Predicted - published: +11 +8 +3 +5 +15 +20 +19 +18 +16 +17 % (the pp = 1 rows within 10%, the
+  pipelined ones not: every matmul of h >= 8192 runs at the profile's best-shape rate, 86% of peak).
 * Smith et al. 2022, "Using DeepSpeed and Megatron to Train Megatron-Turing NLG 530B"
   (arXiv:2201.11990), system performance: 530B, 8-way TP x 35-way PP (DeepSpeed's pipeline engine: plain 1F1B),
   global batch 1920, sequence 2048 on A100 80GB: 280, 350 and 420 DGX nodes (2240, 2800, 3360 GPUs) at
-  60.1, 50.2 and 44.4 s per iteration, 126, 121 and 113 TFLOP/s per GPU. Predicted - published: +46 +47
-  +53 %. Megatron itself ran the same model on the same 2240 GPUs at 159 TFLOP/s (Narayanan et al.
+  60.1, 50.2 and 44.4 s per iteration, 126, 121 and 113 TFLOP/s per GPU. Predicted - published: +39 +41
+  +46 %. Megatron itself ran the same model on the same 2240 GPUs at 159 TFLOP/s (Narayanan et al.
   Table 2, batch 2240), so most of this gap is between the two software stacks, which the model does not
   price; the rest is the one Table 1 shows.
 """
@@ -106,14 +107,14 @@ def _errors(rows) -> list[float]:
     return [round(p / t - 1, 3) for p, t in rows]
 
 
-@pytest.mark.xfail(strict=True, reason="measured miss, not tuned away: predicted TFLOP/s per GPU are 6-25% above "
+@pytest.mark.xfail(strict=True, reason="measured miss, not tuned away: predicted TFLOP/s per GPU are 3-20% above "
                                        "Table 1 (see the module docstring)")
 def test_narayanan_table_1_within_10_percent():
     pred = [(_table_1(row).est_tflops_per_gpu, row[-1]) for row in TABLE_1]
     assert all(abs(e) <= 0.10 for e in _errors(pred)), _errors(pred)
 
 
-@pytest.mark.xfail(strict=True, reason="measured miss, not tuned away: predicted TFLOP/s per GPU are 46-53% above "
+@pytest.mark.xfail(strict=True, reason="measured miss, not tuned away: predicted TFLOP/s per GPU are 39-46% above "
                                        "the MT-NLG runs (see the module docstring)")
 def test_mtnlg_530b_within_10_percent():
     pred = [(_mtnlg(g).est_tflops_per_gpu, tf) for g, _, tf in MTNLG]

@@ -105,8 +105,10 @@ def test_iteration_terms_sum_and_overlap():
     t = iteration_terms(p, SMALL)
     assert tuple(t) == TERMS
     parts = stage_parts(p, SMALL, True, True)
-    for k in ("gemm", "attention", "elementwise"):
+    for k in ("gemm", "attention"):
         assert t[k] == pytest.approx(2 * parts[k])  # 2 microbatches
+    # the second micro-batch adds its weight gradients into the first's: read both, write one, 2 B each
+    assert t["elementwise"] == pytest.approx(2 * parts["elementwise"] + 3 * 1000 * 2 / BW)
     sync = 3 * (LAT + 8 * 1.5 / LINK)  # loss, grad norm, skip flag: 8-byte all-reduces over 4 ranks
     assert t["overhead"] == pytest.approx(2 * parts["overhead"] + (16 + 12 * 2 + 4) * OP + sync)  # once per step
     assert t["tp_comm"] == pytest.approx(2 * tp_time(p, SMALL))

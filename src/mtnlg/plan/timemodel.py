@@ -17,6 +17,9 @@ d = h/a, t tensor-parallel size, T = b·s tokens, r = 1/t with sequence parallel
   2·(2·T·h·r), dropout + residual adds 2·(3·T·h·r), bias + GELU 2·T·f/t, and unfused attention's
   softmax + dropout 4·b·a·s²/t; the backward moves twice the forward's bytes, recomputation once more.
   The first stage adds the embedding (3·T·h), the last the fp32 cross entropy (5·T·V/t, 4 bytes).
+  Gradient accumulation: every micro-batch after the first adds its weight gradients into the held
+  ones (autograd's ``.grad +=``: read both, write one, 3 x the gradient's bytes per parameter; fused
+  into the weight-gradient matmul only by Megatron's later ``--gradient-accumulation-fusion``).
 * **overhead**: launch/dispatch cost per op (profile ``op_overhead``) x ops: 14 per layer forward (the
   ops of :class:`mtnlg.model.transformer.Block`), 28 backward, 14 per recomputed forward, 6 for the
   embedding and 12 for the logits and loss per micro-batch; per step 16 optimizer and clipping
@@ -193,6 +196,12 @@ def step_ops(sh: Shape) -> int:
     return OPS_PER_STEP + 12 * (sh.layers // sh.pp) + 4
 
 
+def accumulate_time(p: Profile, sh: Shape) -> float:
+    """Adding one micro-batch's weight gradients into the held ones (sharded under ZeRO-2/3)."""
+    held = sh.params_per_gpu / (sh.dp if sh.zero >= 2 else 1)
+    return 3 * held * sh.dtype_bytes / p.elementwise_bw
+
+
 def optimizer_time(p: Profile, sh: Shape) -> float:
     """Adam over the parameters this GPU updates, and the gradient-norm pass."""
     per_param = 30 if sh.mixed_precision else 28
@@ -211,6 +220,7 @@ def iteration_terms(p: Profile, sh: Shape) -> dict[str, float]:
         per_mb = a if sum(a.values()) >= sum(z.values()) else z
     m = sh.microbatches
     terms = {k: m * v * slow for k, v in per_mb.items()}
+    terms["elementwise"] += (m - 1) * accumulate_time(p, sh) * slow
     terms["tp_comm"] = m * tp_time(p, sh)
     terms["pp_comm"] = m * pp_time(p, sh)
     f = sh.bubble_fraction
