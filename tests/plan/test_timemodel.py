@@ -87,17 +87,18 @@ def test_pipeline_sends_by_hand():
 
 
 def test_dp_reduction_by_stage():
-    ppg = 1000.0
-    assert dp_times(profile(), SMALL)[0] == pytest.approx(LAT + ppg * 2 * 1.0 / LINK)  # all-reduce, 2(n-1)/n = 1
+    ppg = 1000.0  # in 3 collectives each (one per block of the 2, one for the rest): 3 latencies
+    assert dp_times(profile(), SMALL)[0] == pytest.approx(3 * LAT + ppg * 2 * 1.0 / LINK)  # all-reduce, 2(n-1)/n = 1
     z1 = dataclasses.replace(SMALL, zero=1)
-    assert dp_times(profile(), z1)[0] == pytest.approx(2 * (LAT + ppg * 2 * 0.5 / LINK))  # RS + AG
+    assert dp_times(profile(), z1)[0] == pytest.approx(2 * (3 * LAT + ppg * 2 * 0.5 / LINK))  # RS + AG
     z3 = dataclasses.replace(SMALL, zero=3)
-    per_mb = 3 * (LAT + ppg * 2 * 0.5 / LINK)  # AG forward, AG backward, RS
-    assert dp_times(profile(), z3) == pytest.approx((2 * per_mb, per_mb))
+    one = 3 * LAT + ppg * 2 * 0.5 / LINK
+    # AG forward and backward per micro-batch (2 of them), one RS with the last micro-batch
+    assert dp_times(profile(), z3) == pytest.approx((2 * 2 * one + one, 2 * one))
     assert dp_times(profile(), dataclasses.replace(SMALL, dp=1)) == (0.0, 0.0)
     # across nodes (dp 8 x tp 2 = 16 > 8 per node): 4 of the group's devices per node share the traffic
     wide = dataclasses.replace(SMALL, dp=8)
-    assert dp_times(profile(), wide)[0] == pytest.approx(LAT + ppg * 2 * (2 * 7 / 8) / 4 / LINK)
+    assert dp_times(profile(), wide)[0] == pytest.approx(3 * LAT + ppg * 2 * (2 * 7 / 8) / 4 / LINK)
 
 
 def test_iteration_terms_sum_and_overlap():
@@ -130,6 +131,17 @@ def test_bubble_and_shared_cores():
     big = dataclasses.replace(SMALL, dp=4)
     fast, slow = iteration_terms(profile(concurrency=8), big), iteration_terms(profile(concurrency=2), big)
     assert slow["gemm"] == pytest.approx(4 * fast["gemm"]) and slow["tp_comm"] == fast["tp_comm"]
+    # ranks sharing cores: a rank idle in the bubble lends its core, so the pipeline costs only what its
+    # full-speed length exceeds the shared-core work by
+    piped = dataclasses.replace(big, pp=2, microbatches=4, bubble_fraction=0.2)
+    for concurrency, bubble_left in ((2, False), (7, True)):
+        shared = iteration_terms(profile(concurrency=concurrency), piped)
+        k = 8 / concurrency  # the compute slow-down
+        compute = sum(shared[t] for t in ("gemm", "attention", "elementwise", "overhead"))
+        compute -= step_ops(piped) * OP * k + step_sync_time(profile(), piped)  # once per step, not pipelined
+        comm = shared["tp_comm"] + shared["pp_comm"]
+        assert shared["bubble"] == pytest.approx(max(0.0, (compute / k + comm) / 0.8 - (compute + comm)))
+        assert (shared["bubble"] > 0) == bubble_left
 
 
 def test_plan_reports_every_term():

@@ -18,8 +18,9 @@ d = h/a, t tensor-parallel size, T = b·s tokens, r = 1/t with sequence parallel
   softmax + dropout 4·b·a·s²/t; the backward moves twice the forward's bytes, recomputation once more.
   The first stage adds the embedding (3·T·h), the last the fp32 cross entropy (5·T·V/t, 4 bytes).
   Gradient accumulation: every micro-batch after the first adds its weight gradients into the held
-  ones (autograd's ``.grad +=``: read both, write one, 3 x the gradient's bytes per parameter; fused
-  into the weight-gradient matmul only by Megatron's later ``--gradient-accumulation-fusion``).
+  unsharded ones (autograd's ``.grad +=``: read both, write one, 3 x the gradient's bytes per
+  parameter; fused into the weight-gradient matmul only by Megatron's later
+  ``--gradient-accumulation-fusion``).
 * **overhead**: launch/dispatch cost per op (profile ``op_overhead``) x ops: 14 per layer forward (the
   ops of :class:`mtnlg.model.transformer.Block`), 28 backward, 14 per recomputed forward, 6 for the
   embedding and 12 for the logits and loss per micro-batch; per step 16 optimizer and clipping
@@ -33,11 +34,15 @@ d = h/a, t tensor-parallel size, T = b·s tokens, r = 1/t with sequence parallel
   (last stage); 3 all-reduces of T fp32 values for the vocab-parallel cross entropy.
 * **pp_comm**: per micro-batch and model chunk one forward and one backward send of T·h/t elements;
   without SP the receiver all-gathers the T·h activation over tp (Megatron's scatter/gather).
-* **bubble**: f/(1-f) x (everything above but the optimizer), f the schedule's bubble fraction.
+* **bubble**: f/(1-f) x (everything above but the optimizer), f the schedule's bubble fraction. Where
+  ranks share cores (CPU), a rank waiting in the bubble frees its core for the others: the iteration
+  takes the longer of the shared-core work and the pipeline's own length at full speed.
 * **dp_comm**: the gradient reduction over dp (ZeRO-0 all-reduce; ZeRO-1/2 reduce-scatter +
-  all-gather of the weights; ZeRO-3 an all-gather forward and backward and a reduce-scatter per
-  micro-batch), less the part the profile's ``overlap`` hides behind backward compute (the last
-  micro-batch's backward for ZeRO-0/1/2; all compute for ZeRO-3, whose gathers are prefetched). Across
+  all-gather of the weights; ZeRO-3 an all-gather forward and backward per micro-batch and one
+  reduce-scatter: mtnlg's FSDP2 holds unsharded gradients until the last micro-batch), less the part
+  the profile's ``overlap`` hides behind backward compute (the last micro-batch's backward for
+  ZeRO-0/1/2; all compute for ZeRO-3, whose gathers are prefetched). Each is one collective per block
+  and one for the embeddings and the rest (FSDP2's units in mtnlg), each paying the latency. Across
   nodes each of the group's devices on a node brings its own network link (tp fastest in rank order:
   min(dp, devices per node / tp) of them), so a tp=1 group crosses nodes 8x as fast as a tp=8 one.
 
@@ -172,22 +177,21 @@ def pp_time(p: Profile, sh: Shape) -> float:
 
 
 def dp_times(p: Profile, sh: Shape) -> tuple[float, float]:
-    """(total, per micro-batch-able) seconds of the data-parallel reduction of one iteration."""
+    """(total, per micro-batch) seconds of the data-parallel communication of one iteration."""
     if sh.dp == 1:
         return 0.0, 0.0
-    span, g = sh.tp * sh.dp, sh.gpus_per_node
-    lanes = min(sh.dp, max(1, g // sh.tp))  # the group's devices on one node (tp fastest, then dp)
+    lanes = min(sh.dp, max(1, sh.gpus_per_node // sh.tp))  # the group's devices on one node (tp fastest)
+    units = sh.layers // sh.pp + 1  # one collective per block and one for the rest (fully_shard per block)
+
+    def coll(op: str, nbytes: float) -> float:
+        return units * p.collective_time(op, nbytes / units, sh.dp, sh.tp * sh.dp, sh.gpus_per_node, lanes)
+
     wbytes = sh.params_per_gpu * sh.dtype_bytes
     gbytes = sh.params_per_gpu * (sh.dtype_bytes if sh.mixed_precision else 4)
-    if sh.zero >= 3:
-        per_mb = (2 * p.collective_time("all_gather", wbytes, sh.dp, span, g, lanes)
-                  + p.collective_time("reduce_scatter", gbytes, sh.dp, span, g, lanes))
-        return per_mb * sh.microbatches, per_mb
-    if sh.zero >= 1:
-        total = (p.collective_time("reduce_scatter", gbytes, sh.dp, span, g, lanes)
-                 + p.collective_time("all_gather", wbytes, sh.dp, span, g, lanes))
-    else:
-        total = p.collective_time("all_reduce", gbytes, sh.dp, span, g, lanes)
+    if sh.zero >= 3:  # gathers every micro-batch; the reduce-scatter once, with the last micro-batch
+        per_mb = 2 * coll("all_gather", wbytes)
+        return per_mb * sh.microbatches + coll("reduce_scatter", gbytes), per_mb
+    total = coll("reduce_scatter", gbytes) + coll("all_gather", wbytes) if sh.zero >= 1 else coll("all_reduce", gbytes)
     return total, total
 
 
@@ -197,9 +201,9 @@ def step_ops(sh: Shape) -> int:
 
 
 def accumulate_time(p: Profile, sh: Shape) -> float:
-    """Adding one micro-batch's weight gradients into the held ones (sharded under ZeRO-2/3)."""
-    held = sh.params_per_gpu / (sh.dp if sh.zero >= 2 else 1)
-    return 3 * held * sh.dtype_bytes / p.elementwise_bw
+    """Adding one micro-batch's weight gradients into the held ones (unsharded until the last micro-batch,
+    under FSDP too: see ``set_requires_gradient_sync`` in :mod:`mtnlg.train.step`)."""
+    return 3 * sh.params_per_gpu * sh.dtype_bytes / p.elementwise_bw
 
 
 def optimizer_time(p: Profile, sh: Shape) -> float:
@@ -225,7 +229,8 @@ def iteration_terms(p: Profile, sh: Shape) -> dict[str, float]:
     terms["pp_comm"] = m * pp_time(p, sh)
     f = sh.bubble_fraction
     busy = sum(terms.values())
-    terms["bubble"] = f / (1 - f) * busy if f < 1 else float("inf")
+    full_speed = busy - (slow - 1) / slow * sum(terms[k] for k in per_mb)  # the same work, cores unshared
+    terms["bubble"] = max(0.0, full_speed / (1 - f) - busy) if f < 1 else float("inf")
     total, _ = dp_times(p, sh)
     if sh.zero >= 3:
         window = busy
