@@ -15,8 +15,8 @@ GPU; MT-NLG loses TFLOP/s per GPU as the GPU count grows). The +-10% goal is not
   row's is: 48/2, 56/4, 96/8, 144/16, 280/35, 512/64; at 2 the 310B row's 72 is not); no sequence
   parallelism and no distributed optimizer (both came to Megatron in 2022), so ZeRO-0; model chunks per
   rank not stated: we take the fewest that interleave (2, or 3 where the layers per stage are odd).
-  Predicted - published: +11 +8 +3 +5 +15 +20 +19 +18 +16 +17 % (the pp = 1 rows within 10%, the
-  pipelined ones not: every matmul of h >= 8192 runs at the profile's best-shape rate, 86% of peak).
+  Predicted - published: +11 +8 +3 +4 +15 +20 +19 +18 +16 +17 % (the unpipelined rows +3..+11%, the
+  pipelined +15..+20%: every matmul of h >= 8192 runs at the profile's best-shape rate, 86% of peak).
 * Smith et al. 2022, "Using DeepSpeed and Megatron to Train Megatron-Turing NLG 530B"
   (arXiv:2201.11990), system performance: 530B, 8-way TP x 35-way PP (DeepSpeed's pipeline engine: plain 1F1B),
   global batch 1920, sequence 2048 on A100 80GB: 280, 350 and 420 DGX nodes (2240, 2800, 3360 GPUs) at
