@@ -9,7 +9,7 @@ split (the n-gram's order is the one with the lowest bits per character on the v
 20 continuations of 床前明月光，疑是地上霜。 are sampled (the form-constrained decoding of ``mtnlg poem``)
 and checked. Goals (issue #15): bits per character at least 10% below the n-gram's, 100% right
 form, at least 98% of characters from the corpus, at least 18 of 20 distinct first lines, and (the
-chat row, filled by a chat-quality hook when one is given) 8 of 10 replies to 写一首关于…的诗 in poem form.
+chat row, measured when the run ends with the SFT stage) 8 of 10 replies to 写一首关于…的诗 in poem form.
 Writes ``benchmarks/results/quality.json``.
 """
 
@@ -61,7 +61,12 @@ def main() -> int:
     for s in p["samples"][:5]:
         print(f"  {report['prompt']}{s}")
     chat = report.get("chat")
-    print(f"chat: {chat if chat else 'not measured here (a chat-quality hook fills this row)'}")
+    if chat:
+        print(f"\nchat: {chat['poem_form']}/{chat['n']} replies to 写一首关于…的诗 in poem form")
+        for s in chat["samples"][:4]:
+            print("  " + s.replace("\n", " / "))
+    else:
+        print("chat: not measured (the run has no SFT stage: no sft.json)")
     print("\ngoals: " + "; ".join(f"{k}: {'met' if v else ('missed' if v is False else 'n/a')}"
                                   for k, v in report["goals"].items()))
     print(f"({report['seconds']:.0f} s, load average {report['load_average'][0]:.1f}) -> {out}")

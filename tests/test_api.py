@@ -230,8 +230,11 @@ def test_prepend_uses_the_spec_prefix_and_suffix():
 def test_prompt_tuning_max_seq_length_bounds_generation():
     lm = _spec_prompt_tuned(prompt_tuning_max_seq_length=20, prompt_tuning_prompt_style_args_values=["", ""])
     prompt_len = len(lm.encode_prompt("床前")[0])
-    assert lm.soft_prompt.new_token_budget(prompt_len, 100) == 20 - prompt_len
-    bounded = lm.generate("床前", max_new_tokens=100, return_full_text=False, stop_token_ids=[])
+    assert lm.soft_prompt.new_token_budget(prompt_len, 20 - prompt_len) == 20 - prompt_len
+    # over the limit is an error naming the numbers, never a silent clamp (the one over-long rule)
+    with pytest.raises(ConfigError, match=f"prompt_tuning_max_seq_length=20; ask for at most {20 - prompt_len}"):
+        lm.generate("床前", max_new_tokens=100, return_full_text=False, stop_token_ids=[])
+    bounded = lm.generate("床前", max_new_tokens=20 - prompt_len, return_full_text=False, stop_token_ids=[])
     wide = _spec_prompt_tuned(prompt_tuning_max_seq_length=512, prompt_tuning_prompt_style_args_values=["", ""])
     wide.soft_prompt.embeds.data.copy_(lm.soft_prompt.embeds.data)
     exact = wide.generate("床前", max_new_tokens=20 - prompt_len, return_full_text=False, stop_token_ids=[])

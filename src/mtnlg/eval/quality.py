@@ -257,9 +257,21 @@ def quality_report(run: str | Path, prompt: str = "床前明月光，疑是地�
         return continue_poem(lm, prompt, 2, dataclasses.replace(base, seed=1000 * seed))
 
     poems = poem_figures(sample, prompt, anchors["alphabet"], num_poems)
+    if chat is None and (run / "sft.json").is_file():
+        chat = lambda: chat_row(lm)  # noqa: E731 - the run ends with the SFT stage: it is meant to chat
     return {"run": str(run), "corpus": cfg.data.corpus, "ngram_order": anchors["ngram"].order,
             "ngram_valid_bpc_by_order": anchors["valid_bpc_by_order"], "bits_per_char": rows,
             "prompt": prompt, "poems": poems.to_dict(), "chat": chat() if chat is not None else None}
+
+
+def chat_row(lm, n: int = 10) -> dict[str, Any]:
+    """The chat figure: ``n`` replies to 写一首关于…的诗 sampled as ``mtnlg chat`` samples, and how many
+    are in poem form."""
+    from mtnlg.eval.chat_quality import chat_poem_samples
+
+    samples = chat_poem_samples(lm, n)
+    return {"poem_form": sum(s.poem_form for s in samples), "n": len(samples),
+            "samples": [f"{s.prompt} -> {s.reply}" for s in samples]}
 
 
 GOALS = {"gain_vs_ngram": 0.10, "right_form_fraction": 1.0, "chars_in_corpus_fraction": 0.98,

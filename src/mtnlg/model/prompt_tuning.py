@@ -15,8 +15,8 @@ Layout of one sequence, by ``prompt_style`` (prefix / suffix texts are optional 
 * the optimizer's lr is ``lr * lr_multiplier`` and it steps every ``update_every_n_steps``
   micro-batches (gradients accumulate in between);
 * sequences are cut to ``max_seq_length`` (and the model's context) in tuning; at generation the
-  prompt plus the new tokens stay within ``max_seq_length`` (longer prompts are refused, the
-  new-token budget is capped: :meth:`SoftPrompt.new_token_budget`).
+  prompt plus the new tokens must fit ``max_seq_length`` (more is refused with the numbers, as an
+  over-long request is everywhere: :meth:`SoftPrompt.new_token_budget`).
 
 Saved as a small safetensors file (the [n, h] tensor plus the style and its texts as metadata);
 ``mtnlg generate --prompt-tuning FILE`` splices it back in.
@@ -101,8 +101,14 @@ class SoftPrompt(nn.Module):
         return ids + list(target_ids), offset, len(ids)
 
     def new_token_budget(self, prompt_len: int, max_new_tokens: int) -> int:
-        """``max_new_tokens`` capped so the prompt plus its continuation fit ``max_seq_length``."""
-        return max(0, min(max_new_tokens, self.max_seq_length - prompt_len))
+        """``max_new_tokens`` when the prompt plus its continuation fit ``max_seq_length``; else a one-line
+        ConfigError naming the numbers (the one over-long rule: an error, never a silent clamp)."""
+        if prompt_len + max_new_tokens > self.max_seq_length:
+            raise ConfigError(
+                f"the prompt takes {prompt_len} tokens with the soft prompt and its texts, and {max_new_tokens} new "
+                f"tokens would make {prompt_len + max_new_tokens}, over prompt_tuning_max_seq_length="
+                f"{self.max_seq_length}; ask for at most {self.max_seq_length - prompt_len} new tokens")
+        return max_new_tokens
 
     def format_for_generation(self, input_ids: Sequence[int], tokenizer: Any):
         """Prompt ids with placeholders, and the :class:`Splice` that generation writes into them."""
