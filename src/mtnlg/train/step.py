@@ -31,6 +31,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from mtnlg.config import Config
 from mtnlg.device import compute_dtype
 from mtnlg.errors import ConfigError
+from mtnlg.model.dropout import row_keys
 from mtnlg.model.init import build_model
 from mtnlg.parallel import pipeline as pipe
 from mtnlg.parallel.comm import CommCounter
@@ -210,6 +211,9 @@ class TrainStep:
         self._scale, self._acc = scale, []
         args = (x,) if self.pm.is_first_stage else ()
         kwargs = {"target": y, "losses": []} if self.pm.is_last_stage else {}
+        if self.cfg.model.dropout > 0:
+            # every stage keys its dropout masks on the rows' tokens (the schedule splits them like x)
+            kwargs["row_keys"] = row_keys(x)
         with self._ctx(train=True):
             self._schedules[n].step(*args, **kwargs)
         # the first step's shape inference also calls the loss (on placeholder values): keep the last n
