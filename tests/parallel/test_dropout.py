@@ -1,8 +1,8 @@
 """Dropout 0.1 gives the one-process loss under TP2, TP2+SP, FSDP2 and PP2 (2 gloo ranks, 1e-5
 relative): the masks are hashes of each element's global coordinates (``mtnlg.model.dropout``). PP2 runs
-1F1B with full activation checkpointing too, where a stage recomputes a microbatch's forward after the
-next one's: the row keys travel with each microbatch, not as module state. (PP2 x TP2 at dropout 0.1 is
-one of the 4-rank layouts of ``test_parity``.)"""
+1F1B with full activation checkpointing, where a stage recomputes a microbatch's forward after the next
+one's forward: the row keys travel with each microbatch, not as module state. (PP2 x TP2 at dropout 0.1
+is one of the 4-rank layouts of ``test_parity``.)"""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from tests.parallel.harness import RTOL, max_rel, run_steps, spawn, tiny_config
 
 LAYOUTS = {"tp2": dict(tp=2, sequence_parallel=False), "tp2_sp": dict(tp=2), "fsdp2": dict(dp_shard=2),
-           "pp2": dict(pp=2, pp_schedule="gpipe"), "pp2_1f1b_recompute": dict(pp=2, _recompute="full")}
+           "pp2_1f1b_recompute": dict(pp=2, _recompute="full")}
 STEPS = 4
 
 
