@@ -336,10 +336,6 @@ class Config:
             getattr(self, f.name).validate()
         self._resolve_parallel_output()
         self._check_pipeline_accounting()
-        if self.model.dropout > 0 and self.parallel.pp > 1:
-            raise ConfigError(f"model.dropout={self.model.dropout} with parallel.pp={self.parallel.pp}: the dropout "
-                              "masks are keyed by each row's tokens, which later pipeline stages do not see; set "
-                              "model.dropout=0 or parallel.pp=1")
         self.parallel.check_model(self.model)
         if self.parallel.tp > 1 and self.parallel.sequence_parallel and self.train.seq_len % self.parallel.tp:
             raise ConfigError(f"train.seq_len={self.train.seq_len} is not divisible by parallel.tp={self.parallel.tp} "

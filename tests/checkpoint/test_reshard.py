@@ -2,7 +2,9 @@
 vocabulary that needs padding (97 rows -> 98 under TP2) resumes under every other layout, and under one
 process, and continues the one-process loss curve within 1e-5 relative, data position included (the
 real :class:`~mtnlg.data.datasets.BatchSampler` state travels in the trainer state). FSDP2 x TP2 (4
-ranks, 2-D DTensors) saves and resumes against TP2, PP2, TP2xPP2 and FSDP2 as well.
+ranks, 2-D DTensors) saves and resumes against TP2, PP2, TP2xPP2 and FSDP2 as well. DDP2
+(``dp_replicate=2``: a 2-D replicate x 1-way-shard mesh) saves and resumes under TP2xPP2 and one
+process, and resumes FSDP2 x TP2's checkpoint (three runs, not a full row and column).
 
 fp32 on CPU: TP and FSDP change only the summation order, so 1e-5 relative holds (as in tests/parallel).
 """
@@ -25,8 +27,8 @@ VOCAB, SEQ, GLOBAL, MICRO, SAMPLES = 97, 8, 4, 1, 10
 SAVE_AT, STEPS = 2, 4
 RTOL = 1e-5
 LAYOUTS = {"tp2": {"tp": 2}, "fsdp2": {}, "pp2": {"pp": 2}, "tp2pp2": {"tp": 2, "pp": 2},
-           "tp2fsdp2": {"tp": 2, "dp_shard": 2}}
-WORLD = {"tp2": 2, "fsdp2": 2, "pp2": 2, "tp2pp2": 4, "tp2fsdp2": 4, "one": 1}
+           "tp2fsdp2": {"tp": 2, "dp_shard": 2}, "ddp2": {"dp_replicate": 2, "dp_shard": 1}}
+WORLD = {"tp2": 2, "fsdp2": 2, "pp2": 2, "tp2pp2": 4, "tp2fsdp2": 4, "ddp2": 2, "one": 1}
 
 
 def config(layout: str) -> Config:
@@ -101,14 +103,14 @@ def _save_and_resume(base: str, save: list[str], resume: list[tuple[str, str]]) 
 @pytest.mark.slow
 def test_resharding_matrix(tmp_path):
     ref = Run("one").train(STEPS)
-    two = [k for k in LAYOUTS if WORLD[k] == 2]
+    two = ["tp2", "fsdp2", "pp2"]
     got: dict = {}
-    got.update(spawn(2, _save_and_resume, str(tmp_path), two, [])[0])
-    four = [(s, "tp2pp2") for s in two] + [(s, "tp2fsdp2") for s in ("tp2", "pp2", "tp2pp2")]
+    got.update(spawn(2, _save_and_resume, str(tmp_path), [*two, "ddp2"], [])[0])
+    four = [(s, "tp2pp2") for s in (*two, "ddp2")] + [(s, "tp2fsdp2") for s in ("tp2", "pp2", "tp2pp2")]
     got.update(spawn(4, _save_and_resume, str(tmp_path), ["tp2pp2", "tp2fsdp2"], four)[0])
     got.update(spawn(2, _save_and_resume, str(tmp_path), [],
                      [(s, lay) for lay in two for s in ("tp2", "fsdp2", "pp2", "tp2pp2") if s != lay]
-                     + [("tp2fsdp2", "fsdp2")])[0])
+                     + [("tp2fsdp2", "fsdp2"), ("tp2fsdp2", "ddp2")])[0])
     for saved in LAYOUTS:  # and each in one process without a process group
         r = Run("one")
         r.resume(ckpt.find_checkpoint(tmp_path / saved))
@@ -119,7 +121,7 @@ def test_resharding_matrix(tmp_path):
     for layout in LAYOUTS:
         assert max_rel(got[("trained", layout)], ref[:SAVE_AT]) < RTOL, layout
     pairs = [k for k in got if k[0] != "trained"]
-    assert len(pairs) == 21
+    assert len(pairs) == 24
     for saved, layout in pairs:
         assert max_rel(got[(saved, layout)], ref[SAVE_AT:]) < RTOL, (saved, layout, got[(saved, layout)], ref)
 

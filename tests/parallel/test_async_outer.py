@@ -49,30 +49,15 @@ def _both() -> dict[str, list[list]]:  # plain lists: tensors would not survive 
 
 
 def test_async_outer_matches_the_one_process_delayed_reference():
-    from mtnlg.parallel.data import delayed_outer_reference
+    from mtnlg.parallel.data import outer_reference
 
-    ref = delayed_outer_reference([_init(), _init()], _inner, EVERY, STEPS, LR, MOM)
+    ref = outer_reference([_init(), _init()], _inner, EVERY, STEPS, LR, MOM, overlap=True)
     out = spawn(2, _both)
     for rank in (0, 1):
         for kind in ("straight", "resumed"):
             for got, want in zip(out[rank][kind], ref[rank]):
                 torch.testing.assert_close(torch.tensor(got), want, rtol=1e-6, atol=1e-7)
     # the delay is real: the synchronous outer step gives different parameters
-    assert not torch.allclose(ref[0][0], _sync_reference()[0][0], atol=1e-3)
+    sync = outer_reference([_init(), _init()], _inner, EVERY, STEPS, LR, MOM, overlap=False)
+    assert not torch.allclose(ref[0][0], sync[0][0], atol=1e-3)
 
-
-def _sync_reference():
-    params = [_init(), _init()]
-    anchors = [t.clone() for t in params[0]]
-    opt = torch.optim.SGD(anchors, lr=LR, momentum=MOM, nesterov=True)
-    for step in range(1, STEPS + 1):
-        for r in range(2):
-            _inner(r, step, params[r])
-        if step % EVERY == 0:
-            for i, a in enumerate(anchors):
-                a.grad = (anchors[i] - params[0][i] + anchors[i] - params[1][i]) / 2
-            opt.step()
-            for r in range(2):
-                for p, a in zip(params[r], anchors):
-                    p.copy_(a)
-    return params

@@ -7,36 +7,10 @@ is what the next sync point applies)."""
 
 from __future__ import annotations
 
-import torch
-
-from tests.parallel.harness import micro_batches, spawn, tiny_config
+from tests.parallel.harness import spawn, tiny_config
+from tests.parallel.layouts import train_local_sgd
 
 N = 7
-
-
-def _train(cfg, steps: range, ckpt_dir, save_at: int | None, resume: bool) -> list[float]:
-    from mtnlg.checkpoint import load_checkpoint, save_checkpoint
-    from mtnlg.train.step import build_train_step as build_engine
-
-    torch.manual_seed(0)
-    eng = build_engine(cfg, torch.device("cpu"))
-    params = [p for part in eng.model_parts for p in part.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    if resume:
-        path = sorted(ckpt_dir.glob("step_*"))[-1]
-        state = load_checkpoint(path, eng.model_parts, [opt], outer=eng.outer)
-        assert "outer" in state and state["outer"]["replicas"] == 2
-    losses = []
-    for step in steps:
-        out = eng.train_step(micro_batches(step, eng.dp_rank, eng.dp_size))
-        eng.clip_grad_norm_(1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        eng.after_optimizer_step(step + 1)
-        losses.append(out.loss)
-        if step + 1 == save_at:
-            save_checkpoint(ckpt_dir, step + 1, eng.model_parts, [opt], {"step": step + 1}, keep=1, outer=eng.outer)
-    return losses
 
 
 def _cases(root: str) -> dict[str, list[list[float]]]:
@@ -47,8 +21,8 @@ def _cases(root: str) -> dict[str, list[list[float]]]:
         cfg = tiny_config(dp_replicate=2, dp_shard=1, sync_every=every, outer_async=overlap,
                           outer_lr=0.7, outer_momentum=0.9)
         d = Path(root) / f"{every}-{overlap}"
-        straight = _train(cfg, range(N), d, save_at=k, resume=False)
-        resumed = _train(cfg, range(k, N), d, save_at=None, resume=True)
+        straight = train_local_sgd(cfg, range(N), d, save_at=k, resume=False)
+        resumed = train_local_sgd(cfg, range(k, N), d, save_at=None, resume=True)
         out[f"{every}-{overlap}-{k}"] = [straight, resumed]
     return out
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.parallel.harness import RTOL, max_rel, micro_batches, run_steps, spawn, tiny_config
-from tests.parallel.layouts import run_layouts, two_rank_suite
+from tests.parallel.harness import RTOL, STEPS, max_rel, micro_batches, run_steps, spawn, tiny_config
+from tests.parallel.layouts import LOCAL_SGD_PP, four_rank_suite, local_sgd_reference, two_rank_suite
 
 TW = {"grad_sync": "token_weighted"}
+DROPOUT_STEPS = 4
 
 LAYOUTS_2 = [
     dict(_name="fsdp2", dp_shard=2, **TW),
@@ -39,11 +40,12 @@ LAYOUTS_4 = [
     dict(_name="pp2_fsdp2", pp=2, dp_shard=2, **TW),
     dict(_name="hsdp_2x2", dp_replicate=2, dp_shard=2, **TW),
     dict(_name="tp2_dp2_mean", tp=2, grad_sync="mean"),
+    dict(_name="pp2_tp2_dropout", pp=2, tp=2, _dropout=0.1, _steps=DROPOUT_STEPS, **TW),  # masks across stages, SP
 ]
 
 
-def _reference(cfg) -> dict[str, object]:
-    losses, eng = run_steps(cfg, with_engine=True)
+def _reference(cfg, steps: int = STEPS) -> dict[str, object]:
+    losses, eng = run_steps(cfg, steps=steps, with_engine=True)
     total, tokens = eng.eval_loss(micro_batches(99, 0, 1, vocab=cfg.model.vocab_size))
     return {"losses": losses, "eval": total / tokens}
 
@@ -52,8 +54,10 @@ def _reference(cfg) -> dict[str, object]:
 def reference():
     vocab95 = tiny_config(**TW)
     vocab95.model.vocab_size = 95
+    dropout = tiny_config(**TW)
+    dropout.model.dropout = 0.1
     return {"tw": _reference(tiny_config(**TW)), "mean": _reference(tiny_config(grad_sync="mean")),
-            "vocab95": _reference(vocab95)}
+            "vocab95": _reference(vocab95), "dropout": _reference(dropout, DROPOUT_STEPS)}
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +65,17 @@ def two_ranks():
     return spawn(2, two_rank_suite, LAYOUTS_2)
 
 
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return spawn(4, four_rank_suite, LAYOUTS_4, str(tmp_path_factory.mktemp("local_sgd_pp")))
+
+
 def _check(results: dict, reference: dict) -> dict[str, float]:
     report = {}
     for name, r in results.items():
-        ref = reference["vocab95"] if "padded_vocab" in name else reference["tw"]
-        # 10 training losses, then the eval loss on a held-out batch after training
+        ref = reference["vocab95"] if "padded_vocab" in name else reference["dropout"] if "dropout" in name \
+            else reference["tw"]
+        # the training losses (10, or the layout's _steps), then the eval loss on a held-out batch after training
         report[name] = max_rel(r["losses"] + [r["eval"]], ref["losses"] + [ref["eval"]])
     print("max relative loss difference vs 1 process:", {k: f"{v:.1e}" for k, v in report.items()})
     for name, err in report.items():
@@ -90,11 +100,29 @@ def test_two_rank_layouts_match_one_process(reference, two_ranks):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_four_rank_layouts_match_one_process(reference):
-    """TP2 x DP2, PP2 x TP2, PP2 x FSDP2, HSDP 2x2; mean sync on uneven padding differs."""
-    results = spawn(4, run_layouts, LAYOUTS_4)
+def test_four_rank_layouts_match_one_process(reference, four_ranks):
+    """TP2 x DP2, PP2 x TP2 (also with dropout 0.1), PP2 x FSDP2, HSDP 2x2; mean sync on uneven padding differs."""
+    results = {r: four_ranks[r]["layouts"] for r in four_ranks}
     _check(results[0], reference)
     assert results[3]["pp2_tp2"]["losses"] == results[0]["pp2_tp2"]["losses"]
+    assert max_rel(reference["dropout"]["losses"], reference["tw"]["losses"]) > 1e-3  # dropout is on (zip: 4 steps)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_local_sgd_with_pipeline_matches_one_process(four_ranks):
+    """PP2 x DP2 with sync_every=2, synchronous and asynchronous: each stage averages its own parameters'
+    deltas over its replica group and keeps its own anchors and momentum; the loss equals one process
+    playing both replicas (1e-5 relative), and a stop + resume mid-round continues it bit for bit."""
+    k = LOCAL_SGD_PP["save_at"]
+    got = four_ranks[0]["local_sgd_pp"]
+    for kind in ("sync", "async"):
+        straight, resumed = got[kind]
+        ref = local_sgd_reference(overlap=kind == "async")
+        assert max_rel(straight, ref) < RTOL, (kind, straight, ref)
+        assert resumed == straight[k:], kind  # bit-exact
+    assert max_rel(got["async"][0], got["sync"][0]) > 1e-4  # the delayed outer step is not the synchronous one
+    assert all(four_ranks[r]["local_sgd_pp"] == got for r in four_ranks)  # every rank reports the global loss
 
 
 @pytest.mark.slow

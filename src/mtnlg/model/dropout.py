@@ -1,10 +1,16 @@
 """Layout-independent dropout: each mask bit is a hash of the element's global coordinates.
 
-``keep(row, t, f) = hash32(seed, site, row_key, t, f) >= p * 2^32``, where ``row_key`` is a hash of
-the sample's own tokens (so it does not depend on which rank or micro-batch holds the row), ``t`` the
-global position (a sequence-parallel shard adds its offset) and ``f`` the feature. A counter-based
-generator has no state to keep in step, so tensor, sequence and data parallelism draw exactly the
-masks of one process (Megatron's RNG tracker only makes them independent per rank, not equal).
+``keep(row, t, f) = hash32(seed, site, row_key, t, f) >= p * 2^32``, where ``site`` numbers the
+dropout (0: embeddings, ``1 + 2 * layer`` / ``2 + 2 * layer``: a layer's two residual branches, by
+global layer index), ``row_key`` is a hash of the sample's own tokens (so it does not depend on which
+rank, micro-batch or pipeline stage holds the row), ``t`` the global position (a sequence-parallel
+shard adds its offset) and ``f`` the feature. A counter-based generator has no state to keep in step,
+so tensor, sequence, data and pipeline parallelism draw exactly the masks of one process (Megatron's
+RNG tracker only makes them independent per rank, not equal).
+
+The row keys travel with the activations as an argument (``keys=``), not as module state: a pipeline
+schedule runs the micro-batches of a stage out of order with their backward passes, and activation
+checkpointing recomputes a block's forward later, both with the keys that block saw first.
 
 The hash is ``lowbias32`` on int64 tensors holding 32-bit values (products wrap, the low 32 bits stay
 exact), fast enough for a CPU model; ``seed`` (``GPT.dropout_seed``) lets a loop vary masks per step.
@@ -48,9 +54,9 @@ def keep_mask(shape: torch.Size, p: float, seed: int, site: int, keys: torch.Ten
 class HashDropout(nn.Module):
     """Dropout whose mask is :func:`keep_mask` of the element's global coordinates.
 
-    ``row_keys`` is set by :class:`~mtnlg.model.transformer.GPT` from the tokens before each forward;
-    ``seq_shard = (rank, world)`` by sequence parallelism (``mtnlg.parallel.tensor``), whose local
-    input holds positions ``rank * T_local ..``.
+    ``keys`` ([B] row keys, :func:`row_keys` of the batch's tokens) come from
+    :class:`~mtnlg.model.transformer.GPT` with each forward; ``seq_shard = (rank, world)`` is set by
+    sequence parallelism (``mtnlg.parallel.tensor``), whose local input holds positions ``rank * T_local ..``.
     """
 
     def __init__(self, p: float, site: int):
@@ -58,13 +64,11 @@ class HashDropout(nn.Module):
         self.p = p
         self.site = site
         self.seed = 0
-        self.row_keys: torch.Tensor | None = None
         self.seq_shard = (0, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keys = self.row_keys
         if keys is None or keys.shape[0] != x.shape[0]:  # a block used on its own: rows keyed by batch index
             keys = torch.arange(x.shape[0], device=x.device, dtype=torch.int64)
         t0 = self.seq_shard[0] * x.shape[1]

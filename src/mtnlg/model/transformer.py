@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtnlg.config import ModelConfig
-from mtnlg.model.dropout import HashDropout, row_keys
+from mtnlg.model.dropout import HashDropout
+from mtnlg.model.dropout import row_keys as dropout_keys
 from mtnlg.model.kv_cache import LayerCache
 
 
@@ -101,9 +102,10 @@ class Block(nn.Module):
         self.drop_mlp = HashDropout(cfg.dropout, 2 + 2 * layer_idx)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_attn(self.attn(self.ln_1(x), cache, attn_mask))
-        x = x + self.drop_mlp(self.mlp(self.ln_2(x)))
+                attn_mask: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """``keys``: the rows' dropout keys (:func:`~mtnlg.model.dropout.row_keys`), when dropout is on."""
+        x = x + self.drop_attn(self.attn(self.ln_1(x), cache, attn_mask), keys=keys)
+        x = x + self.drop_mlp(self.mlp(self.ln_2(x)), keys=keys)
         return x
 
 
@@ -135,8 +137,10 @@ class GPT(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-              token_embeds: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
-        """Token + position embeddings. ``token_embeds`` replaces the token lookup (soft prompts)."""
+              token_embeds: torch.Tensor | None = None, start: int = 0,
+              keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Token + position embeddings. ``token_embeds`` replaces the token lookup (soft prompts);
+        ``keys``: the rows' dropout keys."""
         h = token_embeds if token_embeds is not None else self.tok_embeddings(tokens)
         if positions is None:
             if start + h.shape[1] > self.cfg.max_seq_len:
@@ -145,41 +149,44 @@ class GPT(nn.Module):
                 raise ConfigError(f"sequence of {start + h.shape[1]} positions exceeds model.max_seq_len="
                                   f"{self.cfg.max_seq_len} (max_position_embeddings); shorten the input")
             positions = torch.arange(start, start + h.shape[1], device=h.device)
-        if self.training and self.cfg.dropout > 0:  # the masks of this batch are keyed by its rows' tokens
-            keys = row_keys(tokens)
-            for m in self.modules():
-                if isinstance(m, HashDropout):
-                    m.row_keys = keys
-        return self.emb_dropout(h + self.pos_embeddings(positions))
+        return self.emb_dropout(h + self.pos_embeddings(positions), keys=keys)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LayerCache | None = None, attn_mask: torch.Tensor | None = None,
                 token_embeds: torch.Tensor | None = None, logits_at: int | torch.Tensor | None = None,
-                head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                row_keys: torch.Tensor | None = None) -> torch.Tensor:
         """``tokens`` [B, T] -> logits [B, T, padded_vocab].
 
         On a pipeline stage without embeddings ``tokens`` is the incoming hidden state, and
-        without a head the hidden state is returned. ``attn_mask`` (bool, True = attend) is
+        without a head the hidden state is returned; ``row_keys`` ([B], the dropout keys of the rows'
+        tokens, :func:`~mtnlg.model.dropout.row_keys`) then tells the stage's dropout which rows it holds
+        (the first stage computes them from the tokens when not given). ``attn_mask`` (bool, True = attend) is
         broadcast to [B, H, T, S]; without it attention is causal over the cache plus the input.
         ``logits_at`` runs the final norm and head only where logits are needed: a column
         (``-1`` while decoding) or one column per row (a [B] tensor); the result is then [B, V].
         ``head`` replaces ``self.output`` (a faster layout of the same weight for decoding).
         """
-        h = self.hidden_states(tokens, positions, cache, attn_mask, token_embeds, logits_at)
+        h = self.hidden_states(tokens, positions, cache, attn_mask, token_embeds, logits_at, row_keys)
         out = head if head is not None else self.output
         return out(h) if out is not None else h
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: LayerCache | None = None, attn_mask: torch.Tensor | None = None,
                       token_embeds: torch.Tensor | None = None,
-                      logits_at: int | torch.Tensor | None = None) -> torch.Tensor:
+                      logits_at: int | torch.Tensor | None = None,
+                      row_keys: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`forward` without the LM head: the final (normed) hidden states [B, T, h] (at
         ``logits_at`` only, when given), for a loss that applies the head itself in chunks (never
         holding all [B*T, vocab] logits at once)."""
         start = cache.length if cache is not None else 0
-        h = self.embed(tokens, positions, token_embeds, start) if self.tok_embeddings is not None else tokens
+        keys = row_keys
+        if keys is None and self.training and self.cfg.dropout > 0 and self.tok_embeddings is not None \
+                and tokens is not None:  # the masks of this batch are keyed by its rows' tokens
+            keys = dropout_keys(tokens)
+        h = self.embed(tokens, positions, token_embeds, start, keys) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            h = layer(h, cache, attn_mask)
+            h = layer(h, cache, attn_mask, keys)
         if cache is not None:
             cache.advance(h.shape[1])
         if logits_at is not None:

@@ -20,7 +20,7 @@ is waited for and applied at the next sync point. Round k starts from ``B_k``, e
              B_{k+1} = A + (P_k - B_k)   (the global model + this replica's own not-yet-averaged round)
 
 so each round's progress is counted once: locally for one round, then averaged inside ``A``.
-:func:`delayed_outer_reference` is the same arithmetic for R replicas in one process.
+:func:`outer_reference` is the same arithmetic (synchronous or delayed) for R replicas in one process.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 class OuterSync:
-    """DiLoCo-style outer step over the ``dp_replicate`` group every ``every`` inner steps.
+    """DiLoCo-style outer step over the ``dp_replicate`` group every ``every`` inner steps. ``params`` are
+    this rank's (its pipeline stages' only, under pipeline parallelism: each stage keeps the anchors and
+    momentum of its own parameters and averages over its own replica group).
 
     The outer "gradient" is the replica-averaged delta ``anchor - param``; a Nesterov SGD step on
     the anchor (``outer_lr``, ``outer_momentum``) gives the new parameters on every replica. With
@@ -177,10 +179,12 @@ class OuterSync:
         self.load_state_dict({})
 
 
-def delayed_outer_reference(replica_params: list[list[torch.Tensor]], inner_step, every: int, steps: int,
-                            lr: float, momentum: float) -> list[list[torch.Tensor]]:
-    """One-process reference of the overlapped outer update for R replicas: ``inner_step(r, step, params)``
-    updates replica r's tensors in place; returns every replica's final tensors (the math of the module doc)."""
+def outer_reference(replica_params: list[list[torch.Tensor]], inner_step, every: int, steps: int,
+                    lr: float, momentum: float, overlap: bool = True) -> list[list[torch.Tensor]]:
+    """One-process reference of local SGD for R replicas (the math of the module doc): ``inner_step(r,
+    step, params)`` updates replica r's tensors in place; every ``every`` steps the outer Nesterov step
+    on the replica-averaged deltas, applied at once (``overlap=False``) or one outer step late
+    (``overlap=True``). Returns every replica's final tensors."""
     params = [[t.clone() for t in ps] for ps in replica_params]
     anchors = [t.clone() for t in params[0]]
     opt = torch.optim.SGD(anchors, lr=lr, momentum=momentum, nesterov=momentum > 0)
@@ -191,6 +195,14 @@ def delayed_outer_reference(replica_params: list[list[torch.Tensor]], inner_step
         for r in range(R):
             inner_step(r, step, params[r])
         if step % every:
+            continue
+        if not overlap:
+            for i, a in enumerate(anchors):
+                a.grad = sum(a - params[r][i] for r in range(R)) / R
+            opt.step()
+            for r in range(R):
+                for p, a in zip(params[r], anchors):
+                    p.copy_(a)
             continue
         sent = [sum(starts[r][i] - params[r][i] for r in range(R)) / R for i in range(len(anchors))]
         if pending is not None:

@@ -85,9 +85,6 @@ def parallelize(model: GPT, mesh: DeviceMesh | None, parallel_config: ParallelCo
     """
     world = mesh.size() if mesh is not None else 1
     layout = resolve_degrees(parallel_config, world)
-    if layout.sync_every > 1 and layout.pp > 1:
-        raise ConfigError("parallel.sync_every > 1 (local SGD) is not supported with parallel.pp > 1 "
-                          "(the pipeline schedules force the cross-replica gradient sync); set parallel.sync_every=1")
     pm = ParallelModel(parts=[], layout=layout, mesh=mesh, device=device, stage_counts=[model.cfg.num_layers])
     if layout.pp > 1:
         pm.num_stages = layout.pp * layout.vpp
@@ -107,7 +104,9 @@ def parallelize(model: GPT, mesh: DeviceMesh | None, parallel_config: ParallelCo
         apply_compile(parts)
     if mesh is not None:
         pm.dp_mesh = dp_mesh_for(mesh)
-        if layout.sync_every > 1:  # local SGD: replicas are independent between outer steps
+        if layout.sync_every > 1:
+            # local SGD: the replicas (of every pipeline stage) are independent between outer steps,
+            # which average over dp_replicate (mtnlg.parallel.data.OuterSync); FSDP syncs inside dp_shard
             pm.dp_mesh = mesh["dp_shard"] if layout.dp_shard > 1 else None
     if pm.dp_mesh is not None:
         dtype = compute_dtype(device, train.precision)

@@ -31,6 +31,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from mtnlg.config import Config
 from mtnlg.device import compute_dtype
 from mtnlg.errors import ConfigError
+from mtnlg.model.dropout import row_keys
 from mtnlg.model.init import build_model
 from mtnlg.parallel import pipeline as pipe
 from mtnlg.parallel.comm import CommCounter
@@ -210,6 +211,9 @@ class TrainStep:
         self._scale, self._acc = scale, []
         args = (x,) if self.pm.is_first_stage else ()
         kwargs = {"target": y, "losses": []} if self.pm.is_last_stage else {}
+        if self.cfg.model.dropout > 0:
+            # every stage keys its dropout masks on the rows' tokens (the schedule splits them like x)
+            kwargs["row_keys"] = row_keys(x)
         with self._ctx(train=True):
             self._schedules[n].step(*args, **kwargs)
         # the first step's shape inference also calls the loss (on placeholder values): keep the last n
@@ -309,9 +313,13 @@ class TrainStep:
         """Clip to a global L2 norm that is correct under any layout; return the norm before clipping.
 
         Each rank adds its local shard's squared norm times (#shards / #ranks holding the stage), so
-        the world sum counts each element exactly once, whatever is sharded or replicated.
+        the world sum counts each element exactly once, whatever is sharded or replicated. Under local
+        SGD (``sync_every > 1``) each replica is its own trainer between outer steps and clips by the
+        norm of its own gradient: the sums are kept apart per ``dp_replicate`` index.
         """
-        per_stage = self.world // self.layout.pp
+        replicas = self.layout.dp_replicate if self.outer is not None else 1
+        mine = self.pm.rank_in("dp_replicate") if replicas > 1 else 0
+        per_stage = self.world // (self.layout.pp * replicas)
         groups: dict[float, list[torch.Tensor]] = {}
         for p, g in self._grads():
             shards = 1
@@ -320,13 +328,13 @@ class TrainStep:
                     if not (pl.is_replicate() or pl.is_partial()):  # Shard and FSDP+TP's _StridedShard
                         shards *= g.device_mesh.size(mesh_dim)
             groups.setdefault(shards / per_stage, []).append(local(g))
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        sq = torch.zeros(replicas, dtype=torch.float64, device=self.device)
         for factor, grads in groups.items():  # one multi-tensor pass per group instead of per-tensor copies
-            sq += torch.stack(torch._foreach_norm(grads)).double().pow(2).sum() * factor
+            sq[mine] += torch.stack(torch._foreach_norm(grads)).double().pow(2).sum() * factor
         if self.world > 1:
             with self.comm:
                 dist.all_reduce(sq)
-        norm = float(sq.sqrt())
+        norm = float(sq[mine].sqrt())
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
             torch._foreach_mul_([local(g) for _, g in self._grads(dedupe=False)], coef)
