@@ -316,13 +316,10 @@ class Engine:
         starts, counts = [r.length for r in reqs], [len(x) for x in ids]
         T = max(counts)
         span = self.cache.select([r.slot for r in reqs], starts, counts)
-        tok = torch.zeros(len(reqs), T, dtype=torch.long, device=dev)
-        for i, x in enumerate(ids):
-            tok[i, : len(x)] = torch.tensor(x, device=dev)
-        st = torch.tensor(starts, device=dev)
-        pos = (st[:, None] + torch.arange(T, device=dev)[None, :]).clamp_(max=self.max_model_len - 1)
+        tok = torch.tensor([x + [0] * (T - len(x)) for x in ids], device=dev)  # right-padded [B, T]
+        pos = torch.tensor([[min(s + j, self.max_model_len - 1) for j in range(T)] for s in starts], device=dev)
         mask = (torch.arange(span, device=dev)[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, span]
-        at = torch.tensor([c - 1 for c in counts], device=dev)
+        at = 0 if T == 1 else torch.tensor([c - 1 for c in counts], device=dev)
         logits = self.model(tok, positions=pos, cache=self.cache, attn_mask=mask, logits_at=at, head=self.head)
         for r, x in zip(reqs, ids):
             r.length += len(x)
