@@ -207,3 +207,69 @@ def test_logprobs(lm, engine):
     assert first.token_id == out.token_ids[0] == int(lp.argmax())
     assert first.logprob == pytest.approx(float(lp.max()), abs=1e-4)
     assert [t for t, _ in first.top] == torch.topk(lp, 3).indices.tolist()
+
+
+def test_a_burst_of_arrivals_is_prefilled_in_one_forward(lm):
+    """#16: requests still being parsed (``incoming``) hold the idle engine, so a burst shares one prefill."""
+    eng = Engine(lm, max_batch=8, max_model_len=64).start()
+    eng.admit_wait = 30.0  # ends when the last one is submitted; generous so a loaded machine cannot flake
+    prefills: list[int] = []
+    orig = eng._prefill
+    eng._prefill = lambda chunk: prefills.append(len(chunk)) or orig(chunk)
+    done = threading.Semaphore(0)
+    try:
+        arrivals = [eng.incoming() for _ in range(4)]
+        for a in arrivals:
+            a.__enter__()
+        for i, a in enumerate(arrivals):
+            eng.submit(lm.tokenizer.encode(PROMPTS[i]), params(**GREEDY), 3,
+                       lambda b: b[-1].finish_reason and done.release())
+            a.__exit__(None, None, None)
+        for _ in range(4):
+            assert done.acquire(timeout=60)
+        assert prefills == [4]
+        # the wait is bounded: a request on its way in that never arrives does not stop the others
+        eng.admit_wait = 0.05
+        with eng.incoming():
+            out = eng.generate(lm.tokenizer.encode("hi"), params(**GREEDY, ignore_eos=True), 5, timeout=60)
+        assert out.completion_tokens == 5
+    finally:
+        eng.shutdown()
+
+
+def test_deliver_returns_once_the_loop_ran_the_consumers():
+    """The engine waits on this before decoding on, so the event loop sends first tokens first."""
+    import asyncio
+
+    from mtnlg.infer.events import Output, deliver
+
+    loop = asyncio.new_event_loop()
+    seen: list[str] = []
+
+    class Req:
+        id = 0
+
+        def __init__(self, queue):
+            self.queue, self.loop = queue, loop
+
+        def sink(self, outs):
+            self.queue.put_nowait(outs)
+
+        def cancel(self):
+            pass
+
+    async def consumer(queue):
+        seen.extend(o.text for o in await queue.get())
+
+    queue = asyncio.Queue()
+    task = loop.create_task(consumer(queue))
+    thread = threading.Thread(target=loop.run_until_complete, args=(task,))
+    thread.start()
+    try:
+        done = deliver([(Req(queue), Output("tok", [1]))])
+        assert done is not None and done.wait(30)
+        assert seen == ["tok"]
+        assert deliver([]) is None  # no loop involved: nothing to wait for
+    finally:
+        thread.join(30)
+        loop.close()

@@ -90,3 +90,21 @@ def test_stop_string_filter_holds_back_prefixes():
     g = StopStringFilter(["END"])
     assert g.push("xE") == ("x", False) and g.finish() == "E"
     assert find_stop("hello world", ["wor", "lo"]) == 3
+
+
+def test_seeded_rows_draw_what_torch_multinomial_draws():
+    """The batched draw (argmax p / q, q ~ Exp(1) from each row's generator) is torch.multinomial's own
+    algorithm: the same tokens and the same generator states, so seeded outputs did not change."""
+    torch.manual_seed(0)
+    for V, B in ((7, 1), (264, 5), (5000, 3)):
+        logits = torch.randn(B, V) * 3
+        logits[logits < -2.5] = -INF
+        ps = [SamplingParams(temperature=1.0)] * B
+        ours = [torch.Generator().manual_seed(10 + i) for i in range(B)]
+        ref = [torch.Generator().manual_seed(10 + i) for i in range(B)]
+        for _ in range(3):
+            tokens, _ = sample(logits, ps, ours)
+            probs = logits.softmax(-1)
+            expected = [int(torch.multinomial(probs[i], 1, generator=ref[i])) for i in range(B)]
+            assert tokens.tolist() == expected
+        assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, ref))

@@ -252,9 +252,11 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         gens = generators if generators is not None else [None] * B
         if all(gens[i] is None for i in sampled):
             tokens[sampled] = torch.multinomial(probs, 1).squeeze(1)
-        else:
-            picks = [torch.multinomial(probs[j], 1, generator=gens[i]) for j, i in enumerate(sampled)]
-            tokens[sampled] = torch.cat(picks)
+        else:  # multinomial(p, 1, generator=g) is argmax(p / q), q ~ Exp(1) drawn from g: the same draws
+            q = torch.empty_like(probs)  # per row, then one division (1 op per row instead of ~10)
+            for j, i in enumerate(sampled):
+                q[j].exponential_(generator=gens[i])
+            tokens[sampled] = (probs / q).argmax(-1)
     ref = raw_logits if raw_logits is not None else logits
     logprobs = torch.log_softmax(ref.float(), dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
     return tokens, logprobs

@@ -4,7 +4,10 @@
 
     submit() ──► waiting (bounded: max_queue) ──admit into a free slot (reusing a cached prompt prefix)
                                                   │
-    every step:  1. one prefill chunk (at most ``prefill_chunk`` prompt tokens, oldest requests first)
+    every step:  0. admit every waiting request that has a slot; requests the server is still parsing
+                    (Engine.incoming) are waited for, briefly, so a burst shares one prefill forward
+                 1. one prefill chunk (at most ``prefill_chunk`` prompt tokens, oldest requests first);
+                    its first tokens are handed to the event loop and sent before decoding goes on
                  2. one batched decode step for every request whose prompt is in (a token per row)
                  3. sample per row (decode.RowState: stop tokens / strings, budget, UTF-8 guard, logprobs)
                  4. finished / cancelled / failed requests leave; their slots are free
@@ -25,13 +28,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from mtnlg.errors import ConfigError
-from mtnlg.infer.events import EngineStopped, Output, QueueFull, TokenLogprob, merge_outputs
+from mtnlg.infer.events import EngineStopped, Output, QueueFull, TokenLogprob, deliver, merge_outputs
 from mtnlg.infer.decode import RequestTooLong, RowState, allowed_matrix, pick_greedy, token_budget, with_budget
 from mtnlg.infer.generate import FastHead
 from mtnlg.infer.metrics import EngineMetrics, Histogram
@@ -44,6 +48,8 @@ log = logging.getLogger(__name__)
 
 _ids = itertools.count()
 PREFILL_CHUNK = 512  # prompt tokens prefilled per engine step (between two decode steps)
+ADMIT_WAIT = 0.02  # s: the longest an idle engine waits for requests still being parsed (see Engine.incoming)
+FLUSH_WAIT = 0.005  # s: the longest decoding waits for the event loop to send new first tokens
 
 
 class Request:
@@ -127,6 +133,9 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._cv = threading.Condition()
+        self.admit_wait = ADMIT_WAIT
+        self._incoming = 0  # requests being parsed and tokenized by the server, not yet submitted
+        self._last_step = 0.0  # s, the previous step's duration: the bound on an admission wait while decoding
         self._stopping = False
         self._crashed = False
         self._thread: threading.Thread | None = None
@@ -161,6 +170,20 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Mark a request on its way in (the server parses and tokenizes it, then submits). Before a
+        step the engine waits for such requests (at most ``ADMIT_WAIT``, or one step's time while others
+        decode), so a burst of arrivals is admitted into one batched prefill instead of one per step."""
+        with self._cv:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._incoming -= 1
+                self._cv.notify_all()
 
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
         """Raise :class:`RequestTooLong` naming both numbers when the request cannot fit the context."""
@@ -213,6 +236,7 @@ class Engine:
                         self._cv.wait()
                     if self._stopping and not self._waiting and not self._running:
                         return
+                    self._await_arrivals()
                     while self._waiting and self._free:
                         req = self._waiting.popleft()
                         if req.cancelled:
@@ -223,11 +247,13 @@ class Engine:
                         except Exception as e:  # noqa: BLE001 - this request only
                             log.exception("request %d could not be admitted", req.id)
                             self._fail([req], e)
+                t0 = time.perf_counter()
                 try:
                     self._step()
                 except Exception as e:  # noqa: BLE001 - a step failed outside any one request: fail its batch only
                     log.exception("engine step failed")
                     self._fail(list(self._running), e)
+                self._last_step = time.perf_counter() - t0
         except BaseException:  # the loop itself broke: fail every request instead of hanging their clients
             log.exception("engine loop crashed")
             self._crashed = True
@@ -238,6 +264,19 @@ class Engine:
                 self._stopping = True
             for req in pending:
                 self._deliver([(req, self._final(req, "abort"))])
+
+    def _await_arrivals(self) -> None:
+        """(Holding the lock.) While requests are still being parsed and a slot is free for them, wait
+        for them to be submitted, so that they join this step's prefill: bounded by ``ADMIT_WAIT``, and
+        by the previous step's time while other requests are decoding (their stall is at most one step)."""
+        if not self._incoming or len(self._free) <= len(self._waiting):
+            return
+        deadline = time.perf_counter() + (min(self.admit_wait, self._last_step) if self._running else self.admit_wait)
+        while self._incoming and len(self._free) > len(self._waiting) and not self._stopping:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._cv.wait(left)
 
     def _admit(self, req: Request) -> None:
         """Give ``req`` a free slot, preferring the one whose cached tokens share the longest prefix with
@@ -280,7 +319,10 @@ class Engine:
                 chunk.append((r, min(todo, room)))
                 room -= chunk[-1][1]
         if chunk:
-            self._deliver(self._guarded(self._prefill, chunk))
+            first = self._guarded(self._prefill, chunk)
+            flushed = self._deliver(first)
+            if flushed is not None and any(r.next_token >= 0 and not r.finished for r in self._running):
+                flushed.wait(FLUSH_WAIT)  # let the event loop send the first tokens before decoding on
         # 2. one decode step for every request that has a token to feed
         batch = [r for r in self._running if not r.finished and r.next_token >= 0]
         if batch:
@@ -316,13 +358,10 @@ class Engine:
         starts, counts = [r.length for r in reqs], [len(x) for x in ids]
         T = max(counts)
         span = self.cache.select([r.slot for r in reqs], starts, counts)
-        tok = torch.zeros(len(reqs), T, dtype=torch.long, device=dev)
-        for i, x in enumerate(ids):
-            tok[i, : len(x)] = torch.tensor(x, device=dev)
-        st = torch.tensor(starts, device=dev)
-        pos = (st[:, None] + torch.arange(T, device=dev)[None, :]).clamp_(max=self.max_model_len - 1)
+        tok = torch.tensor([x + [0] * (T - len(x)) for x in ids], device=dev)  # right-padded [B, T]
+        pos = torch.tensor([[min(s + j, self.max_model_len - 1) for j in range(T)] for s in starts], device=dev)
         mask = (torch.arange(span, device=dev)[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, span]
-        at = torch.tensor([c - 1 for c in counts], device=dev)
+        at = 0 if T == 1 else torch.tensor([c - 1 for c in counts], device=dev)
         logits = self.model(tok, positions=pos, cache=self.cache, attn_mask=mask, logits_at=at, head=self.head)
         for r, x in zip(reqs, ids):
             r.length += len(x)
@@ -419,22 +458,8 @@ class Engine:
         return Output(req.state.finish(reason), [], finish_reason=reason, prompt_tokens=len(req.prompt_ids),
                       completion_tokens=len(req.generated))
 
-    def _deliver(self, events: list[tuple[Request, Output]]) -> None:
-        """Hand each request its outputs of this step: one cross-thread call per event loop."""
-        per_req: dict[int, tuple[Request, list[Output]]] = {}
-        for req, out in events:
-            per_req.setdefault(req.id, (req, []))[1].append(out)
-        by_loop: dict[int, tuple[Any, list[tuple[Request, list[Output]]]]] = {}
-        for req, outs in per_req.values():
-            if req.loop is None:
-                _safe_sink(req, outs)
-            else:
-                by_loop.setdefault(id(req.loop), (req.loop, []))[1].append((req, outs))
-        for loop, items in by_loop.values():
-            try:
-                loop.call_soon_threadsafe(_dispatch, items)
-            except RuntimeError:  # the event loop is closed (server gone): nobody is listening
-                pass
+    def _deliver(self, events: list[tuple[Request, Output]]) -> threading.Event | None:
+        return deliver(events)
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -443,19 +468,6 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def _safe_sink(req: Request, outs: list[Output]) -> None:
-    try:
-        req.sink(outs)
-    except Exception:  # noqa: BLE001 - a consumer's bug must not stop the engine
-        log.exception("request %d: the output sink raised", req.id)
-        req.cancel()
-
-
-def _dispatch(items: list[tuple[Request, list[Output]]]) -> None:
-    for req, outs in items:
-        _safe_sink(req, outs)
 
 
 def slots_for_budget(num_layers: int, heads: int, head_dim: int, max_len: int, kv_cache_mb: float,

@@ -178,10 +178,10 @@ class OpenAIServer:
                     c.req.cancel()
 
     async def respond(self, request: Request, raw: bytes, parse: Callable[..., GenerationRequest]) -> Any:
-        req, choices = await run_in_threadpool(self.prepare, raw, parse)
-        queue = self.submit(req, choices)
-        chat = req.chat
-        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        with self.engine.incoming():  # the engine holds its next step for this request (bounded)
+            req, choices = await run_in_threadpool(self.prepare, raw, parse)
+            queue = self.submit(req, choices)
+        chat, rid, created = req.chat, f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                 "model": self.model_name}
         if req.stream:

@@ -89,7 +89,7 @@ class SlotKVCache:
         self.max_len = max_len
         self.length = 0  # unused: the scheduler always passes explicit positions
         self._rows: torch.Tensor | slice = slice(0, 0)
-        self._write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._write: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
         self._span = 0
         self._fresh = False
 
@@ -108,18 +108,21 @@ class SlotKVCache:
         self._rows = slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=dev)
         # every row starts at 0 with its whole input: attention needs only the new keys (no gather)
         self._fresh = all(s == 0 for s in starts) and all(n == T for n in counts)
-        b = [i for i, n in enumerate(counts) for _ in range(n)]
-        t = [j for n in counts for j in range(n)]
-        pos = [starts[i] + j for i, j in zip(b, t)]
-        self._write = (torch.tensor(b, device=dev), torch.tensor(t, device=dev),
-                       torch.tensor([slots[i] for i in b], device=dev), torch.tensor(pos, device=dev))
+        if T == 1:  # a decode step: row i's one new token goes to position starts[i] of its slot
+            self._write = (None, None, torch.tensor(slots, device=dev), torch.tensor(starts, device=dev))
+        else:
+            b = [i for i, n in enumerate(counts) for _ in range(n)]
+            t = [j for n in counts for j in range(n)]
+            pos = [starts[i] + j for i, j in zip(b, t)]
+            self._write = (torch.tensor(b, device=dev), torch.tensor(t, device=dev),
+                           torch.tensor([slots[i] for i in b], device=dev), torch.tensor(pos, device=dev))
         self._span = span
         return span
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, slot, pos = self._write
-        self.k[layer, slot, :, pos] = k[b, :, t]
-        self.v[layer, slot, :, pos] = v[b, :, t]
+        self.k[layer, slot, :, pos] = k[:, :, 0] if b is None else k[b, :, t]
+        self.v[layer, slot, :, pos] = v[:, :, 0] if b is None else v[b, :, t]
         if self._fresh:
             return k, v
         return self.k[layer, self._rows, :, : self._span], self.v[layer, self._rows, :, : self._span]
