@@ -19,7 +19,8 @@ from mtnlg.infer.chat_template import ChatTemplate
 from mtnlg.model.init import build_model, materialize
 from mtnlg import checkpoint as ckpt
 from mtnlg.train.optim import build_optimizer
-from mtnlg.train.sft import SftExample, collate, encode_examples, finetune, length_bucketed, masked_loss, sft_stage
+from mtnlg.train.sft import (SftExample, collate, encode_examples, finetune, length_bucketed, masked_loss,
+                             replay_examples, sft_stage)
 from mtnlg.train.sft_data import load_conversations, parse_poem_document, poem_conversations, write_conversations
 
 POEMS = ["《静夜思》\n作者：李白\n床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",
@@ -153,7 +154,7 @@ def _source_run(root: Path) -> Path:
 def tuned(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     run = _source_run(root)
-    sft = SftConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=2, seq_len=160)
+    sft = SftConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=2, seq_len=160, replay=0.0)
     result = finetune(run, root / "chat", sft, conversations=_conversations(4))
     return run, root / "chat", result
 
@@ -202,3 +203,22 @@ def test_sft_cli_and_the_stage_in_the_same_run(tmp_path):
     first = sft_stage(cfg, run)
     assert first is not None and ckpt.find_checkpoint(run) == first.checkpoint == run / "checkpoints" / "step_00000007"
     assert sft_stage(cfg, run) is None
+
+
+def test_replay_rows_are_whole_pieces_of_the_runs_training_split_and_all_learned():
+    pytest.importorskip("mtnlg.data.corpora").fortunes_dir() or pytest.skip("fortunes-zh is not installed")
+    from mtnlg.eval.quality import corpus_splits
+
+    tok = byte_tokenizer()
+    cfg = Config.load(overrides=["--data.corpus=poems"])
+    rows = replay_examples(cfg, tok, 65, seed=0)
+    splits = corpus_splits("poems", cfg.data.split, cfg.data.seed)["poems"]
+    train = "\x00".join(splits["train"]).encode()
+    held = [d.encode() for d in splits["valid"] + splits["test"]]
+    assert rows and all(1 < len(r.ids) <= 65 and all(r.mask) and len(r.mask) == len(r.ids) for r in rows)
+    total = sum(len(tok.encode(d)) + 1 for d in splits["train"])  # every token once (a lone last token has
+    assert 0 <= total - sum(len(r.ids) for r in rows) <= len(splits["train"])  # nothing to learn: dropped)
+    for r in rows[:50]:
+        piece = bytes(b for i in r.ids if i != tok.eod_id for b in tok.token_bytes(i))
+        assert piece in train and not any(len(piece) > 20 and piece in h for h in held)
+    assert replay_examples(Config.load(overrides=["--data.paths=['x']"]), tok, 65, seed=0) == []

@@ -85,6 +85,25 @@ def collate(examples: Sequence[SftExample], pad_id: int) -> tuple[torch.Tensor, 
     return ids[:, :-1], ids[:, 1:], mask[:, 1:]
 
 
+def replay_examples(run_cfg: Config, tokenizer: Any, max_len: int, seed: int) -> list[SftExample]:
+    """Pieces of the source run's own training split (a built-in corpus), every token learned: mixed
+    into SFT batches so that fine-tuning on conversations does not make the model forget the language
+    it was pre-trained on. Empty when the run trained on ``data.paths`` (its documents are not known
+    here as text)."""
+    if run_cfg.data.paths:
+        return []
+    from mtnlg.eval.quality import corpus_splits
+
+    out = []
+    for parts in corpus_splits(run_cfg.data.corpus, run_cfg.data.split, run_cfg.data.seed).values():
+        for doc in parts["train"]:
+            ids = tokenizer.encode(doc) + [tokenizer.eod_id]
+            out += [SftExample(ids[i:i + max_len], [True] * len(ids[i:i + max_len]))
+                    for i in range(0, len(ids) - 1, max_len)]
+    random.Random(seed).shuffle(out)
+    return [e for e in out if len(e.ids) > 1]
+
+
 def length_bucketed(examples: Sequence[SftExample], batch_size: int, rng: random.Random,
                     pool: int = 8) -> list[int]:
     """One pass over ``examples`` in a random order where each run of ``batch_size`` indices has similar
@@ -205,6 +224,10 @@ def finetune(source: str | Path, output: str | Path, sft: SftConfig,
     n_eval = min(max(1, len(examples) // 20), 64)
     held_out, train_set = examples[:n_eval], examples[n_eval:]
     pad = tokenizer.pad_id
+    n_replay = round(sft.replay * sft.batch_size)
+    replay = replay_examples(run_cfg, tokenizer, run_cfg.train.seq_len + 1, sft.seed) if n_replay else []
+    if replay:
+        log.info("SFT: each batch adds %d rows of the run's pre-training text (sft.replay=%g)", n_replay, sft.replay)
 
     tc = dataclasses.replace(run_cfg.train, steps=sft.steps, lr=sft.lr, warmup_steps=min(sft.warmup_steps, sft.steps),
                              lr_decay_steps=None, min_lr_ratio=sft.min_lr_ratio, weight_decay=sft.weight_decay)
@@ -220,8 +243,15 @@ def finetune(source: str | Path, output: str | Path, sft: SftConfig,
             order += length_bucketed(train_set, sft.batch_size, rng)
         batch = [train_set[i] for i in order[: sft.batch_size]]
         del order[: sft.batch_size]
-        x, y, m = (t.to(device) for t in collate(batch, pad))
-        out_loss = masked_loss(model, x, y, m)
+        # conversations, then (a forward of their own, so short conversations are not padded to the
+        # replay rows' length) rows of pre-training text, a rolling window over them; one mean over
+        # every learned token of both
+        groups = [batch]
+        if replay:
+            groups.append([replay[(step * n_replay + k) % len(replay)] for k in range(n_replay)])
+        tensors = [[t.to(device) for t in collate(g, pad)] for g in groups]
+        count = sum(int(m.sum()) for _x, _y, m in tensors)
+        out_loss = sum(masked_loss(model, x, y, m, reduction="sum") for x, y, m in tensors) / count
         out_loss.backward()
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
