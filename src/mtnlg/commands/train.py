@@ -166,6 +166,6 @@ def _sft(cfg, run_dir: Path) -> int:
     result = sft_stage(cfg, run_dir, device=pick_device(cfg.train.device), on_step=progress)
     if result is not None:
         print(f"SFT: {result.steps} steps on {result.conversations} conversations in {result.seconds:.0f}s, "
-              f"assistant loss {result.loss_before:.4f} -> {result.loss_after:.4f}; checkpoint {result.checkpoint}",
-              file=sys.stderr)
+              f"assistant loss {result.loss_before:.4f} -> {result.loss_after:.4f}; checkpoint {result.checkpoint} "
+              f"(the run's newest: generation, chat and serve load it)", file=sys.stderr)
     return 0

@@ -107,7 +107,9 @@ def continue_poem(lm, text: str, num_lines: int = 2, params=None) -> list[str]:
     from mtnlg.infer.sampling import SamplingParams
 
     n, lines = parse_poem(text)
-    context = "".join(m.group(0) for m in LINE_RE.finditer(text.strip()))
+    # the layout the model was trained on (the poems corpus and the chat replies): one couplet a line,
+    # so after a "。" the model sees the newline it expects before the next couplet
+    context = "".join(m.group(0) + ("\n" if m.group(2) == "。" else "") for m in LINE_RE.finditer(text.strip()))
     base = params or SamplingParams(temperature=0.8, top_k=40, seed=0)
     vocab = min(lm.tokenizer.vocab_size, lm.model.vocab_size)
     out = []
@@ -126,5 +128,5 @@ def continue_poem(lm, text: str, num_lines: int = 2, params=None) -> list[str]:
             raise ConfigError(f"the model could not produce a {n}-character line (got {line!r}); is the "
                               f"tokenizer able to spell Chinese characters?")
         out.append(line)
-        context += line
+        context += line + ("\n" if punct == "。" else "")
     return out
