@@ -4,7 +4,9 @@
 
     RUN (a trained checkpoint) ──► model + tokenizer + config (as inference loads them)
     conversations ──► ChatTemplate.encode_conversation ──► ids + assistant mask ──► padded batches
-    AdamW (train.optim) on   mean cross entropy over  mask[1:]  (the reply and its <|end|>)
+                                                             (of similar lengths: length_bucketed)
+    RUN's own training text (built-in corpus) ──► replay rows, every token learned (sft.replay per conversation)
+    AdamW (train.optim) on   mean cross entropy over  mask[1:]  (the reply and its <|end|>) and the replay rows
     ──► a checkpoint saved with mtnlg.checkpoint's save function, in RUN2's (or RUN's) checkpoints/
 
 One process, the materialised model, no parallel layout: the models this stage is for fit one
