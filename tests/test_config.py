@@ -6,7 +6,7 @@ from mtnlg.errors import ConfigError
 
 def test_defaults_validate():
     cfg = Config().validate()
-    assert cfg.model.num_layers == 6 and cfg.data.corpus == "poems:0.25,zh:0.75" and cfg.model.vocab_size is None
+    assert cfg.model.num_layers == 4 and cfg.data.corpus == "poems:0.25,zh:0.75" and cfg.model.vocab_size is None
 
 
 def test_yaml_and_overrides(tmp_path):
