@@ -207,7 +207,7 @@ def test_sft_cli_and_the_stage_in_the_same_run(tmp_path):
 
 def test_replay_rows_are_whole_pieces_of_the_runs_training_split_and_all_learned():
     pytest.importorskip("mtnlg.data.corpora").fortunes_dir() or pytest.skip("fortunes-zh is not installed")
-    from mtnlg.eval.quality import corpus_splits
+    from mtnlg.data.datasets import corpus_splits
 
     tok = byte_tokenizer()
     cfg = Config.load(overrides=["--data.corpus=poems"])

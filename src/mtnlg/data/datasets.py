@@ -209,6 +209,18 @@ class GPTDataset(Dataset):
         return [tokens[k:k + L + 1] for k in range(0, max(0, tokens.numel() - 1), L)]
 
 
+
+def corpus_splits(corpus: str, split: str, seed: int) -> dict[str, dict[str, list[str]]]:
+    """``{name: {"train"|"valid"|"test": documents}}`` for each built-in corpus in ``corpus``, split by
+    documents exactly as ``build_datasets`` splits the preprocessed corpus (used by the quality anchors
+    and by SFT replay)."""
+    out = {}
+    for name, _w in corpus_weights(corpus):
+        docs = load_corpus(name)
+        ids = split_documents(len(docs), split, seed)
+        out[name] = {s: [docs[i] for i in ids[s]] for s in SPLITS}
+    return out
+
 def eval_sequences(dataset: Dataset) -> list[torch.Tensor]:
     """Every target token of a split exactly once, for evaluation: the pieces of :meth:`GPTDataset.whole`,
     for a blend those of each part with a positive weight in turn (no weighting, no wrap-around)."""

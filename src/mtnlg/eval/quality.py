@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtnlg.data.datasets import corpus_splits
+
 BOS, EOS = "\x02", "\x03"  # never in the corpora (control characters)
 
 
@@ -109,20 +111,6 @@ def bits_per_char(model, docs: Sequence[str]) -> float:
     """Total bits over ``docs`` (each with its end of document) per character of ``docs``."""
     chars = sum(len(d) for d in docs)
     return sum(model.doc_bits(d) for d in docs) / chars if chars else float("nan")
-
-
-def corpus_splits(corpus: str, split: str, seed: int) -> dict[str, dict[str, list[str]]]:
-    """``{name: {"train"|"valid"|"test": documents}}`` for each built-in corpus in ``corpus``, split by
-    documents exactly as ``build_datasets`` splits the preprocessed corpus."""
-    from mtnlg.data.corpora import corpus_weights, load_corpus
-    from mtnlg.data.datasets import SPLITS, split_documents
-
-    out = {}
-    for name, _w in corpus_weights(corpus):
-        docs = load_corpus(name)
-        ids = split_documents(len(docs), split, seed)
-        out[name] = {s: [docs[i] for i in ids[s]] for s in SPLITS}
-    return out
 
 
 def fit_anchors(splits: dict[str, dict[str, list[str]]], orders: Sequence[int] = (2, 3, 4, 5)) -> dict[str, Any]:

@@ -94,7 +94,7 @@ def replay_examples(run_cfg: Config, tokenizer: Any, max_len: int, seed: int) ->
     here as text)."""
     if run_cfg.data.paths:
         return []
-    from mtnlg.eval.quality import corpus_splits
+    from mtnlg.data.datasets import corpus_splits
 
     out = []
     for parts in corpus_splits(run_cfg.data.corpus, run_cfg.data.split, run_cfg.data.seed).values():
