@@ -9,7 +9,9 @@ split (the n-gram's order is the one with the lowest bits per character on the v
 20 continuations of 床前明月光，疑是地上霜。 are sampled (the form-constrained decoding of ``mtnlg poem``)
 and checked. Goals (issue #15): bits per character at least 10% below the n-gram's, 100% right
 form, at least 98% of characters from the corpus, at least 18 of 20 distinct first lines, and (the
-chat row, measured when the run ends with the SFT stage) 8 of 10 replies to 写一首关于…的诗 in poem form.
+chat row, measured when the run ends with the SFT stage) 8 of 10 replies to 写一首关于…的诗 in poem form,
+sampled as ``mtnlg chat`` answers them (a poem request is decoded under the poem form); the row also
+gives the count decoded freely (``--form free``), what the model writes by itself.
 Writes ``benchmarks/results/quality.json``.
 """
 
@@ -62,9 +64,13 @@ def main() -> int:
         print(f"  {report['prompt']}{s}")
     chat = report.get("chat")
     if chat:
-        print(f"\nchat: {chat['poem_form']}/{chat['n']} replies to 写一首关于…的诗 in poem form")
+        print(f"\nchat: {chat['poem_form']}/{chat['n']} replies to 写一首关于…的诗 in poem form as `mtnlg chat` "
+              f"answers (poem requests under the poem form); decoded freely (--form free): "
+              f"{chat.get('poem_form_free', '?')}/{chat['n']}")
         for s in chat["samples"][:4]:
             print("  " + s.replace("\n", " / "))
+        for s in chat.get("samples_free", [])[:2]:
+            print("  free: " + s.replace("\n", " / "))
     else:
         print("chat: not measured (the run has no SFT stage: no sft.json)")
     print("\ngoals: " + "; ".join(f"{k}: {'met' if v else ('missed' if v is False else 'n/a')}"

@@ -7,7 +7,8 @@ import pytest
 from mtnlg.api import MegatronLmModel, MegatronModelConfig
 from mtnlg.data.tokenizer import END_OF_TURN, byte_tokenizer
 from mtnlg.eval import chat_quality
-from mtnlg.eval.chat_quality import chat_poem_form_rate, chat_poem_samples, is_poem_form
+from mtnlg.eval.chat_quality import chat_poem_form_rate, chat_poem_samples
+from mtnlg.infer.poem_form import is_poem_form
 from mtnlg.infer.chat_template import ChatTemplate
 from mtnlg.infer.generate import Completion
 
@@ -54,11 +55,12 @@ def test_prompts_go_through_the_chat_template_and_replies_are_counted(monkeypatc
     assert seen["prompts"][10] == seen["prompts"][0]  # topics cycle past 10
     end = lm.tokenizer.token_to_id(END_OF_TURN)
     assert all(end in p.stop_token_ids and p.temperature == 0.7 for p in seen["params"])
+    assert all(p.form == "poem" for p in seen["params"])  # as `mtnlg chat` answers a poem request
     assert len({p.seed for p in seen["params"]}) == 12
     assert [s.poem_form for s in samples] == [i % 4 != 0 for i in range(12)]
     assert chat_poem_form_rate(lm, n=12) == pytest.approx(9 / 12)
 
 
 def test_a_random_model_writes_no_poems():
-    samples = chat_poem_samples(_lm(), n=2, max_new_tokens=16)
+    samples = chat_poem_samples(_lm(), n=2, max_new_tokens=16, form="free")
     assert len(samples) == 2 and not any(s.poem_form for s in samples)

@@ -50,3 +50,54 @@ def test_constraint_allows_multi_character_tokens_only_within_the_line():
     assert not bool(c.allowed(4, b"")[two].any())  # 4 + 2 characters would overrun the line
     comma = tok.encode("，")
     assert bool(c.allowed(5, b"")[comma[0]]) and not bool(allowed_start[comma[0]])
+
+
+# ---- a whole poem as a chat reply: SamplingParams.form, enforced by the decode state -------------------------
+
+@pytest.mark.parametrize("form", ["poem", "poem5", "poem7"])
+def test_form_makes_every_reply_a_whole_poem(form):
+    from mtnlg.data.tokenizer import END_OF_TURN
+    from mtnlg.infer.generate import generate, stream
+    from mtnlg.infer.poem_form import is_poem_form
+
+    tok = train_bpe(POEMS * 10)  # has two-character tokens, so lines are not always one token a character
+    lm = model(tok)
+    end = tok.token_to_id(END_OF_TURN)
+    prompt = tok.encode("写一首诗")
+    seen_lengths = set()
+    for seed in range(6):
+        p = SamplingParams(max_new_tokens=100, temperature=1.0 if seed else 0.0, seed=seed, form=form,
+                           stop_token_ids=[tok.eod_id, end], vocab_limit=tok.vocab_size).validate()
+        c = generate(lm.model, [prompt], p, tok)[0]
+        assert c.finish_reason == "stop" and is_poem_form(c.text), (seed, c.text)
+        couplets = c.text.split("\n")
+        assert 2 <= len(couplets) <= 4 and all(len(x) in (12, 16) for x in couplets), c.text
+        seen_lengths.add(len(couplets[0]) // 2 - 1)
+        if form != "poem":
+            assert seen_lengths == {int(form[-1])}
+        assert "".join(stream(lm.model, tok, prompt, p)) == c.text  # the streamed reply is the same poem
+    free = generate(lm.model, [prompt], SamplingParams(max_new_tokens=60, stop_token_ids=[end]), tok)[0]
+    assert not is_poem_form(free.text)  # the untrained model does not write poems by itself
+
+
+def test_form_is_refused_with_beams_and_unknown_names():
+    with pytest.raises(ConfigError, match="form"):
+        SamplingParams(form="sonnet").validate()
+    with pytest.raises(ConfigError, match="beam"):
+        SamplingParams(form="poem", num_beams=2).validate()
+
+
+def test_requested_form_reads_the_request():
+    from mtnlg.infer.poem_form import form_of_conversation, requested_form
+
+    for text in ("写一首关于秋天的诗", "请你写一首关于月亮的诗。", "以《静夜思》为题作一首诗", "给我写一首梅花的诗吧", "来一首绝句"):
+        assert requested_form(text) == "poem", text
+    assert requested_form("来一首写春天的五言诗") == "poem5" and requested_form("写一首七律") == "poem7"
+    for text in ("你好", "这首诗是谁写的？", "hello", "再来一首"):
+        assert requested_form(text) is None, text
+    poem = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"
+    history = [{"role": "user", "content": "写一首关于月亮的诗"}, {"role": "assistant", "content": poem},
+               {"role": "user", "content": "再来一首"}]
+    assert form_of_conversation(history) == "poem"
+    history[1]["content"] = "不会。"
+    assert form_of_conversation(history) is None

@@ -468,3 +468,24 @@ def test_fuzzed_requests_never_5xx(server):
         assert seen["n"] >= 100
         assert http.get("/health").json() == {"status": "ok"}
         assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_chat_form_answers_a_poem_request_with_a_poem(http):
+    from mtnlg.infer.poem_form import is_poem_form
+
+    def reply(content, **extra):
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                    "max_tokens": 100, "temperature": 0.9, "seed": 5, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    for extra in ({"form": "auto"}, {"form": "poem7"}, {"form": "poem", "stream": False}):
+        c = reply("写一首关于月亮的诗", **extra)
+        assert c["finish_reason"] == "stop" and is_poem_form(c["message"]["content"]), (extra, c)
+    assert all(len(line) == 16 for line in reply("写一首诗", form="poem7")["message"]["content"].split("\n"))
+    # the OpenAI default is free text, and "auto" leaves a request that is not for a poem free
+    assert not is_poem_form(reply("写一首关于月亮的诗")["message"]["content"])
+    assert reply("the moon", form="auto") == reply("the moon")
+    e = err(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "form": "haiku"}),
+            400)
+    assert e["param"] == "form" and "poem5" in e["message"]

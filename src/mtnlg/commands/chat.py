@@ -5,7 +5,9 @@ The history is formatted by :mod:`mtnlg.infer.chat_template`, the template the H
     <|system|>...<|end|><|user|>hi<|end|><|assistant|>hello<|end|><|user|>...<|end|><|assistant|>
 
 When the history no longer fits the context (``max_position_embeddings`` minus the reply budget)
-the oldest turns are dropped (the system message stays). Commands: ``/reset`` forgets the history,
+the oldest turns are dropped (the system message stays). A request for a poem (写一首关于秋天的诗,
+来一首七言诗, 再来一首 after a poem) is answered under the poem form (``--form``; see
+:class:`mtnlg.infer.poem_form.PoemForm`), the way ``mtnlg poem`` keeps its lines. Commands: ``/reset`` forgets the history,
 ``/exit`` (or end of input, Ctrl-D) quits. Works in a terminal (line editing via readline) and with
 piped standard input.
 """
@@ -13,10 +15,12 @@ piped standard input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.infer.chat_template import Conversation
+from mtnlg.infer.poem_form import form_of_conversation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--system", help="a system message that stays at the start of the context")
     add_sampling_arguments(parser, temperature=0.7, max_new_tokens=128)
+    parser.add_argument("--form", choices=("auto", "free", "poem", "poem5", "poem7"), default="auto",
+                        help="auto (default): a request for a poem (写一首关于秋天的诗, 再来一首) is answered in "
+                             "regular poem form, anything else freely; free: never constrain; poem / poem5 / "
+                             "poem7: every reply is a poem (of any / 5- / 7-character lines)")
 
 
 def _read(prompt: str, tty: bool) -> str | None:
@@ -76,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
         conv.add("user", text)
         prompt, soft = lm.with_soft_prompt(conv.prompt_ids(budget))
         out.write("bot> " if tty else "")
-        s = stream(lm.model, tok, prompt, params, soft_prompt=soft)
+        form = form_of_conversation(conv.messages()) if args.form == "auto" else args.form
+        turn = dataclasses.replace(params, form=None if form == "free" else form)
+        s = stream(lm.model, tok, prompt, turn, soft_prompt=soft)
         reply = []
         for delta in s:
             reply.append(delta)

@@ -9,17 +9,16 @@ as ``mtnlg chat`` and the server send them, and are sampled as ``mtnlg chat`` sa
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.infer.chat_template import ChatTemplate
 from mtnlg.infer.generate import generate
+from mtnlg.infer.poem_form import is_poem_form, requested_form
 from mtnlg.infer.sampling import SamplingParams
 
 TOPICS = ("春天", "秋天", "月亮", "故乡", "离别", "江南", "梅花", "边塞", "朋友", "大海")
 PROMPT = "写一首关于{}的诗"
-_LINE = re.compile(r"([\u4e00-\u9fff]+)([，。？！])")
 
 
 @dataclass
@@ -29,27 +28,20 @@ class ChatSample:
     poem_form: bool
 
 
-def is_poem_form(text: str) -> bool:
-    """Whether ``text`` is a whole regular poem: >= 2 couplets of 5- or 7-character lines, "，" then "。？！"."""
-    flat = re.sub(r"\s+", "", text)
-    lines = _LINE.findall(flat)
-    if len(lines) < 4 or len(lines) % 2 or "".join(a + b for a, b in lines) != flat:
-        return False
-    n = len(lines[0][0])
-    return n in (5, 7) and all(len(chars) == n and (mark == "，") == (i % 2 == 0) and (i % 2 == 0 or mark != "，")
-                               for i, (chars, mark) in enumerate(lines))
-
-
 def chat_poem_samples(lm, n: int = 10, temperature: float = 0.7, max_new_tokens: int = 128,
-                      seed: int = 0) -> list[ChatSample]:
-    """Ask ``n`` poem requests (topics of :data:`TOPICS`, cycled) in one batch; the replies and their form."""
+                      seed: int = 0, form: str = "auto") -> list[ChatSample]:
+    """Ask ``n`` poem requests (topics of :data:`TOPICS`, cycled) in one batch; the replies and their form.
+
+    ``form="auto"`` decodes as ``mtnlg chat`` does (a request for a poem is answered under the poem
+    form, :func:`mtnlg.infer.poem_form.requested_form`); ``"free"`` lets the model write unconstrained."""
     tok = lm.tokenizer
     template = ChatTemplate(tok)
     prompts = [PROMPT.format(TOPICS[i % len(TOPICS)]) for i in range(n)]
     ids = [template.prompt_ids([{"role": "user", "content": p}]) for p in prompts]
     end = tok.token_to_id(END_OF_TURN)
     params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i,
-                             stop_token_ids=[tok.eod_id, end], vocab_limit=tok.vocab_size).validate()
+                             stop_token_ids=[tok.eod_id, end], vocab_limit=tok.vocab_size,
+                             form=requested_form(prompts[i]) if form == "auto" else None).validate()
               for i in range(n)]
     was = lm.model.training
     lm.model.eval()

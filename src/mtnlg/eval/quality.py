@@ -253,13 +253,17 @@ def quality_report(run: str | Path, prompt: str = "床前明月光，疑是地�
 
 
 def chat_row(lm, n: int = 10) -> dict[str, Any]:
-    """The chat figure: ``n`` replies to 写一首关于…的诗 sampled as ``mtnlg chat`` samples, and how many
-    are in poem form."""
+    """The chat figure: ``n`` replies to 写一首关于…的诗 sampled as ``mtnlg chat`` samples (a poem request
+    is decoded under the poem form), and how many are in poem form; beside it the same requests
+    decoded freely (``--form free``), which is what the model writes by itself."""
     from mtnlg.eval.chat_quality import chat_poem_samples
 
     samples = chat_poem_samples(lm, n)
+    free = chat_poem_samples(lm, n, form="free")
     return {"poem_form": sum(s.poem_form for s in samples), "n": len(samples),
-            "samples": [f"{s.prompt} -> {s.reply}" for s in samples]}
+            "samples": [f"{s.prompt} -> {s.reply}" for s in samples],
+            "poem_form_free": sum(s.poem_form for s in free),
+            "samples_free": [f"{s.prompt} -> {s.reply}" for s in free]}
 
 
 GOALS = {"gain_vs_ngram": 0.10, "right_form_fraction": 1.0, "chars_in_corpus_fraction": 0.98,

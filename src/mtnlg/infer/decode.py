@@ -22,6 +22,7 @@ import torch
 
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.errors import ConfigError
+from mtnlg.infer.poem_form import PoemForm, form_start
 from mtnlg.infer.sampling import SamplingParams
 from mtnlg.infer.streaming import StopStringFilter, StreamDecoder
 from mtnlg.infer.utf8 import START, Utf8Guard
@@ -88,6 +89,8 @@ class RowState:
         self.stops = StopStringFilter(params.stop) if tokenizer is not None else None
         self.guard = guard if tokenizer is not None else None
         self.utf8 = START
+        self.form = PoemForm.for_tokenizer(tokenizer) if params.form and tokenizer is not None else None
+        self.form_state = form_start(params.form) if self.form is not None else None
         if budget <= 0:
             self.finish_reason = "length"
 
@@ -107,7 +110,13 @@ class RowState:
         """Bool [width] of the tokens this row may pick now (None = any)."""
         if self.guard is None:
             return None
-        return self.guard.mask(self.utf8, self.budget - len(self.token_ids), width, device)
+        mask = self.guard.mask(self.utf8, self.budget - len(self.token_ids), width, device)
+        if self.form_state is not None:
+            form = mask & self.form.mask(self.form_state, self.stop_ids, width, device)
+            if bool(form.any()):
+                return form
+            self.form_state = None  # the vocabulary cannot spell the form: free text from here on
+        return mask
 
     def push(self, token: int, logprob: float | None = None, top: list[tuple[int, float]] | None = None) -> str:
         """Record the chosen token; return the text that became safe to show (whole characters, never
@@ -124,6 +133,8 @@ class RowState:
                 self.logprobs.append(logprob)
                 if self.top_logprobs is not None:
                     self.top_logprobs.append(list(top or [])[: self.params.logprobs])
+            if self.form_state is not None:
+                self.form_state = self.form.next_state(self.form_state, token)
             if self.guard is not None:
                 nxt = self.guard.next_state(self.utf8, token)
                 self.utf8 = nxt if nxt is not None else START

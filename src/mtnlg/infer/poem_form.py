@@ -130,3 +130,138 @@ def continue_poem(lm, text: str, num_lines: int = 2, params=None) -> list[str]:
         out.append(line)
         context += line + ("\n" if punct == "。" else "")
     return out
+
+
+# ---- a whole poem as a reply (chat): the form as a token mask in the decode state ----------------------------
+
+MIN_COUPLETS, MAX_COUPLETS = 2, 4  # 绝句 .. 律诗, as the SFT replies (mtnlg.train.sft_data.MAX_LINES)
+FORMS = ("poem", "poem5", "poem7")  # SamplingParams.form: any meter, 五言, 七言
+_CLASS = {"，": "C", "。": "P", "\n": "N"}
+# (characters per line, 0 = not chosen yet; lines done; characters in this line; right after a "。")
+FormState = tuple[int, int, int, bool]
+
+
+def form_start(form: str) -> FormState:
+    return ({"poem": 0, "poem5": 5, "poem7": 7}[form], 0, 0, False)
+
+
+def _form_step(state: FormState | None, c: str) -> FormState | None:
+    """The state after one character class (H hanzi, C "，", P "。", N newline), or None if the text stops
+    being the prefix of a regular poem laid out one couplet a line."""
+    if state is None:
+        return None
+    n, line, k, after = state
+    if after:
+        return (n, line, 0, False) if c == "N" and line < 2 * MAX_COUPLETS else None
+    if c == "H":
+        return (n, line, k + 1, False) if k < (n or 7) else None
+    if c == "C" and line % 2 == 0 and (k == n or (n == 0 and k in (5, 7))):
+        return (k, line + 1, 0, False)
+    if c == "P" and line % 2 == 1 and k == n:
+        return (n, line + 1, 0, True)
+    return None
+
+
+def form_can_end(state: FormState | None) -> bool:
+    return state is not None and state[3] and state[1] >= 2 * MIN_COUPLETS
+
+
+class PoemForm:
+    """Which tokens keep a reply the prefix of a whole regular poem: 2-4 couplets of lines of 5 or 7
+    Chinese characters (the first line chooses, unless the request did), "，" then "。", a newline
+    between couplets, and the end of the turn only after a whole couplet (forced after the fourth).
+
+    A token is allowed only by the classes of the characters it spells (hanzi / ， / 。 / newline), so
+    the tokens are grouped by that shape once and a state's mask is the union of the shapes it
+    accepts, cached per state. Tokens that are not whole characters never appear in a poem.
+    Driven by :class:`mtnlg.infer.decode.RowState` when ``SamplingParams.form`` is set.
+    """
+
+    _shared: dict[int, PoemForm] = {}
+
+    def __init__(self, tokenizer):
+        shapes: dict[str, list[int]] = {}
+        for i in range(tokenizer.vocab_size):
+            try:
+                text = tokenizer.token_bytes(i).decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if text and all(is_hanzi(ch) or ch in _CLASS for ch in text):
+                shapes.setdefault("".join("H" if is_hanzi(ch) else _CLASS[ch] for ch in text), []).append(i)
+        self.shapes = {s: torch.tensor(ids) for s, ids in shapes.items()}
+        self.shape_of = {i: s for s, ids in shapes.items() for i in ids}
+        self.cache: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> PoemForm:
+        key = id(tokenizer)
+        if key not in cls._shared:
+            cls._shared[key] = cls(tokenizer)
+        return cls._shared[key]
+
+    def _run(self, state: FormState | None, shape: str) -> FormState | None:
+        for c in shape:
+            state = _form_step(state, c)
+        return state
+
+    def mask(self, state: FormState, end_ids: frozenset[int], width: int, device: torch.device) -> torch.Tensor:
+        """Bool [width]: the tokens allowed after ``state`` (``end_ids`` only where the poem may end)."""
+        key = (state, end_ids, width, device)
+        if key not in self.cache:
+            m = torch.zeros(width, dtype=torch.bool)
+            for shape, ids in self.shapes.items():
+                if self._run(state, shape) is not None:
+                    m[ids[ids < width]] = True
+            if form_can_end(state):
+                m[[i for i in end_ids if i < width]] = True
+            self.cache[key] = m.to(device)
+        return self.cache[key]
+
+    def next_state(self, state: FormState | None, token: int) -> FormState | None:
+        shape = self.shape_of.get(token)
+        return None if shape is None else self._run(state, shape)
+
+
+_ASKS = re.compile(r"(写|作|做|来|赋|吟|给我|请).{0,16}(诗|绝句|律诗|五绝|七绝|五律|七律)|(诗|绝句)一首|一首.{0,12}诗")
+_MORE = re.compile(r"^(再|又|换).{0,3}(来|写|作|做)?.{0,2}一首")
+
+
+def requested_form(text: str, previous: str | None = None) -> str | None:
+    """The form a chat request asks for: "poem5" / "poem7" / "poem" when it asks for a poem
+    (写一首关于秋天的诗, 来一首七言诗, 以《静夜思》为题作一首诗), or for another one after a poem reply
+    (再来一首: ``previous`` is the form of the last reply); None otherwise."""
+    asks = _ASKS.search(text) is not None
+    if not asks and not (previous and _MORE.search(text.strip())):
+        return None
+    if re.search(r"五言|五绝|五律", text):
+        return "poem5"
+    if re.search(r"七言|七绝|七律", text):
+        return "poem7"
+    return "poem" if asks else previous
+
+
+_POEM_LINE = re.compile(r"([\u4e00-\u9fff]+)([，。？！])")
+
+
+def is_poem_form(text: str) -> bool:
+    """Whether ``text`` is a whole regular poem: >= 2 couplets of 5- or 7-character lines, "，" then "。？！"."""
+    flat = re.sub(r"\s+", "", text)
+    lines = _POEM_LINE.findall(flat)
+    if len(lines) < 4 or len(lines) % 2 or "".join(a + b for a, b in lines) != flat:
+        return False
+    n = len(lines[0][0])
+    return n in (5, 7) and all(len(chars) == n and (mark == "，") == (i % 2 == 0) and (i % 2 == 0 or mark != "，")
+                               for i, (chars, mark) in enumerate(lines))
+
+
+def form_of_conversation(messages: list) -> str | None:
+    """The form to answer a chat history in (OpenAI message dicts or chat_template Messages):
+    :func:`requested_form` of the last user message, knowing whether the last assistant reply was a
+    poem (so 再来一首 asks for another)."""
+    pairs = [(m.get("role"), m.get("content")) if isinstance(m, dict) else (m.role, m.content) for m in messages]
+    users = [c for r, c in pairs if r == "user"]
+    replies = [c for r, c in pairs if r == "assistant"]
+    if not users or not isinstance(users[-1], str):
+        return None
+    previous = "poem" if replies and isinstance(replies[-1], str) and is_poem_form(replies[-1]) else None
+    return requested_form(users[-1], previous)

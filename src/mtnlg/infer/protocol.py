@@ -18,7 +18,7 @@ from typing import Any
 from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.errors import ConfigError
 from mtnlg.infer.chat_template import ChatTemplate
-from mtnlg.infer.poem_form import parse_poem
+from mtnlg.infer.poem_form import form_of_conversation, parse_poem
 from mtnlg.infer.sampling import MIN_TEMPERATURE, SamplingParams
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
@@ -29,6 +29,9 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
 MAX_POEM_LINES = 8
+# chat "form" (an mtnlg extension): free text, the poem form when the last user message asks for a poem
+# (as `mtnlg chat` and the web page do), or always a poem of any / 5- / 7-character lines
+CHAT_FORMS = ("free", "auto", "poem", "poem5", "poem7")
 TEMPERATURE_FLOOR = MIN_TEMPERATURE  # the one greedy floor (mtnlg.infer.sampling): generate, CLI and server agree
 REPETITION_PENALTY_RANGE = (0.01, 100.0)  # logits scaled by at most 100x either way
 
@@ -335,6 +338,11 @@ def parse_chat(body: dict[str, Any], codec: TextCodec) -> GenerationRequest:
     params = sampling_from_body(body, codec.chat_stop_ids, top if want_lp else None, codec.vocab_size)
     max_tokens, name = max_tokens_field(body, ("max_completion_tokens", "max_tokens"))
     prompt = codec.chat_prompt(body["messages"])
+    form = get_field(body, "form", "str", "free")
+    if form not in CHAT_FORMS:
+        raise bad("form", f"'form' must be one of {', '.join(CHAT_FORMS)} (an mtnlg extension), got {_short(form)!r}")
+    if form != "free":
+        params = replace(params, form=form if form != "auto" else form_of_conversation(body["messages"]))
     return GenerationRequest(True, [prompt], n, params, max_tokens, name, stream, include_usage,
                              want_logprobs=want_lp)
 

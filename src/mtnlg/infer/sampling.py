@@ -59,6 +59,7 @@ class SamplingParams:
     length_penalty: float = 1.0  # beam score = sum logprob / len ** length_penalty
     use_cache: bool = True
     vocab_limit: int | None = None  # never emit ids >= this (the tokenizer may be smaller than the embedding)
+    form: str | None = None  # "poem" | "poem5" | "poem7": the output is a whole regular poem (mtnlg.infer.poem_form)
 
     def validate(self) -> SamplingParams:
         def bad(name: str, rule: str) -> ConfigError:
@@ -91,6 +92,10 @@ class SamplingParams:
             raise bad("logprobs", "must be >= 0 or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be a list of non-empty strings")
+        if self.form is not None and self.form not in ("poem", "poem5", "poem7"):
+            raise bad("form", "must be 'poem', 'poem5', 'poem7' or None (free text)")
+        if self.form is not None and self.num_beams > 1:
+            raise bad("form", "works with sampling and greedy decoding, not beam search; use num_beams=1")
         return self
 
     def clamped(self, vocab_size: int) -> SamplingParams:

@@ -107,7 +107,8 @@ async function send(text) {
     history.push({ role: "user", content: text });
     bubble("user", text);
     url = "/v1/chat/completions";
-    body = { messages: history, max_tokens: maxTokens, temperature };
+    // form "auto": a request for a poem (写一首关于秋天的诗) is answered in poem form, as `mtnlg chat` does
+    body = { messages: history, max_tokens: maxTokens, temperature, form: "auto" };
   }
   if (seed !== null) body.seed = seed;
   if (!poem) {
