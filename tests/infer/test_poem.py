@@ -101,3 +101,27 @@ def test_requested_form_reads_the_request():
     assert form_of_conversation(history) == "poem"
     history[1]["content"] = "不会。"
     assert form_of_conversation(history) is None
+
+
+def test_best_of_keeps_the_candidate_the_model_finds_likeliest():
+    import torch
+
+    from mtnlg.infer.poem_form import CANDIDATE_SEED_STRIDE
+
+    tok = byte_tokenizer()  # one token a byte: a line's tokens are its encoding, so its score can be recomputed
+    lm = model(tok)
+    text = POEMS[0][:12]
+    base = SamplingParams(temperature=1.0, top_k=50, seed=7)
+    singles = [continue_poem(lm, text, 1, SamplingParams(temperature=1.0, top_k=50, seed=7 + CANDIDATE_SEED_STRIDE * i), best_of=1)[0]
+               for i in range(4)]
+    assert len(set(singles)) > 1, "the candidates should differ"
+    context = tok.encode(text + "\n")
+
+    def score(line: str) -> float:
+        ids = tok.encode(line)
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([context + ids]))[0, len(context) - 1:-1, :tok.vocab_size]
+        return float(torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(ids)[:, None]).sum())
+
+    best = continue_poem(lm, text, 1, base, best_of=4)[0]
+    assert best in singles and score(best) == pytest.approx(max(map(score, singles)), abs=1e-4)

@@ -103,4 +103,8 @@ def test_example_configs_are_valid():
     tiny = Config.load(examples / "tiny.yaml")
     poems = Config.load(examples / "poems.yaml")
     assert tiny.model.dropout == 0.0  # exact-resume and reshard tests rely on it
-    assert poems.data.corpus.startswith("poems") and poems.train.steps > Config().train.steps
+    default = Config()
+    assert poems.data.corpus.startswith("poems")
+    # the longer run: a larger model on more tokens than the default job
+    assert poems.model.hidden_size > default.model.hidden_size
+    assert poems.train.steps * poems.train.global_batch_size > default.train.steps * default.train.global_batch_size

@@ -101,32 +101,47 @@ class LineConstraint:
             logits[ok.shape[0]:] = float("-inf")
 
 
-def continue_poem(lm, text: str, num_lines: int = 2, params=None) -> list[str]:
-    """The next ``num_lines`` lines (each with its punctuation) after ``text``."""
+CANDIDATE_SEED_STRIDE = 7919  # a prime: requests seeded 0, 1, 2 ... or 0, 1000, 2000 ... never share a candidate
+
+
+def continue_poem(lm, text: str, num_lines: int = 2, params=None, best_of: int = 4) -> list[str]:
+    """The next ``num_lines`` lines (each with its punctuation) after ``text``.
+
+    Each line is sampled ``best_of`` times under :class:`LineConstraint` (one batch, seeds
+    ``seed + line + CANDIDATE_SEED_STRIDE * i``) and the candidate the model itself finds likeliest is kept: the sum of the
+    model's unconstrained log-probabilities of the line's tokens, its punctuation mark included. The
+    constraint forces a "，" after the fifth character whether or not the model wanted one there; the
+    score prefers a line that the model would have ended there itself (OpenAI's ``best_of``)."""
     from mtnlg.infer.generate import generate
     from mtnlg.infer.sampling import SamplingParams
 
+    if best_of < 1:
+        raise ConfigError(f"best_of must be >= 1, got {best_of}")
     n, lines = parse_poem(text)
     # the layout the model was trained on (the poems corpus and the chat replies): one couplet a line,
     # so after a "。" the model sees the newline it expects before the next couplet
     context = "".join(m.group(0) + ("\n" if m.group(2) == "。" else "") for m in LINE_RE.finditer(text.strip()))
     base = params or SamplingParams(temperature=0.8, top_k=40, seed=0)
     vocab = min(lm.tokenizer.vocab_size, lm.model.vocab_size)
+    k = 1 if base.greedy else best_of  # greedy candidates would all be the same line
     out = []
     for j in range(num_lines):
         punct = "，" if (len(lines) + j) % 2 == 0 else "。"
         hook = LineConstraint(lm.tokenizer, n, punct, vocab)
         p = dataclasses.replace(base, max_new_tokens=3 * (n + 1) + 2, stop=[punct], stop_token_ids=[],
-                                vocab_limit=vocab, num_beams=1,
-                                seed=None if base.seed is None else base.seed + j)
+                                vocab_limit=vocab, num_beams=1, logprobs=0)
         prompt, soft = lm.encode_prompt(context)
         room = lm.model.cfg.max_seq_len - p.max_new_tokens - 1
         prompt = prompt[-room:]
-        c = generate(lm.model, [prompt], p, lm.tokenizer, soft_prompt=soft, logits_hook=hook)[0]
-        line = c.text + punct  # the stop string (the punctuation mark) is cut from the text
-        if not (c.finish_reason == "stop" and len(line) == n + 1 and all(map(is_hanzi, line[:-1]))):
-            raise ConfigError(f"the model could not produce a {n}-character line (got {line!r}); is the "
-                              f"tokenizer able to spell Chinese characters?")
+        plist = [dataclasses.replace(p, seed=None if base.seed is None else base.seed + j + CANDIDATE_SEED_STRIDE * i)
+                 for i in range(k)]
+        splice = dataclasses.replace(soft, offsets=list(soft.offsets) * k) if soft is not None else None
+        cands = generate(lm.model, [prompt] * k, plist, lm.tokenizer, soft_prompt=splice, logits_hook=hook)
+        good = [c for c in cands if c.finish_reason == "stop" and len(c.text) == n and all(map(is_hanzi, c.text))]
+        if not good:
+            raise ConfigError(f"the model could not produce a {n}-character line (got {cands[0].text + punct!r}); "
+                              f"is the tokenizer able to spell Chinese characters?")
+        line = max(good, key=lambda c: sum(c.logprobs)).text + punct  # the stop string is cut from the text
         out.append(line)
         context += line + ("\n" if punct == "。" else "")
     return out
