@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("mtnlg.commands.data", "list the built-in corpora; inspect a preprocessed PREFIX.bin/.idx"),
     "tokenizer": ("mtnlg.commands.tokenizer", "train a byte-level BPE tokenizer on a corpus or files"),
     "preprocess": ("mtnlg.commands.preprocess", "tokenize .txt/.jsonl(.gz) files or a corpus into PREFIX.bin/.idx"),
-    "train": ("mtnlg.commands.train", "train a model (default: a ~5M-param model on the built-in Chinese corpora, then SFT, on CPU)"),
+    "train": ("mtnlg.commands.train", "train a model (default: a ~1.1M-param model on the built-in Chinese corpora, then SFT, on CPU)"),
     "sft": ("mtnlg.commands.sft", "fine-tune a trained run on conversations (loss on the assistant's replies)"),
     "plot": ("mtnlg.commands.plot", "plot a run's loss and throughput (loss.png, throughput.png)"),
     "plan": ("mtnlg.commands.plan", "memory, FLOPs and time of 3D-parallel layouts; search; schedule timelines"),

@@ -1,6 +1,6 @@
 """``mtnlg train``: train the configured model into a run directory, with a progress bar.
 
-With no arguments it trains the embedded default (a ~5M-parameter MT-NLG model on the built-in
+With no arguments it trains the embedded default (a ~1.1M-parameter MT-NLG model on the built-in
 Chinese corpora, poems weighted up, then the SFT stage, on CPU). ``--nproc N`` re-launches the same command under torchrun
 (``python -m torch.distributed.run``) with N local processes; any layout the config asks for
 (``--parallel.tp=2`` ...) then applies. ``--checkpoint.resume=auto`` (the default) continues the
