@@ -55,3 +55,26 @@ def test_all_tokens_ignored_gives_zero_loss_and_grads():
     got.backward()
     assert got.item() == 0.0
     assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
+
+
+def test_confidently_wrong_targets_keep_an_exact_loss():
+    # logits so peaked that the targets' softmax probabilities underflow fp32: the loss must still be
+    # the exact logsumexp - z[y] (about 1e3 per token), and the gradients softmax - onehot
+    hidden, weight, labels = _inputs(n=12)
+    weight = (weight.detach() * 400).requires_grad_()
+    want = cross_entropy_sum(hidden @ weight.t(), labels)
+    assert want.item() > 1e3
+    got = linear_cross_entropy(hidden, weight, labels, chunk=5)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    want_dh, want_dw = torch.autograd.grad(want, (hidden, weight))
+    got_dh, got_dw = torch.autograd.grad(got, (hidden, weight))
+    torch.testing.assert_close(got_dh, want_dh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_dw, want_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_negative_grad_scale_is_the_plain_gradient_negated():
+    hidden, weight, labels = _inputs(n=10)
+    want_dh, = torch.autograd.grad(-2.0 * cross_entropy_sum(hidden @ weight.t(), labels), (hidden,))
+    got_dh, = torch.autograd.grad(-2.0 * linear_cross_entropy(hidden, weight, labels, chunk=4, grad_scale=-2.0),
+                                  (hidden,))
+    torch.testing.assert_close(got_dh, want_dh, rtol=1e-5, atol=1e-7)
