@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtnlg.config import ModelConfig
+from mtnlg.model.decode_linear import project
 from mtnlg.model.dropout import HashDropout
 from mtnlg.model.dropout import row_keys as dropout_keys
 from mtnlg.model.kv_cache import LayerCache
@@ -55,7 +56,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.qkv(x)
+        qkv = project(self.qkv, x)
         heads = qkv.shape[-1] // (3 * self.head_dim)  # local heads under tensor parallelism
         q, k, v = qkv.view(B, T, heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)  # each [B, H, T, D]
         if cache is not None:
@@ -72,7 +73,7 @@ class Attention(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, heads * self.head_dim)
-        return self.proj(y)
+        return project(self.proj, y)
 
 
 class MLP(nn.Module):
@@ -85,7 +86,7 @@ class MLP(nn.Module):
         self.act = activation_fn(cfg.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return project(self.fc2, self.act(project(self.fc1, x)))
 
 
 class Block(nn.Module):

@@ -1,0 +1,55 @@
+"""Batch-1 decoding's projections through a blocked copy of the weight, read by all threads at once.
+
+While decoding, each ``nn.Linear`` multiplies a handful of rows by its weight: a matrix-vector
+product that only streams the weight from memory. On CPU the BLAS runs that product on one thread
+and reads the weight at about a third of the machine's read bandwidth (measured on the 2-core box:
+8-9 GB/s against 31-33 GB/s for ``torch.sum`` over the same bytes). Split into P column blocks
+stored as ``[P, in, out / P]`` (P = the intra-op threads), the same product becomes a batched
+matmul whose P blocks run in parallel: 12.9 GB/s, and 1.2x the tokens/s of the whole decode loop.
+
+:func:`project` takes that path only where it pays and cannot change training: no autograd, CPU,
+at most :data:`DECODE_ROWS` rows, a plain ``nn.Linear`` without hooks, weights of at most
+:data:`MAX_ELEMENTS`. The blocked copy is built on first use and rebuilt whenever the weight
+changes (its version counter), so it is never stale; it costs one extra copy of each projection
+while a model decodes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DECODE_ROWS = 8  # decode steps of up to 8 sequences; prefill and evaluation keep the GEMM
+MAX_ELEMENTS = 16 * 2**20  # 64 MB of fp32 per matrix at most (larger models: no second copy)
+_CACHE = "_decode_blocks"
+
+
+def _blocks(lin: nn.Linear) -> tuple[torch.Tensor, int] | None:
+    """The weight as [P, in, out / P] blocks (built or rebuilt when the weight changed), or None."""
+    w = lin.weight
+    threads = torch.get_num_threads()
+    out_f, in_f = w.shape
+    if type(w) is not nn.Parameter and type(w) is not torch.Tensor or threads < 2 or out_f % threads \
+            or w.numel() > MAX_ELEMENTS or w.dtype != torch.float32:
+        return None
+    key = (w.data_ptr(), w._version, threads)
+    cached = lin.__dict__.get(_CACHE)
+    if cached is None or cached[0] != key:
+        blocks = w.detach().t().reshape(in_f, threads, out_f // threads).permute(1, 0, 2).contiguous()
+        cached = (key, blocks)
+        lin.__dict__[_CACHE] = cached
+    return cached[1], threads
+
+
+def project(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``lin(x)``, through the blocked weight while decoding on CPU (see the module docstring)."""
+    if (torch.is_grad_enabled() or x.device.type != "cpu" or type(lin) is not nn.Linear
+            or x.numel() > DECODE_ROWS * x.shape[-1] or lin._forward_hooks or lin._forward_pre_hooks):
+        return lin(x)
+    got = _blocks(lin)
+    if got is None:
+        return lin(x)
+    blocks, p = got
+    rows = x.reshape(1, -1, x.shape[-1]).expand(p, -1, -1)
+    y = torch.bmm(rows, blocks).permute(1, 0, 2).reshape(*x.shape[:-1], lin.out_features)
+    return y + lin.bias if lin.bias is not None else y

@@ -1,0 +1,51 @@
+"""Decode-time projections through the blocked weight: same values as nn.Linear, never stale, never in training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mtnlg.model import decode_linear
+from mtnlg.model.decode_linear import project
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_decode_rows_match_linear_and_use_the_blocks(two_threads):
+    lin = nn.Linear(48, 64)
+    for shape in ((1, 1, 48), (8, 1, 48), (3, 48)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(project(lin, x), lin(x), rtol=1e-5, atol=1e-6)
+    assert decode_linear._CACHE in lin.__dict__  # the fast path ran
+
+
+def test_the_blocks_follow_weight_updates(two_threads):
+    lin = nn.Linear(32, 16)
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        project(lin, x)
+        lin.weight.mul_(-3.0)  # an optimizer step: in place, the version counter moves
+        torch.testing.assert_close(project(lin, x), lin(x), rtol=1e-5, atol=1e-6)
+
+
+def test_training_prefill_and_hooked_layers_keep_nn_linear(two_threads):
+    lin = nn.Linear(32, 16)
+    x = torch.randn(1, 32, requires_grad=True)
+    y = project(lin, x)  # autograd on: the plain path, gradients flow to the weight
+    y.sum().backward()
+    assert lin.weight.grad is not None and decode_linear._CACHE not in lin.__dict__
+    with torch.no_grad():
+        project(lin, torch.randn(40, 32))  # more rows than a decode step: the GEMM
+        assert decode_linear._CACHE not in lin.__dict__
+        seen = []
+        lin.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        project(lin, torch.randn(1, 32))
+    assert seen == [torch.Size([1, 16])] and decode_linear._CACHE not in lin.__dict__
