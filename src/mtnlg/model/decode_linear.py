@@ -35,10 +35,22 @@ def _blocks(lin: nn.Linear) -> tuple[torch.Tensor, int] | None:
     key = (w.data_ptr(), w._version, threads)
     cached = lin.__dict__.get(_CACHE)
     if cached is None or cached[0] != key:
-        blocks = w.detach().t().reshape(in_f, threads, out_f // threads).permute(1, 0, 2).contiguous()
-        cached = (key, blocks)
+        cached = (key, blocked(w.detach(), threads))
         lin.__dict__[_CACHE] = cached
     return cached[1], threads
+
+
+def blocked(w: torch.Tensor, parts: int) -> torch.Tensor:
+    """A weight [out, in] as ``parts`` blocks of its transpose: [parts, in, out / parts]."""
+    out_f, in_f = w.shape
+    return w.t().reshape(in_f, parts, out_f // parts).permute(1, 0, 2).contiguous()
+
+
+def blocked_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` from :func:`blocked` ``(W, P)``: the P blocks in parallel, as one batched matmul."""
+    p, _, width = blocks.shape
+    rows = x.reshape(1, -1, x.shape[-1]).expand(p, -1, -1)
+    return torch.bmm(rows, blocks).permute(1, 0, 2).reshape(*x.shape[:-1], p * width)
 
 
 def project(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +61,5 @@ def project(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
     got = _blocks(lin)
     if got is None:
         return lin(x)
-    blocks, p = got
-    rows = x.reshape(1, -1, x.shape[-1]).expand(p, -1, -1)
-    y = torch.bmm(rows, blocks).permute(1, 0, 2).reshape(*x.shape[:-1], lin.out_features)
+    y = blocked_matmul(x, got[0])
     return y + lin.bias if lin.bias is not None else y
