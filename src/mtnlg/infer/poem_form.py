@@ -5,6 +5,10 @@ after even ones. Decoding is constrained token by token (:class:`LineConstraint`
 token is allowed only if the line stays a prefix of "N Chinese characters, then the right
 punctuation mark", so the model cannot end a line early, run over, or punctuate wrongly.
 Used by ``mtnlg poem``, the web page's poem mode and the quality benchmark.
+
+A whole poem as a chat reply (:class:`PoemForm`, ``SamplingParams.form``) is the same idea for the
+decode state of ``generate()`` and the server: 2-4 couplets, the meter chosen by the first line or by
+the request (:func:`requested_form` reads 写一首…诗 / 五言 / 七言 / 再来一首 from the user's message).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import re
+import threading
 
 import torch
 
@@ -192,7 +197,8 @@ class PoemForm:
     Driven by :class:`mtnlg.infer.decode.RowState` when ``SamplingParams.form`` is set.
     """
 
-    _shared: dict[int, PoemForm] = {}
+    _shared: dict[int, tuple[object, PoemForm]] = {}  # id -> (the tokenizer, kept alive so ids are not reused)
+    _lock = threading.Lock()
 
     def __init__(self, tokenizer):
         shapes: dict[str, list[int]] = {}
@@ -209,10 +215,11 @@ class PoemForm:
 
     @classmethod
     def for_tokenizer(cls, tokenizer) -> PoemForm:
-        key = id(tokenizer)
-        if key not in cls._shared:
-            cls._shared[key] = cls(tokenizer)
-        return cls._shared[key]
+        with cls._lock:
+            hit = cls._shared.get(id(tokenizer))
+            if hit is None or hit[0] is not tokenizer:
+                hit = cls._shared[id(tokenizer)] = (tokenizer, cls(tokenizer))
+            return hit[1]
 
     def _run(self, state: FormState | None, shape: str) -> FormState | None:
         for c in shape:
