@@ -29,8 +29,8 @@ def _blocks(lin: nn.Linear) -> tuple[torch.Tensor, int] | None:
     w = lin.weight
     threads = torch.get_num_threads()
     out_f, in_f = w.shape
-    if type(w) is not nn.Parameter and type(w) is not torch.Tensor or threads < 2 or out_f % threads \
-            or w.numel() > MAX_ELEMENTS or w.dtype != torch.float32:
+    plain = type(w) is nn.Parameter or type(w) is torch.Tensor  # not a DTensor shard, not a quantized weight
+    if not plain or threads < 2 or out_f % threads or w.numel() > MAX_ELEMENTS or w.dtype != torch.float32:
         return None
     key = (w.data_ptr(), w._version, threads)
     cached = lin.__dict__.get(_CACHE)

@@ -97,11 +97,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_h is None and not want_w:
                 continue
             # dz = g * (softmax(z) - onehot(y)) on kept rows, 0 on ignored ones, written over p in place
-            if grad_scale != 1.0:
-                p *= grad_scale
-            if not bool(keep.all()):
-                p[~keep] = 0.0
-            p[torch.arange(p.shape[0], device=p.device), yk] -= torch.where(keep, grad_scale, 0.0)
+            # (one per-row scale, no host sync)
+            row_scale = torch.where(keep, grad_scale, 0.0)
+            p *= row_scale[:, None]
+            p[torch.arange(p.shape[0], device=p.device), yk] -= row_scale
             dz = p
             del p
             dz = dz.to(dtype)
