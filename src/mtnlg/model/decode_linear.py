@@ -28,7 +28,7 @@ def _blocks(lin: nn.Linear) -> tuple[torch.Tensor, int] | None:
     """The weight as [P, in, out / P] blocks (built or rebuilt when the weight changed), or None."""
     w = lin.weight
     threads = torch.get_num_threads()
-    out_f, in_f = w.shape
+    out_f = w.shape[0]
     plain = type(w) is nn.Parameter or type(w) is torch.Tensor  # not a DTensor shard, not a quantized weight
     if not plain or threads < 2 or out_f % threads or w.numel() > MAX_ELEMENTS or w.dtype != torch.float32:
         return None
