@@ -20,7 +20,7 @@ import sys
 
 from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.infer.chat_template import Conversation
-from mtnlg.infer.poem_form import form_of_conversation
+from mtnlg.infer.poem_form import FORMS, form_of_conversation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--system", help="a system message that stays at the start of the context")
     add_sampling_arguments(parser, temperature=0.7, max_new_tokens=128)
-    parser.add_argument("--form", choices=("auto", "free", "poem", "poem5", "poem7"), default="auto",
+    parser.add_argument("--form", choices=("auto", "free", *FORMS), default="auto",
                         help="auto (default): a request for a poem (写一首关于秋天的诗, 再来一首) is answered in "
                              "regular poem form, anything else freely; free: never constrain; poem / poem5 / "
                              "poem7: every reply is a poem (of any / 5- / 7-character lines)")

@@ -31,7 +31,7 @@ from mtnlg.errors import ConfigError
 from mtnlg.infer.decode import RowState, allowed_matrix, pick_greedy, token_budget
 from mtnlg.infer.sampling import SamplingParams, process_logits, sample, top_logprobs
 from mtnlg.infer.utf8 import START, Utf8Guard
-from mtnlg.model.decode_linear import blocked, blocked_matmul
+from mtnlg.model.decode_linear import block_count, blocked, blocked_matmul
 from mtnlg.model.kv_cache import KVCache
 from mtnlg.model.prompt_tuning import Splice
 from mtnlg.model.transformer import GPT
@@ -137,10 +137,7 @@ class FastHead:
         w = getattr(out, "weight", None)
         if (type(out) is torch.nn.Linear and type(w) in (torch.Tensor, torch.nn.Parameter) and w.device.type == "cpu"
                 and w.numel() <= FastHead.MAX_ELEMENTS and out.bias is None):
-            parts = torch.get_num_threads()
-            if parts < 2 or w.shape[0] % parts:
-                parts = 1
-            return FastHead(blocked(w.detach(), parts))
+            return FastHead(blocked(w.detach(), block_count(w.shape[0])))
         return out
 
     def __init__(self, blocks: torch.Tensor):

@@ -155,14 +155,15 @@ def continue_poem(lm, text: str, num_lines: int = 2, params=None, best_of: int =
 # ---- a whole poem as a reply (chat): the form as a token mask in the decode state ----------------------------
 
 MIN_COUPLETS, MAX_COUPLETS = 2, 4  # 绝句 .. 律诗, as the SFT replies (mtnlg.train.sft_data.MAX_LINES)
-FORMS = ("poem", "poem5", "poem7")  # SamplingParams.form: any meter, 五言, 七言
+METERS = {"poem": 0, "poem5": 5, "poem7": 7}  # SamplingParams.form -> characters a line (0: the first line chooses)
+FORMS = tuple(METERS)
 _CLASS = {"，": "C", "。": "P", "\n": "N"}
 # (characters per line, 0 = not chosen yet; lines done; characters in this line; right after a "。")
 FormState = tuple[int, int, int, bool]
 
 
 def form_start(form: str) -> FormState:
-    return ({"poem": 0, "poem5": 5, "poem7": 7}[form], 0, 0, False)
+    return (METERS[form], 0, 0, False)
 
 
 def _form_step(state: FormState | None, c: str) -> FormState | None:

@@ -18,7 +18,7 @@ from typing import Any
 from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.errors import ConfigError
 from mtnlg.infer.chat_template import ChatTemplate
-from mtnlg.infer.poem_form import form_of_conversation, parse_poem
+from mtnlg.infer.poem_form import FORMS, form_of_conversation, parse_poem
 from mtnlg.infer.sampling import MIN_TEMPERATURE, SamplingParams
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
@@ -31,7 +31,7 @@ MAX_LOGPROBS = 20
 MAX_POEM_LINES = 8
 # chat "form" (an mtnlg extension): free text, the poem form when the last user message asks for a poem
 # (as `mtnlg chat` and the web page do), or always a poem of any / 5- / 7-character lines
-CHAT_FORMS = ("free", "auto", "poem", "poem5", "poem7")
+CHAT_FORMS = ("free", "auto", *FORMS)
 TEMPERATURE_FLOOR = MIN_TEMPERATURE  # the one greedy floor (mtnlg.infer.sampling): generate, CLI and server agree
 REPETITION_PENALTY_RANGE = (0.01, 100.0)  # logits scaled by at most 100x either way
 

@@ -23,6 +23,7 @@ import math
 import torch
 
 from mtnlg.errors import ConfigError
+from mtnlg.infer.poem_form import FORMS
 
 NEG_INF = float("-inf")
 MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (logits / T would overflow)
@@ -92,8 +93,8 @@ class SamplingParams:
             raise bad("logprobs", "must be >= 0 or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be a list of non-empty strings")
-        if self.form is not None and self.form not in ("poem", "poem5", "poem7"):
-            raise bad("form", "must be 'poem', 'poem5', 'poem7' or None (free text)")
+        if self.form is not None and self.form not in FORMS:
+            raise bad("form", f"must be one of {', '.join(FORMS)} or None (free text)")
         if self.form is not None and self.num_beams > 1:
             raise bad("form", "works with sampling and greedy decoding, not beam search; use num_beams=1")
         return self

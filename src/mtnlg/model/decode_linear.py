@@ -27,17 +27,23 @@ _CACHE = "_decode_blocks"
 def _blocks(lin: nn.Linear) -> tuple[torch.Tensor, int] | None:
     """The weight as [P, in, out / P] blocks (built or rebuilt when the weight changed), or None."""
     w = lin.weight
-    threads = torch.get_num_threads()
-    out_f = w.shape[0]
+    parts = block_count(w.shape[0])
     plain = type(w) is nn.Parameter or type(w) is torch.Tensor  # not a DTensor shard, not a quantized weight
-    if not plain or threads < 2 or out_f % threads or w.numel() > MAX_ELEMENTS or w.dtype != torch.float32:
+    if not plain or parts < 2 or w.numel() > MAX_ELEMENTS or w.dtype != torch.float32:
         return None
-    key = (w.data_ptr(), w._version, threads)
+    key = (w.data_ptr(), w._version, parts)
     cached = lin.__dict__.get(_CACHE)
     if cached is None or cached[0] != key:
-        cached = (key, blocked(w.detach(), threads))
+        cached = (key, blocked(w.detach(), parts))
         lin.__dict__[_CACHE] = cached
-    return cached[1], threads
+    return cached[1], parts
+
+
+def block_count(out_features: int) -> int:
+    """How many blocks a weight with ``out_features`` rows is read in: one per intra-op thread, or 1
+    (no split) with one thread or when the threads do not divide the rows."""
+    threads = torch.get_num_threads()
+    return threads if threads >= 2 and out_features % threads == 0 else 1
 
 
 def blocked(w: torch.Tensor, parts: int) -> torch.Tensor:
