@@ -142,6 +142,7 @@ def test_comm_volumes_match_megatron_formulas(two_ranks):
     # DP: one gradient all-reduce of every parameter per step (+ FSDP's alignment padding)
     grads = v["dp_params"] * fp32
     assert v["dp_4mb"]["dp_replicate"] == v["dp_1mb"]["dp_replicate"]
+    assert v["dp_1mb_later"] == [v["dp_1mb"]] * 3  # the replayed count (CommCounter.scope) is the counted one
     assert grads <= v["dp_1mb"]["dp_replicate"] <= grads * 1.001
 
 

@@ -142,3 +142,30 @@ def test_fsdp_6b_per_rank_parameter_bytes_on_meta():
         assert abs(per_rank - total / 4) <= 0.01 * total / 4
     finally:
         dist.destroy_process_group()
+
+
+def test_comm_counter_scope_counts_twice_then_replays():
+    """A keyed block runs under the dispatch mode the first two times, then adds the second count
+    without it (the per-op Python dispatch costs more than a small model's kernels)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    from mtnlg.parallel.comm import CommCounter
+
+    c = CommCounter(None)
+    c.enabled = True
+    seen_mode = []
+
+    def block(nbytes: int):
+        seen_mode.append(_get_current_dispatch_mode() is c)
+        c.bytes["dp"] += nbytes  # what the mode charges for a collective
+        with c:  # a nested block (an explicit collective) inside the keyed one
+            pass
+
+    for nbytes in (7, 5, 999, 999):
+        with c.scope(("train", (2, 64))):
+            block(nbytes if seen_mode.count(True) < 2 else 0)
+    assert seen_mode == [True, True, False, False]
+    assert c.take() == {"dp": 7 + 5 + 5 + 5}
+    with c.scope(("train", (1, 64))):  # another shape is counted afresh
+        block(3)
+    assert seen_mode[-1] is True and c.take() == {"dp": 3}

@@ -52,9 +52,9 @@ def no_decay(name: str, p: torch.Tensor) -> bool:
 def build_optimizer(model_parts: Iterable[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW(beta1, beta2, eps, weight_decay) with two groups: decayed matrices, undecayed biases/norms.
 
-    Plain tensors use torch's fused AdamW kernel (``train.fused_adamw``, one pass over each
-    parameter's state instead of a dozen element-wise ops); DTensor parameters (FSDP2 / TP) use the
-    per-parameter path (sharded params of mixed meshes cannot always be grouped or fused).
+    Torch's fused AdamW kernel (``train.fused_adamw``, one pass over each parameter's state instead of
+    a dozen element-wise ops) for plain tensors and for DTensors (FSDP2 / TP) that share one mesh;
+    see :func:`set_kernel`.
     """
     decay, plain = [], []
     for name, p in unique_parameters(model_parts):
@@ -70,13 +70,15 @@ def build_optimizer(model_parts: Iterable[nn.Module], cfg: TrainConfig) -> torch
 
 
 def set_kernel(optimizer: torch.optim.Optimizer, fused: bool = True) -> None:
-    """Choose AdamW's kernel from the parameters this optimizer holds now: fused for plain tensors,
-    the per-parameter loop for DTensors. Call again after loading a state dict saved under another
-    layout (its param groups carry the saving layout's choice)."""
-    any_dtensor = any(_is_dtensor(p) for g in optimizer.param_groups for p in g["params"])
+    """Choose AdamW's kernel per param group from the parameters it holds now: torch's fused kernel
+    when they are plain tensors or DTensors on one device mesh (DTensor runs the fused op on the local
+    shards: one dispatch per group instead of a dozen per parameter), else the per-parameter loop.
+    Call again after loading a state dict saved under another layout (its param groups carry the
+    saving layout's choice)."""
     for g in optimizer.param_groups:
-        g["fused"] = bool(fused and not any_dtensor) or None
-        g["foreach"] = False if any_dtensor or g["fused"] else None
+        meshes = {id(p.device_mesh) if _is_dtensor(p) else None for p in g["params"]}
+        g["fused"] = bool(fused and len(meshes) <= 1) or None
+        g["foreach"] = None if g["fused"] or meshes == {None} else False
 
 
 # -- learning-rate schedule ------------------------------------------------------------------------

@@ -100,9 +100,10 @@ class TrainStep:
                  " chunked loss" if self.chunked else "")
 
     # ------------------------------------------------------------------ mode, precision, loss
-    def _ctx(self, train: bool) -> contextlib.ExitStack:
+    def _ctx(self, train: bool, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> contextlib.ExitStack:
         """Train or eval mode, autocast (bf16 without FSDP's own mixed precision), loss parallel and
-        the communication counter: the one place they are set."""
+        the communication counter (keyed on the micro-batches' shapes, which set the traffic): the one
+        place they are set."""
         for part in self.model_parts:
             part.train(train)
         stack = contextlib.ExitStack()
@@ -113,7 +114,7 @@ class TrainStep:
             stack.enter_context(loss_parallel())
         if self.dtype != torch.float32 and self.pm.dp_mesh is None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
-        stack.enter_context(self.comm)
+        stack.enter_context(self.comm.scope((train, tuple(tuple(x.shape) for x, _ in micro_batches))))
         return stack
 
     def _loss_sum(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -170,7 +171,7 @@ class TrainStep:
         else:
             loss_sum = 0.0
             root = self.model_parts[0]
-            with self._ctx(train=True):
+            with self._ctx(train=True, micro_batches=micro_batches):
                 for i, (x, y) in enumerate(micro_batches):
                     if isinstance(root, FSDPModule) and len(micro_batches) > 1:
                         root.set_requires_gradient_sync(i == len(micro_batches) - 1)
@@ -189,11 +190,11 @@ class TrainStep:
         micro_batches = [(x.to(self.device), y.to(self.device)) for x, y in micro_batches]
         local_tokens = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
         if self.layout.pp > 1:
-            with self._ctx(train=False):
+            with self._ctx(train=False, micro_batches=micro_batches):
                 loss_sum = self._pipeline_eval(micro_batches)
         else:
             loss_sum = 0.0
-            with self._ctx(train=False):
+            with self._ctx(train=False, micro_batches=micro_batches):
                 for x, y in micro_batches:
                     loss_sum += float(self._scalar(self._forward_loss(self.model_parts[0], x, y)))
         return self._reduce_loss(loss_sum, local_tokens)
@@ -214,7 +215,7 @@ class TrainStep:
         if self.cfg.model.dropout > 0:
             # every stage keys its dropout masks on the rows' tokens (the schedule splits them like x)
             kwargs["row_keys"] = row_keys(x)
-        with self._ctx(train=True):
+        with self._ctx(train=True, micro_batches=micro_batches):
             self._schedules[n].step(*args, **kwargs)
         # the first step's shape inference also calls the loss (on placeholder values): keep the last n
         return float(sum(self._acc[-n:])) if self.pm.is_last_stage else 0.0
