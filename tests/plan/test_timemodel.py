@@ -51,6 +51,21 @@ def test_compute_terms_by_hand():
     assert parts["overhead"] == pytest.approx((2 * 14 * 3 + 6 + 12) * OP)
 
 
+def test_framework_overhead_by_hand():
+    """Per micro-batch: tp_layer_s per block under tp > 1, fsdp_unit_s per FSDP2 unit (a block each and
+    the root) under dp > 1; a profile without them (the GPU ones) adds nothing."""
+    fw = dataclasses.replace(profile(), tp_layer_s=1e-3, fsdp_unit_s=1e-4)
+    plain = stage_parts(profile(), SMALL, True, True)["overhead"]
+    got = stage_parts(fw, SMALL, True, True)["overhead"]
+    assert got - plain == pytest.approx(2 * 1e-3 + 3 * 1e-4)  # 2 blocks; 2 block units + the root
+    alone = dataclasses.replace(SMALL, tp=1, dp=1)
+    assert stage_parts(fw, alone, True, True)["overhead"] == pytest.approx(
+        stage_parts(profile(), alone, True, True)["overhead"])
+    stage = dataclasses.replace(SMALL, pp=2, tp=1)  # one block per stage: 2 units
+    assert (stage_parts(fw, stage, True, False)["overhead"] - stage_parts(profile(), stage, True, False)["overhead"]
+            == pytest.approx(2 * 1e-4))
+
+
 def test_full_recompute_adds_a_forward():
     full = dataclasses.replace(SMALL, recompute="full")
     a, b = stage_parts(profile(), SMALL, True, False), stage_parts(profile(), full, True, False)
@@ -110,7 +125,8 @@ def test_iteration_terms_sum_and_overlap():
         assert t[k] == pytest.approx(2 * parts[k])  # 2 microbatches
     # the second micro-batch adds its weight gradients into the first's: read both, write one, 2 B each
     assert t["elementwise"] == pytest.approx(2 * parts["elementwise"] + 3 * 1000 * 2 / BW)
-    sync = 3 * (LAT + 8 * 1.5 / LINK)  # loss, grad norm, skip flag: 8-byte all-reduces over 4 ranks
+    # loss, grad norm, finite check, skip flag and (dp 2) the token count: 8-byte all-reduces over 4 ranks
+    sync = 5 * (LAT + 8 * 1.5 / LINK)
     assert t["overhead"] == pytest.approx(2 * parts["overhead"] + (16 + 12 * 2 + 4) * OP + sync)  # once per step
     assert t["tp_comm"] == pytest.approx(2 * tp_time(p, SMALL))
     assert t["bubble"] == 0 and t["pp_comm"] == 0

@@ -9,13 +9,19 @@
 * per-op overhead: a training step of a 2-layer, 16-wide GPT (its arithmetic negligible) over the
   number of ops the time model counts for it;
 * collectives: all-reduce, all-gather, reduce-scatter and send/recv between 2 gloo ranks spawned with
-  ``torch.multiprocessing``, at several message sizes; latency and bus bandwidth fitted by least
-  squares to t = latency + bytes x ring factor / busbw (used outside the measured sizes; inside, the
-  measured points are interpolated). Both link kinds get these figures (one host).
+  ``torch.multiprocessing``, at several message sizes, each the mean of back-to-back calls (a step
+  pays every call's latency, and on a shared CPU a wake-up often takes several times the best one);
+  latency and bus bandwidth fitted by least squares to t = latency + bytes x ring factor / busbw (used
+  outside the measured sizes; inside, the measured points are interpolated). Both link kinds get these
+  figures (one host);
+* framework overhead (:func:`measure_framework`, in the first of those ranks on a 1-rank group, so no
+  wait for a peer is in it): the host time FSDP2 adds per sharded unit and DTensor tensor parallelism
+  adds per block, each a forward + backward of a 16-wide GPT with 1 and 3 blocks against the plain one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -125,6 +131,7 @@ def _op(name: str, nbytes: int, rank: int, dist) -> Callable[[], None]:
 
 
 def _collective_worker(rank: int, port: int, sizes: tuple[int, ...], repeats: int, queue) -> None:
+    import statistics
     import warnings
 
     import torch.distributed as dist
@@ -139,27 +146,87 @@ def _collective_worker(rank: int, port: int, sizes: tuple[int, ...], repeats: in
             for nbytes in sizes:
                 fn = _op(name, nbytes, rank, dist)
                 for _ in range(2):
-                    dist.barrier()
                     fn()
+                dist.barrier()
                 times = []
-                for _ in range(repeats):
-                    dist.barrier()
+                for _ in range(repeats):  # back to back, as a step issues them: the mean is what it pays
                     t0 = time.perf_counter()
                     fn()
                     times.append(time.perf_counter() - t0)
-                t = min(times)
+                t = statistics.fmean(times)
                 if name == "send_recv":
                     t /= 2  # a round trip is two messages
                 rows.append({"op": name, "bytes": nbytes, "ranks": 2, "seconds": t})
+        solo = dist.new_group([0])
         if rank == 0:
-            queue.put(rows)
+            queue.put((rows, measure_framework(solo)))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def measure_collectives(sizes: Iterable[int] = MESSAGE_BYTES, repeats: int = 8) -> list[dict]:
-    """Seconds of each collective between 2 gloo ranks (spawned processes) at each message size."""
+def _tiny_gpt(layers: int):
+    from mtnlg.config import ModelConfig
+    from mtnlg.model import build_model
+
+    return build_model(ModelConfig(vocab_size=64, hidden_size=16, num_layers=layers, num_heads=2, ffn_hidden_size=64,
+                                   max_seq_len=8, make_vocab_size_divisible_by=1))
+
+
+def measure_framework(group, repeats: int = 30) -> dict[str, float]:
+    """Host seconds that FSDP2 adds per unit (``fully_shard`` of a block or the root) and DTensor tensor
+    parallelism (sequence parallel) adds per block, per micro-batch forward + backward, on ``group`` (one
+    rank: the hooks, copies and dispatch without a peer to wait for; the collectives are priced apart).
+    Each is the slope over 1 and 3 blocks of a 16-wide GPT's step time against the plain model's."""
+    import statistics
+
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from mtnlg.model import materialize
+    from mtnlg.parallel.data import apply_fsdp, local
+    from mtnlg.parallel.tensor import apply_tensor_parallel
+    from mtnlg.train.loss import cross_entropy_sum
+
+    mesh = DeviceMesh.from_group(group, "cpu", mesh_dim_names=("x",))
+    tokens = torch.randint(0, 64, (1, 9))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def seconds(layers: int, kind: str) -> float:
+        model = _tiny_gpt(layers)
+        if kind == "tp":
+            apply_tensor_parallel(model, mesh, sequence_parallel=True)
+        materialize(model, "cpu", init=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                local(p).normal_(0.0, 0.02)
+        if kind == "fsdp":
+            apply_fsdp(model, mesh)
+        ctx = loss_parallel if kind == "tp" and model.cfg.parallel_output else contextlib.nullcontext
+
+        def step():
+            with ctx():
+                cross_entropy_sum(model(x), y).backward()
+            for p in model.parameters():
+                p.grad = None
+
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    extra = {kind: [seconds(n, kind) - seconds(n, "plain") for n in (1, 3)] for kind in ("fsdp", "tp")}
+    return {"fsdp_unit_s": max(0.0, (extra["fsdp"][1] - extra["fsdp"][0]) / 2),
+            "tp_layer_s": max(0.0, (extra["tp"][1] - extra["tp"][0]) / 2)}
+
+
+def measure_collectives(sizes: Iterable[int] = MESSAGE_BYTES, repeats: int = 30) -> tuple[list[dict], dict[str, float]]:
+    """Seconds of each collective between 2 gloo ranks (spawned processes) at each message size, and the
+    framework overheads of :func:`measure_framework` (measured in the first rank)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -211,8 +278,8 @@ def calibrate(gemm_shapes: Iterable[tuple[int, int, int]] = (), attention_shapes
         overhead = measure_op_overhead()
     finally:
         torch.set_num_threads(previous)
-    say("collectives: 2 gloo ranks")
-    rows = measure_collectives()
+    say("collectives: 2 gloo ranks; FSDP2 and tensor-parallel overhead")
+    rows, framework = measure_collectives()
     link = {op: fit_link(rows, op) for op in COLLECTIVES}
     link = {op: LinkOp(lo.latency_s, lo.busbw, tuple(sorted((r["bytes"] * ring_factor(op, r["ranks"]), r["seconds"])
                                                           for r in rows if r["op"] == op)))
@@ -224,12 +291,15 @@ def calibrate(gemm_shapes: Iterable[tuple[int, int, int]] = (), attention_shapes
                "attention": f"scaled_dot_product_attention causal forward + backward; {where}",
                "elementwise": f"fp32 add of 4M elements (2 reads + 1 write); {where}",
                "op_overhead": f"a training step of a 2-layer 16-wide GPT over the ops the time model counts; {where}",
-               "links": f"gloo, 2 ranks on this host, least-squares fit of {len(MESSAGE_BYTES)} sizes per op; "
+               "links": f"gloo, 2 ranks on this host, mean of 30 back-to-back calls at {len(MESSAGE_BYTES)} sizes per op, least-squares fit; "
                         f"intra and inter are the same host link; {where}",
+               "framework": f"forward + backward of a 16-wide GPT with 1 and 3 blocks, fully_shard / tensor "
+                            f"parallel (SP) on a 1-rank gloo group against the plain model, median of 30; {where}",
                "overlap": "0: gloo runs on the same CPU cores as the computation it would overlap with (assumed)",
                "concurrency": f"{cores} cores / {threads} thread(s) per rank"}
     return Profile(name=name or f"cpu-{cores}core-{threads}thread", peak_flops=max(r for *_, r in gemm), gemm=gemm,
-                   elementwise_bw=bw, op_overhead_s=overhead, links={"intra": link, "inter": dict(link)},
+                   elementwise_bw=bw, op_overhead_s=overhead, fsdp_unit_s=framework["fsdp_unit_s"],
+                   tp_layer_s=framework["tp_layer_s"], links={"intra": link, "inter": dict(link)},
                    attention_kind="fused", attention=att, overlap=0.0,
                    concurrency=max(1, cores // threads), source=where, sources=sources,
                    link_points={"intra": rows, "inter": rows})

@@ -24,8 +24,12 @@ d = h/a, t tensor-parallel size, T = b·s tokens, r = 1/t with sequence parallel
 * **overhead**: launch/dispatch cost per op (profile ``op_overhead``) x ops: 14 per layer forward (the
   ops of :class:`mtnlg.model.transformer.Block`), 28 backward, 14 per recomputed forward, 6 for the
   embedding and 12 for the logits and loss per micro-batch; per step 16 optimizer and clipping
-  kernels plus one per parameter tensor (12 per layer + 4); with several ranks, 3 tiny all-reduces
-  over the world per step (loss, gradient norm, skip flag).
+  kernels plus one per parameter tensor (12 per layer + 4); with several ranks, 4 tiny all-reduces
+  over the world per step (loss, gradient norm, finite check, skip/stop flags), 5 with dp > 1 (the
+  token count for the gradient scale). The profile's framework terms add, per micro-batch, the host time
+  of DTensor tensor parallelism per block (tp > 1) and of FSDP2's hooks per unit (dp > 1: mtnlg runs
+  every data-parallel layout, replicated or sharded, through ``fully_shard``; a unit per block and one
+  for the rest).
 * **optimizer**: Adam's bytes per parameter the GPU updates (mixed precision: reads fp32 master,
   m, v, fp32 grad, writes master, m, v, bf16 copy = 30 B; fp32: 28 B) + the gradient-norm read.
 * **tp_comm**: per layer and micro-batch 2 collectives forward, 2 backward (+2 under full
@@ -125,6 +129,9 @@ def stage_parts(p: Profile, sh: Shape, first: bool, last: bool) -> dict[str, flo
     if sh.recompute == "selective":
         ew_bytes += softmax * sh.dtype_bytes
     ops = L * OPS_PER_LAYER_FWD * (3 + (1 if full else 0))
+    host = L * p.tp_layer_s if t > 1 else 0.0
+    if sh.dp > 1:
+        host += (L + 1) * p.fsdp_unit_s
     gemm = L * layer_gemm
     elementwise = L * ew_bytes / p.elementwise_bw
     if first:
@@ -135,7 +142,8 @@ def stage_parts(p: Profile, sh: Shape, first: bool, last: bool) -> dict[str, flo
         gemm += _linear(p, T, V // t, h, (1, 1, 1), eb)
         elementwise += 5 * T * V / t * 4 / p.elementwise_bw
         ops += 12
-    return {"gemm": gemm, "attention": L * layer_att, "elementwise": elementwise, "overhead": ops * p.op_overhead_s}
+    return {"gemm": gemm, "attention": L * layer_att, "elementwise": elementwise,
+            "overhead": ops * p.op_overhead_s + host}
 
 
 def tp_time(p: Profile, sh: Shape) -> float:
@@ -156,10 +164,11 @@ def tp_time(p: Profile, sh: Shape) -> float:
 
 
 def step_sync_time(p: Profile, sh: Shape) -> float:
-    """Once per step, 3 tiny all-reduces over the world: the loss, the gradient norm, the skip flag."""
+    """Once per step, tiny all-reduces over the world: the loss, the gradient norm, the finite check and
+    the skip/stop flags (:mod:`mtnlg.train.step`, :mod:`mtnlg.train.loop`), and with dp > 1 the token count."""
     if sh.world == 1:
         return 0.0
-    return 3 * p.collective_time("all_reduce", 8, sh.world, sh.world, sh.gpus_per_node)
+    return (4 + (sh.dp > 1)) * p.collective_time("all_reduce", 8, sh.world, sh.world, sh.gpus_per_node)
 
 
 def pp_time(p: Profile, sh: Shape) -> float:
