@@ -72,7 +72,8 @@ def write_config(size: str, steps: int, where: Path) -> Path:
            "data": {"corpus": "poems"},
            "train": {"steps": steps, "seq_len": m.seq_len, "global_batch_size": GLOBAL_BATCH,
                      "micro_batch_size": MICRO_BATCH, "eval_interval": 10_000, "eval_batches": 1, "warmup_steps": 1},
-           "checkpoint": {"interval": 0}, "log": {"interval": 1, "tensorboard": False}}
+           "checkpoint": {"interval": 0}, "log": {"interval": 1, "tensorboard": False},
+           "sft": {"enabled": False}}  # the step times are pre-training's; the chat stage would only add minutes
     path = where / f"{size}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -2,8 +2,9 @@
 
 * matmuls: ``torch.mm`` at the shapes the layouts produce (forward, input-gradient and weight-gradient
   shapes of QKV, proj, fc1, fc2 and the logit layer, from :func:`mtnlg.plan.timemodel.lookup_shapes`)
-  plus a sweep of cubes for everything else; best of several runs (the CPU is shared: the best run is
-  the least disturbed one);
+  plus a sweep of cubes for everything else; each call on operands out of cache, the median of several
+  (what a step pays: its matmuls ran 20-30% below the best isolated call here); every other timing
+  below is a median as well;
 * fused attention: ``scaled_dot_product_attention`` forward + backward (causal) at (s, head_dim);
 * element-wise bandwidth: an out-of-cache ``add`` (2 reads + 1 write);
 * per-op overhead: a training step of a 2-layer, 16-wide GPT (its arithmetic negligible) over the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import statistics
 import time
 from collections.abc import Callable, Iterable
 
@@ -36,23 +38,37 @@ ATTENTION = ((8, 128, 64), (8, 256, 64))  # (batch x heads, s, head_dim)
 MESSAGE_BYTES = (4 * 2**10, 32 * 2**10, 256 * 2**10, 2**20, 8 * 2**20)
 
 
-def _best(fn: Callable[[], object], repeats: int, budget_s: float = 0.5) -> float:
+def _typical(fn: Callable[[], object], repeats: int, budget_s: float = 0.5) -> float:
+    """Median seconds of ``fn`` over up to ``repeats`` calls (at least 5) within about ``budget_s``: what a
+    step pays per call. The best call is the rare undisturbed one; on a shared CPU a training step runs at
+    the typical speed (matmuls inside a step measured 20-30% below their best isolated call here)."""
     fn()  # warm-up
-    best, t_end = float("inf"), time.perf_counter() + budget_s
+    times, t_end = [], time.perf_counter() + budget_s
     for i in range(repeats):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-        if i >= 2 and time.perf_counter() > t_end:
+        times.append(time.perf_counter() - t0)
+        if i >= 4 and time.perf_counter() > t_end:
             break
-    return best
+    return statistics.median(times)
 
 
-def measure_gemm(m: int, n: int, k: int, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
-    """Achieved FLOP/s of ``[m, k] @ [k, n]``."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    out = torch.empty(m, n, dtype=dtype)
-    return 2.0 * m * n * k / _best(lambda: torch.mm(a, b, out=out), repeats)
+COLD_BYTES = 8 << 20  # operands cycled per matmul shape: more than this CPU's L2, as a step's other work evicts them
+
+
+def measure_gemm(m: int, n: int, k: int, repeats: int = 20, dtype: torch.dtype = torch.float32) -> float:
+    """Achieved FLOP/s of ``[m, k] @ [k, n]``, each call on the next of several operand sets (together
+    ``COLD_BYTES``) so that, as in a training step, its operands do not sit in cache from the last call."""
+    size = (m * k + k * n + m * n) * torch.tensor([], dtype=dtype).element_size()
+    sets = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype), torch.empty(m, n, dtype=dtype))
+            for _ in range(max(1, min(16, COLD_BYTES // max(size, 1))))]
+    turn = iter(range(1 << 62))
+
+    def call():
+        a, b, out = sets[next(turn) % len(sets)]
+        torch.mm(a, b, out=out)
+
+    return 2.0 * m * n * k / _typical(call, max(repeats, 2 * len(sets)))
 
 
 def measure_attention(batch_heads: int, s: int, d: int, repeats: int = 5) -> float:
@@ -64,13 +80,13 @@ def measure_attention(batch_heads: int, s: int, d: int, repeats: int = 5) -> flo
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         y.backward(g)
 
-    return 3 * 4.0 * batch_heads * s * s * d / _best(step, repeats)
+    return 3 * 4.0 * batch_heads * s * s * d / _typical(step, repeats)
 
 
 def measure_elementwise(numel: int = 1 << 22, repeats: int = 10) -> float:
     """Bytes/s of an out-of-cache element-wise op (``a + b -> c``: 2 reads, 1 write, fp32)."""
     a, b, c = torch.randn(numel), torch.randn(numel), torch.empty(numel)
-    return 3 * 4 * numel / _best(lambda: torch.add(a, b, out=c), repeats)
+    return 3 * 4 * numel / _typical(lambda: torch.add(a, b, out=c), repeats)
 
 
 def measure_op_overhead(repeats: int = 20) -> float:
@@ -96,7 +112,7 @@ def measure_op_overhead(repeats: int = 20) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds = _best(step, repeats)
+    seconds = _typical(step, repeats)
     sh = Shape(layers=2, hidden=16, ffn=64, heads=2, vocab=64, seq=8, micro_batch=1, microbatches=1)
     unit = _P("ops", 1.0, [(1, 1, 1, 1.0)], 1.0, 1.0, {})  # op overhead 1 s: stage_parts' overhead = op count
     ops = stage_parts(unit, sh, True, True)["overhead"] + step_ops(sh)
@@ -131,7 +147,6 @@ def _op(name: str, nbytes: int, rank: int, dist) -> Callable[[], None]:
 
 
 def _collective_worker(rank: int, port: int, sizes: tuple[int, ...], repeats: int, queue) -> None:
-    import statistics
     import warnings
 
     import torch.distributed as dist
@@ -178,7 +193,6 @@ def measure_framework(group, repeats: int = 30) -> dict[str, float]:
     parallelism (sequence parallel) adds per block, per micro-batch forward + backward, on ``group`` (one
     rank: the hooks, copies and dispatch without a peer to wait for; the collectives are priced apart).
     Each is the slope over 1 and 3 blocks of a 16-wide GPT's step time against the plain model's."""
-    import statistics
 
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor.parallel import loss_parallel
@@ -287,7 +301,7 @@ def calibrate(gemm_shapes: Iterable[tuple[int, int, int]] = (), attention_shapes
     cores = os.cpu_count() or 1
     where = f"measured by `mtnlg plan --calibrate` on this host ({cores} cores, {threads} thread(s) per rank, " \
             f"torch {torch.__version__}) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-    sources = {"gemm": f"torch.mm fp32, best of up to 10 runs; {where}",
+    sources = {"gemm": f"torch.mm fp32, operands cycled out of cache, median of up to 20 calls; {where}",
                "attention": f"scaled_dot_product_attention causal forward + backward; {where}",
                "elementwise": f"fp32 add of 4M elements (2 reads + 1 write); {where}",
                "op_overhead": f"a training step of a 2-layer 16-wide GPT over the ops the time model counts; {where}",

@@ -50,7 +50,9 @@ d = h/a, t tensor-parallel size, T = b·s tokens, r = 1/t with sequence parallel
   nodes each of the group's devices on a node brings its own network link (tp fastest in rank order:
   min(dp, devices per node / tp) of them), so a tp=1 group crosses nodes 8x as fast as a tp=8 one.
 
-Compute terms are scaled by max(1, devices per host / profile concurrency): CPU ranks sharing cores.
+Every term is scaled by max(1, devices per host / profile concurrency): CPU ranks sharing cores run
+their kernels, their host code and their gloo communication (copies, and waiting for a peer that is
+itself waiting for a core) at that share of a core.
 The slowest stage (the first or the last) sets the pace of the pipeline.
 """
 
@@ -234,11 +236,11 @@ def iteration_terms(p: Profile, sh: Shape) -> dict[str, float]:
     m = sh.microbatches
     terms = {k: m * v * slow for k, v in per_mb.items()}
     terms["elementwise"] += (m - 1) * accumulate_time(p, sh) * slow
-    terms["tp_comm"] = m * tp_time(p, sh)
-    terms["pp_comm"] = m * pp_time(p, sh)
+    terms["tp_comm"] = m * tp_time(p, sh) * slow
+    terms["pp_comm"] = m * pp_time(p, sh) * slow
     f = sh.bubble_fraction
     busy = sum(terms.values())
-    full_speed = busy - (slow - 1) / slow * sum(terms[k] for k in per_mb)  # the same work, cores unshared
+    full_speed = busy / slow  # the same work, cores unshared
     terms["bubble"] = max(0.0, full_speed / (1 - f) - busy) if f < 1 else float("inf")
     total, _ = dp_times(p, sh)
     if sh.zero >= 3:
@@ -246,9 +248,9 @@ def iteration_terms(p: Profile, sh: Shape) -> dict[str, float]:
     else:
         backward = (per_mb["gemm"] + per_mb["attention"]) * slow
         window = backward * 2 / (4 if sh.recompute == "full" else 3)  # the last micro-batch's backward
-    terms["dp_comm"] = total - p.overlap * min(total, window)
+    terms["dp_comm"] = (total - p.overlap * min(total, window)) * slow
     terms["optimizer"] = optimizer_time(p, sh) * slow
-    terms["overhead"] += step_ops(sh) * p.op_overhead_s * slow + step_sync_time(p, sh)
+    terms["overhead"] += (step_ops(sh) * p.op_overhead_s + step_sync_time(p, sh)) * slow
     return {k: terms[k] for k in TERMS}
 
 
