@@ -52,6 +52,7 @@ def test_calibrate_measures_the_layout_shapes(calibrated):
     assert {(s, s, d) for _, s, d in atts} <= {(m, n, k) for m, n, k, _ in prof.attention}
     assert prof.elementwise_bw > 0 and prof.op_overhead_s > 0 and prof.concurrency == max(1, os.cpu_count())
     assert prof.fsdp_unit_s > 0 and prof.tp_layer_s > 0  # hooks and DTensor dispatch cost host time on a CPU
+    assert 0 < prof.shared_speed <= 1
     assert "1-rank gloo group" in prof.sources["framework"]
     for op in COLLECTIVES:
         assert len(prof.links["intra"][op].points) >= 4 and prof.links["intra"][op].busbw > 0

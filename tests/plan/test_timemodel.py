@@ -66,6 +66,27 @@ def test_framework_overhead_by_hand():
             == pytest.approx(2 * 1e-4))
 
 
+def test_shared_speed_slows_kernels_when_several_devices_run():
+    """A host whose devices slow each other (CPU cores sharing caches and memory) runs the kernels of a
+    multi-device layout at ``shared_speed``; host overhead and links are unchanged, one device is not slowed."""
+    slowed = dataclasses.replace(profile(), shared_speed=0.8)
+    a, b = iteration_terms(profile(), SMALL), iteration_terms(slowed, SMALL)
+    for term in ("gemm", "attention", "elementwise", "optimizer"):
+        assert b[term] == pytest.approx(a[term] / 0.8), term
+    for term in ("overhead", "tp_comm"):
+        assert b[term] == pytest.approx(a[term]), term
+    alone = dataclasses.replace(SMALL, tp=1, dp=1)
+    assert iteration_terms(slowed, alone) == pytest.approx(iteration_terms(profile(), alone))
+    # in the bubble one rank works alone, at full speed: the pipeline's own length uses unshared kernels
+    piped = dataclasses.replace(SMALL, pp=2, microbatches=4, bubble_fraction=0.2)
+    t = iteration_terms(slowed, piped)
+    kern = t["gemm"] + t["attention"] + t["elementwise"]
+    busy = kern + t["overhead"] + t["tp_comm"] + t["pp_comm"]
+    busy -= step_ops(piped) * OP + step_sync_time(profile(), piped)  # once per step, after the pipeline drains
+    assert t["bubble"] == pytest.approx(max(0.0, (busy - kern * 0.2) / 0.8 - busy))
+    assert t["bubble"] < iteration_terms(profile(), piped)["bubble"]
+
+
 def test_full_recompute_adds_a_forward():
     full = dataclasses.replace(SMALL, recompute="full")
     a, b = stage_parts(profile(), SMALL, True, False), stage_parts(profile(), full, True, False)

@@ -15,6 +15,8 @@
   latency and bus bandwidth fitted by least squares to t = latency + bytes x ring factor / busbw (used
   outside the measured sizes; inside, the measured points are interpolated). Both link kinds get these
   figures (one host);
+* shared speed (:func:`measure_shared_speed`): the slower of those 2 ranks' matmul speed while both
+  multiply, against one alone;
 * framework overhead (:func:`measure_framework`, in the first of those ranks on a 1-rank group, so no
   wait for a peer is in it): the host time FSDP2 adds per sharded unit and DTensor tensor parallelism
   adds per block, each a forward + backward of a 16-wide GPT with 1 and 3 blocks against the plain one.
@@ -172,12 +174,42 @@ def _collective_worker(rank: int, port: int, sizes: tuple[int, ...], repeats: in
                 if name == "send_recv":
                     t /= 2  # a round trip is two messages
                 rows.append({"op": name, "bytes": nbytes, "ranks": 2, "seconds": t})
+        shared = measure_shared_speed(rank, dist)
         solo = dist.new_group([0])
         if rank == 0:
-            queue.put((rows, measure_framework(solo)))
+            queue.put((rows, measure_framework(solo) | {"shared_speed": shared}))
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _matmul_loop(seconds: float) -> float:
+    """Median seconds of a 512-cubed matmul, on cycled operands, over about ``seconds``."""
+    sets = [(torch.randn(512, 512), torch.randn(512, 512), torch.empty(512, 512)) for _ in range(8)]
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 5:
+        a, b, out = sets[len(times) % len(sets)]
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_shared_speed(rank: int, dist, seconds: float = 1.0) -> float:
+    """Speed of the slower of 2 ranks multiplying at once, as a fraction of rank 0 multiplying alone (rank
+    1 sleeping): cores that share caches, memory bandwidth and power (or a core's hyper-thread sibling)
+    slow each other down, and a synchronous step waits for the slowest rank."""
+    dist.barrier()
+    if rank == 0:
+        alone = _matmul_loop(seconds)
+    else:
+        alone = 0.0
+        time.sleep(seconds * 1.2)
+    dist.barrier()
+    together = _matmul_loop(seconds)
+    got: list = [None, None]
+    dist.all_gather_object(got, (alone, together))
+    return min(1.0, got[0][0] / max(t for _, t in got))
 
 
 def _tiny_gpt(layers: int):
@@ -310,10 +342,12 @@ def calibrate(gemm_shapes: Iterable[tuple[int, int, int]] = (), attention_shapes
                "framework": f"forward + backward of a 16-wide GPT with 1 and 3 blocks, fully_shard / tensor "
                             f"parallel (SP) on a 1-rank gloo group against the plain model, median of 30; {where}",
                "overlap": "0: gloo runs on the same CPU cores as the computation it would overlap with (assumed)",
-               "concurrency": f"{cores} cores / {threads} thread(s) per rank"}
+               "concurrency": f"{cores} cores / {threads} thread(s) per rank; shared_speed: a 512-cubed matmul's "
+                              f"median in the slower of 2 ranks running at once over 1 s, against one running "
+                              f"alone; {where}"}
     return Profile(name=name or f"cpu-{cores}core-{threads}thread", peak_flops=max(r for *_, r in gemm), gemm=gemm,
                    elementwise_bw=bw, op_overhead_s=overhead, fsdp_unit_s=framework["fsdp_unit_s"],
                    tp_layer_s=framework["tp_layer_s"], links={"intra": link, "inter": dict(link)},
                    attention_kind="fused", attention=att, overlap=0.0,
-                   concurrency=max(1, cores // threads), source=where, sources=sources,
+                   concurrency=max(1, cores // threads), shared_speed=framework["shared_speed"], source=where, sources=sources,
                    link_points={"intra": rows, "inter": rows})

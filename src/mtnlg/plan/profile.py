@@ -13,7 +13,7 @@ A profile is a small JSON file (format ``mtnlg-plan-profile/1``)::
                          "reduce_scatter": {...}, "send_recv": {...}, "points": [...]},
                "inter": {...}, "source": "..."},
      "overlap": {"fraction": 1.0, "source": "..."},
-     "concurrency": {"devices": 8, "source": "..."}}
+     "concurrency": {"devices": 8, "shared_speed": 1.0, "source": "..."}}
 
 * ``gemm``: achieved FLOP/s of ``[m, k] x [k, n]`` matmuls. A shape in the table is used as measured;
   any other is interpolated linearly in log(FLOPs) between the table's points (clamped at the ends).
@@ -30,7 +30,9 @@ A profile is a small JSON file (format ``mtnlg-plan-profile/1``)::
   (the shipped GPU profiles leave it out).
 * ``overlap``: the share of the data-parallel reduction that can hide behind backward compute (1 on
   GPUs, where NCCL runs on its own streams; ~0 on a CPU, where gloo competes for the same cores).
-* ``concurrency``: how many devices of one host run at full speed at once (CPU: cores / threads per rank).
+* ``concurrency``: how many devices of one host run at once (CPU: cores / threads per rank), and
+  ``shared_speed`` (optional, 1 when absent): the compute speed of the slowest of them while all run,
+  as a fraction of one running alone (CPU cores share caches, memory and power; GPUs do not).
 
 Every section carries a ``source`` string saying where its numbers come from.
 """
@@ -100,6 +102,7 @@ class Profile:
     attention: list[tuple[int, int, int, float]] = field(default_factory=list)
     overlap: float = 1.0
     concurrency: int = 8
+    shared_speed: float = 1.0  # compute speed of the slowest device while all of a host's run, vs alone
     source: str = ""
     sources: dict[str, str] = field(default_factory=dict)
     link_points: dict[str, list[dict]] = field(default_factory=dict)
@@ -168,7 +171,8 @@ class Profile:
                               "source": src.get("framework", "")},
                 "links": links,
                 "overlap": {"fraction": self.overlap, "source": src.get("overlap", "")},
-                "concurrency": {"devices": self.concurrency, "source": src.get("concurrency", "")}}
+                "concurrency": {"devices": self.concurrency, "shared_speed": self.shared_speed,
+                                "source": src.get("concurrency", "")}}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -286,7 +290,15 @@ def profile_from_dict(d) -> Profile:
         op_overhead_s=_num("op_overhead.seconds", _section(d, "op_overhead").get("seconds"), positive=False),
         fsdp_unit_s=fw["fsdp_unit_s"], tp_layer_s=fw["tp_layer_s"], links=links, attention_kind=kind, attention=att_points, overlap=overlap,
         concurrency=int(_num("concurrency.devices", _section(d, "concurrency").get("devices"))),
+        shared_speed=_shared_speed(_section(d, "concurrency").get("shared_speed", 1.0)),
         source=str(d.get("source", "")), sources=sources, link_points=link_points)
+
+
+def _shared_speed(value) -> float:
+    v = _num("concurrency.shared_speed", value)
+    if v > 1:
+        raise ConfigError(f"profile concurrency.shared_speed must be in (0, 1], got {v}")
+    return v
 
 
 def load_profile(path: str | Path) -> Profile:

@@ -39,8 +39,9 @@ d = h/a, t tensor-parallel size, T = b·s tokens, r = 1/t with sequence parallel
 * **pp_comm**: per micro-batch and model chunk one forward and one backward send of T·h/t elements;
   without SP the receiver all-gathers the T·h activation over tp (Megatron's scatter/gather).
 * **bubble**: f/(1-f) x (everything above but the optimizer), f the schedule's bubble fraction. Where
-  ranks share cores (CPU), a rank waiting in the bubble frees its core for the others: the iteration
-  takes the longer of the shared-core work and the pipeline's own length at full speed.
+  ranks share cores (CPU), a rank waiting in the bubble frees its core (and the caches and memory
+  bandwidth the profile's ``shared_speed`` prices) for the others: the iteration takes the longer of the
+  shared-core work and the pipeline's own length at full speed.
 * **dp_comm**: the gradient reduction over dp (ZeRO-0 all-reduce; ZeRO-1/2 reduce-scatter +
   all-gather of the weights; ZeRO-3 an all-gather forward and backward per micro-batch and one
   reduce-scatter: mtnlg's FSDP2 holds unsharded gradients until the last micro-batch), less the part
@@ -53,6 +54,8 @@ d = h/a, t tensor-parallel size, T = b·s tokens, r = 1/t with sequence parallel
 Every term is scaled by max(1, devices per host / profile concurrency): CPU ranks sharing cores run
 their kernels, their host code and their gloo communication (copies, and waiting for a peer that is
 itself waiting for a core) at that share of a core.
+With more than one device of a host at work, the kernels (matmuls, attention, element-wise, optimizer)
+run at the profile's ``shared_speed``: CPU cores share caches, memory bandwidth and power.
 The slowest stage (the first or the last) sets the pace of the pipeline.
 """
 
@@ -234,22 +237,24 @@ def iteration_terms(p: Profile, sh: Shape) -> dict[str, float]:
         a, z = stage_parts(p, sh, True, False), stage_parts(p, sh, False, True)
         per_mb = a if sum(a.values()) >= sum(z.values()) else z
     m = sh.microbatches
-    terms = {k: m * v * slow for k, v in per_mb.items()}
-    terms["elementwise"] += (m - 1) * accumulate_time(p, sh) * slow
+    kernels = slow / (p.shared_speed if min(sh.world, sh.gpus_per_node) > 1 else 1.0)
+    terms = {k: m * v * (slow if k == "overhead" else kernels) for k, v in per_mb.items()}
+    terms["elementwise"] += (m - 1) * accumulate_time(p, sh) * kernels
     terms["tp_comm"] = m * tp_time(p, sh) * slow
     terms["pp_comm"] = m * pp_time(p, sh) * slow
     f = sh.bubble_fraction
     busy = sum(terms.values())
-    full_speed = busy / slow  # the same work, cores unshared
+    kernel_s = sum(terms[k] for k in ("gemm", "attention", "elementwise"))
+    full_speed = (busy - kernel_s * (1 - slow / kernels)) / slow  # the same work, cores and caches unshared
     terms["bubble"] = max(0.0, full_speed / (1 - f) - busy) if f < 1 else float("inf")
     total, _ = dp_times(p, sh)
     if sh.zero >= 3:
         window = busy
     else:
-        backward = (per_mb["gemm"] + per_mb["attention"]) * slow
+        backward = (per_mb["gemm"] + per_mb["attention"]) * kernels
         window = backward * 2 / (4 if sh.recompute == "full" else 3)  # the last micro-batch's backward
     terms["dp_comm"] = (total - p.overlap * min(total, window)) * slow
-    terms["optimizer"] = optimizer_time(p, sh) * slow
+    terms["optimizer"] = optimizer_time(p, sh) * kernels
     terms["overhead"] += (step_ops(sh) * p.op_overhead_s + step_sync_time(p, sh)) * slow
     return {k: terms[k] for k in TERMS}
 
