@@ -146,7 +146,7 @@ def comm_volumes() -> dict[str, object]:
     out["dp_4mb"] = eng.comm_bytes()
     eng.train_step(micro_batches(0, eng.dp_rank, eng.dp_size, micro=4))  # 1 microbatch
     out["dp_1mb"] = eng.comm_bytes()
-    out["dp_1mb_later"] = []  # counted again, then replayed from the count without the dispatch mode
+    out["dp_1mb_later"] = []  # replayed from the first count, without the dispatch mode
     for _ in range(3):
         eng.train_step(micro_batches(0, eng.dp_rank, eng.dp_size, micro=4))
         out["dp_1mb_later"].append(eng.comm_bytes())

@@ -145,7 +145,7 @@ def test_fsdp_6b_per_rank_parameter_bytes_on_meta():
 
 
 def test_comm_counter_scope_counts_twice_then_replays():
-    """A keyed block runs under the dispatch mode the first two times, then adds the second count
+    """A keyed block runs under the dispatch mode the first ``times`` times, then adds the last count
     without it (the per-op Python dispatch costs more than a small model's kernels)."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -162,10 +162,13 @@ def test_comm_counter_scope_counts_twice_then_replays():
             pass
 
     for nbytes in (7, 5, 999, 999):
-        with c.scope(("train", (2, 64))):
+        with c.scope(("train", (2, 64)), times=2):
             block(nbytes if seen_mode.count(True) < 2 else 0)
     assert seen_mode == [True, True, False, False]
     assert c.take() == {"dp": 7 + 5 + 5 + 5}
-    with c.scope(("train", (1, 64))):  # another shape is counted afresh
+    with c.scope(("train", (1, 64))):  # another shape is counted afresh, once by default
         block(3)
     assert seen_mode[-1] is True and c.take() == {"dp": 3}
+    with c.scope(("train", (1, 64))):
+        block(0)
+    assert seen_mode[-1] is False and c.take() == {"dp": 3}

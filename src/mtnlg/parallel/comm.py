@@ -12,9 +12,9 @@ transfer counts once, on the sender). Per rank, per call of :meth:`CommCounter.t
 
 The mode sees every op, not only the collectives, and costs tens of microseconds of Python per op:
 more than a small model's kernels. :meth:`CommCounter.scope` therefore counts a forward/backward
-whose traffic is set by a key (its micro-batch shapes) only the first two times that key is seen (the
-first step of a pipeline schedule also sends its shape-inference messages) and adds the second count
-on later runs with the same key, without the mode.
+whose traffic is set by a key (its micro-batch shapes) only the first ``times`` times that key is seen
+(2 for a pipeline schedule, whose first step also sends its shape-inference messages) and adds the
+last count on later runs with the same key, without the mode.
 """
 
 from __future__ import annotations
@@ -121,14 +121,14 @@ class CommCounter(TorchDispatchMode):
         return False
 
     @contextlib.contextmanager
-    def scope(self, key: Hashable) -> Iterator[None]:
+    def scope(self, key: Hashable, times: int = 1) -> Iterator[None]:
         """Count the collectives of a block whose traffic depends only on ``key``: with the mode the
-        first two times, then by adding the last count (see the module doc)."""
+        first ``times`` times, then by adding the last count (see the module doc)."""
         if not self.enabled:
             yield
             return
-        times, known = self._seen.get(key, (0, {}))
-        if times >= 2:
+        counted, known = self._seen.get(key, (0, {}))
+        if counted >= times:
             self._depth += 1  # nested ``with counter:`` blocks stay inactive: their bytes are in ``known``
             try:
                 yield
@@ -140,8 +140,8 @@ class CommCounter(TorchDispatchMode):
         before = dict(self.bytes)
         with self:
             yield
-        self._seen[key] = (times + 1, {dim: n - before.get(dim, 0) for dim, n in self.bytes.items()
-                                       if n != before.get(dim, 0)})
+        self._seen[key] = (counted + 1, {dim: n - before.get(dim, 0) for dim, n in self.bytes.items()
+                                         if n != before.get(dim, 0)})
 
     def _charge(self, group, nbytes: int) -> None:
         name = _group_name(group)

@@ -114,7 +114,9 @@ class TrainStep:
             stack.enter_context(loss_parallel())
         if self.dtype != torch.float32 and self.pm.dp_mesh is None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
-        stack.enter_context(self.comm.scope((train, tuple(tuple(x.shape) for x, _ in micro_batches))))
+        key = (train, tuple(tuple(x.shape) for x, _ in micro_batches))
+        # a pipeline's first step also sends the schedule's shape-inference messages: count its second
+        stack.enter_context(self.comm.scope(key, times=2 if self.layout.pp > 1 else 1))
         return stack
 
     def _loss_sum(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
