@@ -20,7 +20,8 @@ def small() -> Profile:
     return Profile("small", 2e12, [(64, 64, 64, 1e12), (128, 128, 128, 2e12), (64, 64, 128, 1.5e12)], 1e11, 1e-6,
                    {"intra": link, "inter": dict(link)}, attention_kind="fused", attention=[(64, 64, 16, 5e11)],
                    overlap=0.25, concurrency=2, source="unit test", sources={"gemm": "made up"},
-                   link_points={"intra": rows}, fsdp_unit_s=4e-4, tp_layer_s=2e-3, shared_speed=0.75)
+                   link_points={"intra": rows}, fsdp_unit_s=4e-4, tp_layer_s=2e-3, shared_speed=0.75,
+                   collective_wait_s=3e-4)
 
 
 def test_gemm_lookup_exact_interpolated_and_clamped():
@@ -61,7 +62,7 @@ def test_json_round_trip(tmp_path):
     q = load_profile(path)
     assert q.as_dict() == p.as_dict()
     assert q.gemm == p.gemm and q.attention == p.attention and q.overlap == 0.25 and q.concurrency == 2
-    assert (q.fsdp_unit_s, q.tp_layer_s, q.shared_speed) == (4e-4, 2e-3, 0.75)
+    assert (q.fsdp_unit_s, q.tp_layer_s, q.shared_speed, q.collective_wait_s) == (4e-4, 2e-3, 0.75, 3e-4)
     assert q.sources["gemm"] == "made up"
 
 

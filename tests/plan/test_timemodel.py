@@ -66,6 +66,16 @@ def test_framework_overhead_by_hand():
             == pytest.approx(2 * 1e-4))
 
 
+def test_collective_wait_per_tp_call_by_hand():
+    """Each synchronising TP call waits ``collective_wait_s``: per micro-batch 4 all-gather + reduce-scatter
+    pairs per block (2 blocks), a pair for the embedding and one for the logits, 3 cross-entropy all-reduces."""
+    waiting = dataclasses.replace(profile(), collective_wait_s=1e-3)
+    assert tp_time(waiting, SMALL) - tp_time(profile(), SMALL) == pytest.approx(((4 * 2 + 2) * 2 + 3) * 1e-3)
+    no_sp = dataclasses.replace(SMALL, sp=False)
+    assert tp_time(waiting, no_sp) - tp_time(profile(), no_sp) == pytest.approx((4 * 2 + 2 + 3) * 1e-3)
+    assert tp_time(waiting, dataclasses.replace(SMALL, tp=1)) == 0.0
+
+
 def test_shared_speed_slows_kernels_when_several_devices_run():
     """A host whose devices slow each other (CPU cores sharing caches and memory) runs the kernels of a
     multi-device layout at ``shared_speed``; host overhead and links are unchanged, one device is not slowed."""

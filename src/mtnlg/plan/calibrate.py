@@ -19,7 +19,9 @@
   multiply, against one alone;
 * framework overhead (:func:`measure_framework`, in the first of those ranks on a 1-rank group, so no
   wait for a peer is in it): the host time FSDP2 adds per sharded unit and DTensor tensor parallelism
-  adds per block, each a forward + backward of a 16-wide GPT with 1 and 3 blocks against the plain one.
+  adds per block, each a forward + backward of a 16-wide GPT with 1 and 3 blocks against the plain one;
+  and (:func:`measure_tp_peers`) what a TP block's collectives cost inside such a step over both ranks
+  beyond their back-to-back time: the wait per synchronising collective for a peer that drifted behind.
 """
 
 from __future__ import annotations
@@ -175,9 +177,10 @@ def _collective_worker(rank: int, port: int, sizes: tuple[int, ...], repeats: in
                     t /= 2  # a round trip is two messages
                 rows.append({"op": name, "bytes": nbytes, "ranks": 2, "seconds": t})
         shared = measure_shared_speed(rank, dist)
-        solo = dist.new_group([0])
+        solos = [dist.new_group([0]), dist.new_group([1])]
+        peers = measure_tp_peers(dist, solos[rank])
         if rank == 0:
-            queue.put((rows, measure_framework(solo) | {"shared_speed": shared}))
+            queue.put((rows, measure_framework(solos[0]) | {"shared_speed": shared, "tp_block_peers_s": peers}))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -224,13 +227,9 @@ def _tiny_gpt(layers: int):
                                    max_seq_len=8, make_vocab_size_divisible_by=1))
 
 
-def measure_framework(group, repeats: int = 30) -> dict[str, float]:
-    """Host seconds that FSDP2 adds per unit (``fully_shard`` of a block or the root) and DTensor tensor
-    parallelism (sequence parallel) adds per block, per micro-batch forward + backward, on ``group`` (one
-    rank: the hooks, copies and dispatch without a peer to wait for; the collectives are priced apart).
-    Each is the slope over 1 and 3 blocks of a 16-wide GPT's step time against the plain model's."""
-
-    from torch.distributed.device_mesh import DeviceMesh
+def _step_seconds(layers: int, kind: str, mesh, repeats: int = 30) -> float:
+    """Median seconds of a forward + backward of a 16-wide GPT with ``layers`` blocks: ``plain``, under
+    ``fsdp`` (``fully_shard`` over ``mesh``) or ``tp`` (DTensor tensor + sequence parallel over ``mesh``)."""
     from torch.distributed.tensor.parallel import loss_parallel
 
     from mtnlg.model import materialize
@@ -238,40 +237,64 @@ def measure_framework(group, repeats: int = 30) -> dict[str, float]:
     from mtnlg.parallel.tensor import apply_tensor_parallel
     from mtnlg.train.loss import cross_entropy_sum
 
-    mesh = DeviceMesh.from_group(group, "cpu", mesh_dim_names=("x",))
-    tokens = torch.randint(0, 64, (1, 9))
+    gen = torch.Generator().manual_seed(0)  # the same tokens on every rank (TP ranks see one batch)
+    tokens = torch.randint(0, 64, (1, 9), generator=gen)
     x, y = tokens[:, :-1], tokens[:, 1:]
+    model = _tiny_gpt(layers)
+    if kind == "tp":
+        apply_tensor_parallel(model, mesh, sequence_parallel=True)
+    materialize(model, "cpu", init=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            local(p).normal_(0.0, 0.02)
+    if kind == "fsdp":
+        apply_fsdp(model, mesh)
+    ctx = loss_parallel if kind == "tp" and model.cfg.parallel_output else contextlib.nullcontext
 
-    def seconds(layers: int, kind: str) -> float:
-        model = _tiny_gpt(layers)
-        if kind == "tp":
-            apply_tensor_parallel(model, mesh, sequence_parallel=True)
-        materialize(model, "cpu", init=False)
-        with torch.no_grad():
-            for p in model.parameters():
-                local(p).normal_(0.0, 0.02)
-        if kind == "fsdp":
-            apply_fsdp(model, mesh)
-        ctx = loss_parallel if kind == "tp" and model.cfg.parallel_output else contextlib.nullcontext
+    def step():
+        with ctx():
+            cross_entropy_sum(model(x), y).backward()
+        for p in model.parameters():
+            p.grad = None
 
-        def step():
-            with ctx():
-                cross_entropy_sum(model(x), y).backward()
-            for p in model.parameters():
-                p.grad = None
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
-        for _ in range(3):
-            step()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
 
-    extra = {kind: [seconds(n, kind) - seconds(n, "plain") for n in (1, 3)] for kind in ("fsdp", "tp")}
+def _mesh(group):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh.from_group(group, "cpu", mesh_dim_names=("x",))
+
+
+def measure_framework(group, repeats: int = 30) -> dict[str, float]:
+    """Host seconds that FSDP2 adds per unit (``fully_shard`` of a block or the root) and DTensor tensor
+    parallelism (sequence parallel) adds per block, per micro-batch forward + backward, on ``group`` (one
+    rank: the hooks, copies and dispatch without a peer to wait for; the collectives are priced apart).
+    Each is the slope over 1 and 3 blocks of a 16-wide GPT's step time against the plain model's."""
+    mesh = _mesh(group)
+    extra = {kind: [_step_seconds(n, kind, mesh, repeats) - _step_seconds(n, "plain", mesh, repeats) for n in (1, 3)]
+             for kind in ("fsdp", "tp")}
     return {"fsdp_unit_s": max(0.0, (extra["fsdp"][1] - extra["fsdp"][0]) / 2),
             "tp_layer_s": max(0.0, (extra["tp"][1] - extra["tp"][0]) / 2)}
+
+
+def measure_tp_peers(dist, solo, repeats: int = 30) -> float:
+    """Seconds a tensor-parallel block's collectives cost inside a step, per micro-batch forward +
+    backward: the slope over 1 and 3 blocks of the 16-wide GPT under TP over both ranks, less the same on
+    each rank's own 1-rank group, both ranks busy in both (so that only the peer's collectives differ)."""
+    world, own = _mesh(dist.group.WORLD), _mesh(solo)
+    dist.barrier()
+    apart = [_step_seconds(n, "tp", own, repeats) for n in (1, 3)]
+    dist.barrier()
+    joint = [_step_seconds(n, "tp", world, repeats) for n in (1, 3)]
+    return max(0.0, ((joint[1] - joint[0]) - (apart[1] - apart[0])) / 2)
 
 
 def measure_collectives(sizes: Iterable[int] = MESSAGE_BYTES, repeats: int = 30) -> tuple[list[dict], dict[str, float]]:
@@ -334,6 +357,11 @@ def calibrate(gemm_shapes: Iterable[tuple[int, int, int]] = (), attention_shapes
     link = {op: LinkOp(lo.latency_s, lo.busbw, tuple(sorted((r["bytes"] * ring_factor(op, r["ranks"]), r["seconds"])
                                                           for r in rows if r["op"] == op)))
             for op, lo in link.items()}
+    # a TP block's 8 collectives (SP: all-gather + reduce-scatter of the 512-byte activation, twice forward
+    # and twice backward) cost this much more inside a step than back to back: the wait for a peer that
+    # drifted behind between them
+    isolated = 4 * (link["all_gather"].time("all_gather", 512, 2) + link["reduce_scatter"].time("reduce_scatter", 512, 2))
+    wait = max(0.0, (framework["tp_block_peers_s"] - isolated) / 8)
     cores = os.cpu_count() or 1
     where = f"measured by `mtnlg plan --calibrate` on this host ({cores} cores, {threads} thread(s) per rank, " \
             f"torch {torch.__version__}) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
@@ -344,14 +372,16 @@ def calibrate(gemm_shapes: Iterable[tuple[int, int, int]] = (), attention_shapes
                "links": f"gloo, 2 ranks on this host, mean of 30 back-to-back calls at {len(MESSAGE_BYTES)} sizes per op, least-squares fit; "
                         f"intra and inter are the same host link; {where}",
                "framework": f"forward + backward of a 16-wide GPT with 1 and 3 blocks, fully_shard / tensor "
-                            f"parallel (SP) on a 1-rank gloo group against the plain model, median of 30; {where}",
+                            f"parallel (SP) on a 1-rank gloo group against the plain model, median of 30; "
+                            f"collective_wait_s: the same TP model over 2 ranks against each on its own 1-rank "
+                            f"group, less its 8 collectives per block back to back, per collective; {where}",
                "overlap": "0: gloo runs on the same CPU cores as the computation it would overlap with (assumed)",
                "concurrency": f"{cores} cores / {threads} thread(s) per rank; shared_speed: a 512-cubed matmul's "
                               f"median in the slower of 2 ranks running at once, against one running alone, "
                               f"median of 3 alternations of 0.7 s; {where}"}
     return Profile(name=name or f"cpu-{cores}core-{threads}thread", peak_flops=max(r for *_, r in gemm), gemm=gemm,
                    elementwise_bw=bw, op_overhead_s=overhead, fsdp_unit_s=framework["fsdp_unit_s"],
-                   tp_layer_s=framework["tp_layer_s"], links={"intra": link, "inter": dict(link)},
+                   tp_layer_s=framework["tp_layer_s"], collective_wait_s=wait, links={"intra": link, "inter": dict(link)},
                    attention_kind="fused", attention=att, overlap=0.0,
                    concurrency=max(1, cores // threads), shared_speed=framework["shared_speed"], source=where, sources=sources,
                    link_points={"intra": rows, "inter": rows})

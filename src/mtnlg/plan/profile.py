@@ -8,7 +8,7 @@ A profile is a small JSON file (format ``mtnlg-plan-profile/1``)::
      "attention": {"kind": "unfused" | "fused", "points": [...same as gemm, shape (s, s, head_dim)...], "source": "..."},
      "elementwise": {"bytes_per_s": 1.6e12, "source": "..."},
      "op_overhead": {"seconds": 5e-6, "source": "..."},
-     "framework": {"fsdp_unit_s": 6e-4, "tp_layer_s": 2e-3, "source": "..."},   (optional)
+     "framework": {"fsdp_unit_s": 6e-4, "tp_layer_s": 2e-3, "collective_wait_s": 3e-4, "source": "..."},  (optional)
      "links": {"intra": {"all_reduce": {"latency_s": 2e-5, "busbw": 2.3e11}, "all_gather": {...},
                          "reduce_scatter": {...}, "send_recv": {...}, "points": [...]},
                "inter": {...}, "source": "..."},
@@ -26,7 +26,8 @@ A profile is a small JSON file (format ``mtnlg-plan-profile/1``)::
   one device's network link (a group with several devices on each node uses as many links at once).
 * ``framework`` (optional, 0 when absent): host time per micro-batch forward + backward that FSDP2
   adds per sharded unit and DTensor tensor parallelism adds per block, beyond the ops and collectives
-  priced elsewhere. On a CPU this Python runs between the kernels; a GPU's asynchronous launches hide it
+  priced elsewhere; and ``collective_wait_s``, what each synchronising tensor-parallel collective costs
+  inside a step beyond its back-to-back time (the wait for a peer that drifted behind). On a CPU this Python runs between the kernels; a GPU's asynchronous launches hide it
   (the shipped GPU profiles leave it out).
 * ``overlap``: the share of the data-parallel reduction that can hide behind backward compute (1 on
   GPUs, where NCCL runs on its own streams; ~0 on a CPU, where gloo competes for the same cores).
@@ -98,6 +99,7 @@ class Profile:
     links: dict[str, dict[str, LinkOp]]  # "intra" / "inter" -> collective -> LinkOp
     fsdp_unit_s: float = 0.0  # host seconds per FSDP2 unit per micro-batch (forward + backward)
     tp_layer_s: float = 0.0  # host seconds per tensor-parallel block per micro-batch (forward + backward)
+    collective_wait_s: float = 0.0  # in-step wait per synchronising TP collective beyond its isolated time
     attention_kind: str = "unfused"
     attention: list[tuple[int, int, int, float]] = field(default_factory=list)
     overlap: float = 1.0
@@ -168,7 +170,7 @@ class Profile:
                 "elementwise": {"bytes_per_s": self.elementwise_bw, "source": src.get("elementwise", "")},
                 "op_overhead": {"seconds": self.op_overhead_s, "source": src.get("op_overhead", "")},
                 "framework": {"fsdp_unit_s": self.fsdp_unit_s, "tp_layer_s": self.tp_layer_s,
-                              "source": src.get("framework", "")},
+                              "collective_wait_s": self.collective_wait_s, "source": src.get("framework", "")},
                 "links": links,
                 "overlap": {"fraction": self.overlap, "source": src.get("overlap", "")},
                 "concurrency": {"devices": self.concurrency, "shared_speed": self.shared_speed,
@@ -276,8 +278,10 @@ def profile_from_dict(d) -> Profile:
         raise ConfigError(f"profile overlap.fraction must be in [0, 1], got {overlap}")
     framework = d.get("framework", {})
     if not isinstance(framework, dict):
-        raise ConfigError("profile 'framework' must be an object with fsdp_unit_s and tp_layer_s (seconds)")
-    fw = {key: _num(f"framework.{key}", framework.get(key, 0.0), positive=False) for key in ("fsdp_unit_s", "tp_layer_s")}
+        raise ConfigError("profile 'framework' must be an object with fsdp_unit_s, tp_layer_s and "
+                          "collective_wait_s (seconds)")
+    fw = {key: _num(f"framework.{key}", framework.get(key, 0.0), positive=False)
+          for key in ("fsdp_unit_s", "tp_layer_s", "collective_wait_s")}
     if any(v < 0 for v in fw.values()):
         raise ConfigError(f"profile framework seconds must be >= 0, got {fw}")
     sources = {key: str(d[key].get("source", "")) for key in ("gemm", "attention", "elementwise", "op_overhead",
@@ -288,7 +292,8 @@ def profile_from_dict(d) -> Profile:
         name=str(d.get("name", "profile")), peak_flops=_num("peak_flops", d.get("peak_flops")), gemm=gemm,
         elementwise_bw=_num("elementwise.bytes_per_s", _section(d, "elementwise").get("bytes_per_s")),
         op_overhead_s=_num("op_overhead.seconds", _section(d, "op_overhead").get("seconds"), positive=False),
-        fsdp_unit_s=fw["fsdp_unit_s"], tp_layer_s=fw["tp_layer_s"], links=links, attention_kind=kind, attention=att_points, overlap=overlap,
+        fsdp_unit_s=fw["fsdp_unit_s"], tp_layer_s=fw["tp_layer_s"], collective_wait_s=fw["collective_wait_s"],
+        links=links, attention_kind=kind, attention=att_points, overlap=overlap,
         concurrency=int(_num("concurrency.devices", _section(d, "concurrency").get("devices"))),
         shared_speed=_shared_speed(_section(d, "concurrency").get("shared_speed", 1.0)),
         source=str(d.get("source", "")), sources=sources, link_points=link_points)

@@ -35,7 +35,8 @@ d = h/a, t tensor-parallel size, T = b·s tokens, r = 1/t with sequence parallel
 * **tp_comm**: per layer and micro-batch 2 collectives forward, 2 backward (+2 under full
   recomputation) of the T·h activation: all-reduces, or all-gather + reduce-scatter pairs with SP;
   one more for the vocab-parallel embedding (first stage) and one for gathering the logits' input
-  (last stage); 3 all-reduces of T fp32 values for the vocab-parallel cross entropy.
+  (last stage); 3 all-reduces of T fp32 values for the vocab-parallel cross entropy. Each of these
+  synchronising calls also waits the profile's ``collective_wait_s`` for a peer that drifted behind.
 * **pp_comm**: per micro-batch and model chunk one forward and one backward send of T·h/t elements;
   without SP the receiver all-gathers the T·h activation over tp (Megatron's scatter/gather).
 * **bubble**: f/(1-f) x (everything above but the optimizer), f the schedule's bubble fraction. Where
@@ -165,7 +166,8 @@ def tp_time(p: Profile, sh: Shape) -> float:
         one = p.collective_time("all_reduce", act, sh.tp, span, g)
     ends = 2 if sh.pp == 1 else 1  # vocab-parallel embedding (first stage), gathering for the logits (last)
     ce = 3 * p.collective_time("all_reduce", sh.micro_batch * sh.seq * 4, sh.tp, span, g)  # max, sum, target
-    return (n * (sh.layers // sh.pp) + ends) * one + ce
+    calls = (n * (sh.layers // sh.pp) + ends) * (2 if sh.sp else 1) + 3
+    return (n * (sh.layers // sh.pp) + ends) * one + ce + calls * p.collective_wait_s
 
 
 def step_sync_time(p: Profile, sh: Shape) -> float:
