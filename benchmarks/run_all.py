@@ -33,16 +33,18 @@ class Bench:
     rows: list[tuple[str, str, str, str, str]]  # (what, mtnlg key, reference key, ratio key, goal)
 
 
-BENCHES = [
+BENCHES = [  # goals as the open issues state them (#16 decode and serving, #17 training, #20 planner)
     Bench("train", "train_throughput.py", ["--steps", "50"], [  # ~100k tokens per framework: fits the 15 min
         ("training tokens/s vs HF GPT2LMHeadModel (fp32 CPU)", "tokens_per_s.mtnlg", "tokens_per_s.hf", "ratio",
-         ">= 1.3x"),
+         ">= 1.1x"),
         ("training TFLOP/s vs measured fp32 matmul peak", "achieved_tflops", "peak_tflops", "peak_fraction",
-         ">= 0.75"),
+         ">= 0.8"),
     ]),
     Bench("decode", "decode.py", [], [
-        ("greedy decode tokens/s, batch 1, vs HF generate", "b1.mtnlg_tok_s", "b1.hf_tok_s", "ratio_b1", ">= 5x"),
+        ("greedy decode tokens/s, batch 1, vs HF generate", "b1.mtnlg_tok_s", "b1.hf_tok_s", "ratio_b1", ">= 1.5x"),
         ("greedy decode tokens/s, batch 8, vs HF generate", "b8.mtnlg_tok_s", "b8.hf_tok_s", "ratio_b8", "-"),
+        ("decode bandwidth utilisation, batch 1, fp32", "-", "-", "mbu_b1", ">= 0.7"),
+        ("decode bandwidth utilisation, batch 1, int8", "-", "-", "mbu_b1_int8", ">= 0.7"),
     ]),
     Bench("preprocess", "preprocess.py", [], [
         ("preprocess MB/s vs raw tokenizers encode_batch", "mtnlg_mb_per_s", "raw_mb_per_s", "ratio", ">= 0.8"),
@@ -51,8 +53,10 @@ BENCHES = [
         ("server output tokens/s, 16 concurrent / sequential", "-", "-", "throughput_ratio_16", ">= 6x"),
         ("server p50 TTFT, 16 concurrent / single request", "-", "-", "ttft_ratio_16", "<= 2x"),
     ]),
-    Bench("plan", "plan_calibration.py", [], [
-        ("planner predicted vs measured CPU step time", "predicted_s", "measured_s", "ratio", "~1"),
+    Bench("plan", "plan_calibration.py", [], [  # the worst of six CPU layouts: its predicted and measured step
+        ("planner's worst CPU layout, predicted vs measured step s", "predicted_s", "measured_s", "ratio", "0.9-1.1"),
+        ("planner's worst error over the six layouts", "worst_layout", "-", "worst_error", "<= 0.1"),
+        ("planner orders the layouts as measured", "-", "-", "rank_agreement", "True"),
     ]),
 ]
 
