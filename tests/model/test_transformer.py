@@ -1,5 +1,6 @@
 import math
-import time
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,16 +118,25 @@ def test_closed_form_parameter_count(v, h, l, heads, f, s):
     assert count_parameters(cfg) == sum(p.numel() for p in m.parameters())
 
 
-def test_spec_6b_config_builds_on_meta_fast():
+def _rss_bytes() -> int | None:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_spec_6b_config_builds_on_meta_without_memory():
+    """The spec's 6B config (24 GB of fp32 weights) costs no weight memory until materialized."""
     cfg = ModelConfig(vocab_size=30522, hidden_size=4096, num_layers=30, num_heads=16, ffn_hidden_size=15360,
                       max_seq_len=512)
     build_model(ModelConfig(num_layers=1, vocab_size=97))  # warm any first-call import
-    t = time.perf_counter()
+    before = _rss_bytes()
     m = build_model(cfg)
-    elapsed = time.perf_counter() - t
+    after = _rss_bytes()
     assert all(p.is_meta for p in m.parameters())
     assert sum(p.numel() for p in m.parameters()) == 5_916_829_696 == count_parameters(cfg)
-    assert elapsed < 1.0, elapsed
+    if before is not None and after is not None:  # Linux: resident memory grew by module objects only
+        assert after - before < 100 << 20, (after - before) >> 20
 
 
 def test_activations_differ(tiny_cfg):
