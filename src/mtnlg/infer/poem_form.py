@@ -16,11 +16,11 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import re
-import threading
 
 import torch
 
 from mtnlg.errors import ConfigError
+from mtnlg.infer.utf8 import PerTokenizer
 
 PUNCT = "，。"
 LINE_RE = re.compile(r"([^，。,.!?！？；;、\s]+)([，。,.!?！？；;])")
@@ -187,7 +187,7 @@ def form_can_end(state: FormState | None) -> bool:
     return state is not None and state[3] and state[1] >= 2 * MIN_COUPLETS
 
 
-class PoemForm:
+class PoemForm(PerTokenizer):
     """Which tokens keep a reply the prefix of a whole regular poem: 2-4 couplets of lines of 5 or 7
     Chinese characters (the first line chooses, unless the request did), "，" then "。", a newline
     between couplets, and the end of the turn only after a whole couplet (forced after the fourth).
@@ -197,9 +197,6 @@ class PoemForm:
     accepts, cached per state. Tokens that are not whole characters never appear in a poem.
     Driven by :class:`mtnlg.infer.decode.RowState` when ``SamplingParams.form`` is set.
     """
-
-    _shared: dict[int, tuple[object, PoemForm]] = {}  # id -> (the tokenizer, kept alive so ids are not reused)
-    _lock = threading.Lock()
 
     def __init__(self, tokenizer):
         shapes: dict[str, list[int]] = {}
@@ -213,14 +210,6 @@ class PoemForm:
         self.shapes = {s: torch.tensor(ids) for s, ids in shapes.items()}
         self.shape_of = {i: s for s, ids in shapes.items() for i in ids}
         self.cache: dict[tuple, torch.Tensor] = {}
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer) -> PoemForm:
-        with cls._lock:
-            hit = cls._shared.get(id(tokenizer))
-            if hit is None or hit[0] is not tokenizer:
-                hit = cls._shared[id(tokenizer)] = (tokenizer, cls(tokenizer))
-            return hit[1]
 
     def _run(self, state: FormState | None, shape: str) -> FormState | None:
         for c in shape:

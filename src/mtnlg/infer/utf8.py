@@ -64,19 +64,28 @@ def run(state: State, data: bytes) -> State | None:
     return state
 
 
-class Utf8Guard:
-    """Allowed-token masks for one tokenizer (shared, thread-safe, built lazily per state)."""
+class PerTokenizer:
+    """A table built from a whole vocabulary, once per tokenizer object and shared by every request
+    (thread-safe): subclasses build it in ``__init__(tokenizer)`` and are got with :meth:`for_tokenizer`."""
 
-    _by_tokenizer: dict[int, tuple[Tokenizer, Utf8Guard]] = {}
-    _lock = threading.Lock()
+    _by_tokenizer: dict[int, tuple[object, PerTokenizer]]
+    _registry_lock: threading.Lock
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._by_tokenizer, cls._registry_lock = {}, threading.Lock()
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Tokenizer) -> Utf8Guard:
-        with cls._lock:
+    def for_tokenizer(cls, tokenizer):
+        with cls._registry_lock:  # the tokenizer is kept with its table, so its id is not reused
             hit = cls._by_tokenizer.get(id(tokenizer))
             if hit is None or hit[0] is not tokenizer:
                 hit = cls._by_tokenizer[id(tokenizer)] = (tokenizer, cls(tokenizer))
             return hit[1]
+
+
+class Utf8Guard(PerTokenizer):
+    """Allowed-token masks for one tokenizer (shared, thread-safe, built lazily per state)."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.vocab_size = tokenizer.vocab_size
