@@ -167,7 +167,8 @@ def main() -> None:
           f"{'pred/med':>10}{'pred x1p':>10}{'meas x1p':>10}  limited by")
     for r in res["layouts"]:
         print(f"{r['layout']:<16}{r['processes']:>6}{r['predicted_s']:>13.4f}{r['measured_s']:>12.4f}"
-              f"{r['measured_median_s']:>10.4f}{r['ratio']:>11.3f}{r['ratio_median']:>10.3f}{r['predicted_vs_1proc']:>10.2f}"
+              f"{r['measured_median_s']:>10.4f}{r['ratio']:>11.3f}{r['ratio_median']:>10.3f}"
+              f"{r['predicted_vs_1proc']:>10.2f}"
               f"{r['measured_vs_1proc']:>10.2f}  {r['limiting_term']}")
     la, lb = res["load_average_before"], res["load_average_after"]
     print(f"worst error {res['worst_error']:.1%} (against the median step {res['worst_error_median']:.1%}); "

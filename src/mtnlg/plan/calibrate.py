@@ -360,7 +360,7 @@ def calibrate(gemm_shapes: Iterable[tuple[int, int, int]] = (), attention_shapes
     # a TP block's 8 collectives (SP: all-gather + reduce-scatter of the 512-byte activation, twice forward
     # and twice backward) cost this much more inside a step than back to back: the wait for a peer that
     # drifted behind between them
-    isolated = 4 * (link["all_gather"].time("all_gather", 512, 2) + link["reduce_scatter"].time("reduce_scatter", 512, 2))
+    isolated = 4 * sum(link[op].time(op, 512, 2) for op in ("all_gather", "reduce_scatter"))
     wait = max(0.0, (framework["tp_block_peers_s"] - isolated) / 8)
     cores = os.cpu_count() or 1
     where = f"measured by `mtnlg plan --calibrate` on this host ({cores} cores, {threads} thread(s) per rank, " \
@@ -369,7 +369,8 @@ def calibrate(gemm_shapes: Iterable[tuple[int, int, int]] = (), attention_shapes
                "attention": f"scaled_dot_product_attention causal forward + backward; {where}",
                "elementwise": f"fp32 add of 4M elements (2 reads + 1 write); {where}",
                "op_overhead": f"a training step of a 2-layer 16-wide GPT over the ops the time model counts; {where}",
-               "links": f"gloo, 2 ranks on this host, mean of 30 back-to-back calls at {len(MESSAGE_BYTES)} sizes per op, least-squares fit; "
+               "links": f"gloo, 2 ranks on this host, mean of 30 back-to-back calls at {len(MESSAGE_BYTES)} sizes "
+                        f"per op, least-squares fit; "
                         f"intra and inter are the same host link; {where}",
                "framework": f"forward + backward of a 16-wide GPT with 1 and 3 blocks, fully_shard / tensor "
                             f"parallel (SP) on a 1-rank gloo group against the plain model, median of 30; "
@@ -381,7 +382,9 @@ def calibrate(gemm_shapes: Iterable[tuple[int, int, int]] = (), attention_shapes
                               f"median of 3 alternations of 0.7 s; {where}"}
     return Profile(name=name or f"cpu-{cores}core-{threads}thread", peak_flops=max(r for *_, r in gemm), gemm=gemm,
                    elementwise_bw=bw, op_overhead_s=overhead, fsdp_unit_s=framework["fsdp_unit_s"],
-                   tp_layer_s=framework["tp_layer_s"], collective_wait_s=wait, links={"intra": link, "inter": dict(link)},
+                   tp_layer_s=framework["tp_layer_s"], collective_wait_s=wait,
+                   links={"intra": link, "inter": dict(link)},
                    attention_kind="fused", attention=att, overlap=0.0,
-                   concurrency=max(1, cores // threads), shared_speed=framework["shared_speed"], source=where, sources=sources,
+                   concurrency=max(1, cores // threads), shared_speed=framework["shared_speed"], source=where,
+                   sources=sources,
                    link_points={"intra": rows, "inter": rows})

@@ -27,8 +27,9 @@ A profile is a small JSON file (format ``mtnlg-plan-profile/1``)::
 * ``framework`` (optional, 0 when absent): host time per micro-batch forward + backward that FSDP2
   adds per sharded unit and DTensor tensor parallelism adds per block, beyond the ops and collectives
   priced elsewhere; and ``collective_wait_s``, what each synchronising tensor-parallel collective costs
-  inside a step beyond its back-to-back time (the wait for a peer that drifted behind). On a CPU this Python runs between the kernels; a GPU's asynchronous launches hide it
-  (the shipped GPU profiles leave it out).
+  inside a step beyond its back-to-back time (the wait for a peer that drifted behind). On a CPU this
+  host time runs between the kernels; a GPU's asynchronous launches hide it (the shipped GPU profiles
+  set 0).
 * ``overlap``: the share of the data-parallel reduction that can hide behind backward compute (1 on
   GPUs, where NCCL runs on its own streams; ~0 on a CPU, where gloo competes for the same cores).
 * ``concurrency``: how many devices of one host run at once (CPU: cores / threads per rank), and
