@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import statistics
@@ -60,19 +61,26 @@ def _typical(fn: Callable[[], object], repeats: int, budget_s: float = 0.5) -> f
 COLD_BYTES = 8 << 20  # operands cycled per matmul shape: more than this CPU's L2, as a step's other work evicts them
 
 
-def measure_gemm(m: int, n: int, k: int, repeats: int = 20, dtype: torch.dtype = torch.float32) -> float:
-    """Achieved FLOP/s of ``[m, k] @ [k, n]``, each call on the next of several operand sets (together
-    ``COLD_BYTES``) so that, as in a training step, its operands do not sit in cache from the last call."""
+def _cold_mm(m: int, n: int, k: int, dtype: torch.dtype = torch.float32) -> tuple[Callable[[], object], int]:
+    """A ``[m, k] @ [k, n]`` call that takes the next of several operand sets (together ``COLD_BYTES``)
+    each time, so that, as in a training step, its operands do not sit in cache from the last call; and
+    how many sets it cycles."""
     size = (m * k + k * n + m * n) * torch.tensor([], dtype=dtype).element_size()
     sets = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype), torch.empty(m, n, dtype=dtype))
             for _ in range(max(1, min(16, COLD_BYTES // max(size, 1))))]
-    turn = iter(range(1 << 62))
+    turn = itertools.cycle(sets)
 
     def call():
-        a, b, out = sets[next(turn) % len(sets)]
+        a, b, out = next(turn)
         torch.mm(a, b, out=out)
 
-    return 2.0 * m * n * k / _typical(call, max(repeats, 2 * len(sets)))
+    return call, len(sets)
+
+
+def measure_gemm(m: int, n: int, k: int, repeats: int = 20, dtype: torch.dtype = torch.float32) -> float:
+    """Achieved FLOP/s of ``[m, k] @ [k, n]`` on operands out of cache (:func:`_cold_mm`)."""
+    call, sets = _cold_mm(m, n, k, dtype)
+    return 2.0 * m * n * k / _typical(call, max(repeats, 2 * sets))
 
 
 def measure_attention(batch_heads: int, s: int, d: int, repeats: int = 5) -> float:
@@ -187,15 +195,8 @@ def _collective_worker(rank: int, port: int, sizes: tuple[int, ...], repeats: in
 
 
 def _matmul_loop(seconds: float) -> float:
-    """Median seconds of a 512-cubed matmul, on cycled operands, over about ``seconds``."""
-    sets = [(torch.randn(512, 512), torch.randn(512, 512), torch.empty(512, 512)) for _ in range(8)]
-    times, t_end = [], time.perf_counter() + seconds
-    while time.perf_counter() < t_end or len(times) < 5:
-        a, b, out = sets[len(times) % len(sets)]
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of a 512-cubed matmul on operands out of cache, over about ``seconds``."""
+    return _typical(_cold_mm(512, 512, 512)[0], repeats=1 << 30, budget_s=seconds)
 
 
 def measure_shared_speed(rank: int, dist, seconds: float = 0.7, rounds: int = 3) -> float:
@@ -257,14 +258,9 @@ def _step_seconds(layers: int, kind: str, mesh, repeats: int = 30) -> float:
         for p in model.parameters():
             p.grad = None
 
-    for _ in range(3):
+    for _ in range(2):
         step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _typical(step, repeats, budget_s=float("inf"))  # its own warm-up makes the third
 
 
 def _mesh(group):
@@ -279,7 +275,8 @@ def measure_framework(group, repeats: int = 30) -> dict[str, float]:
     rank: the hooks, copies and dispatch without a peer to wait for; the collectives are priced apart).
     Each is the slope over 1 and 3 blocks of a 16-wide GPT's step time against the plain model's."""
     mesh = _mesh(group)
-    extra = {kind: [_step_seconds(n, kind, mesh, repeats) - _step_seconds(n, "plain", mesh, repeats) for n in (1, 3)]
+    plain = [_step_seconds(n, "plain", mesh, repeats) for n in (1, 3)]
+    extra = {kind: [_step_seconds(n, kind, mesh, repeats) - base for n, base in zip((1, 3), plain)]
              for kind in ("fsdp", "tp")}
     return {"fsdp_unit_s": max(0.0, (extra["fsdp"][1] - extra["fsdp"][0]) / 2),
             "tp_layer_s": max(0.0, (extra["tp"][1] - extra["tp"][0]) / 2)}
