@@ -152,3 +152,18 @@ def test_activations_differ(tiny_cfg):
 def test_too_long_input_is_a_clear_error(tiny_model):
     with pytest.raises(ConfigError, match="max_seq_len"):
         tiny_model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_inference_attention_leaves_out_cudnn_on_cuda_only():
+    """Decoding changes the key length every step; cuDNN's SDPA plans each new shape (~40 ms on an H200),
+    so inference on CUDA runs flash / memory-efficient attention, and CPU keeps torch's own choice."""
+    import contextlib
+
+    from mtnlg.device import inference_attention
+
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+    assert isinstance(inference_attention(torch.device("cpu")), contextlib.nullcontext)
+    with inference_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == before

@@ -16,6 +16,7 @@ Model code never imports torch.distributed: parallelism is applied from outside 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtnlg.config import ModelConfig
+from mtnlg.device import inference_attention
 from mtnlg.model.decode_linear import project
 from mtnlg.model.dropout import HashDropout
 from mtnlg.model.dropout import row_keys as dropout_keys
@@ -186,8 +188,9 @@ class GPT(nn.Module):
                 and tokens is not None:  # the masks of this batch are keyed by its rows' tokens
             keys = dropout_keys(tokens)
         h = self.embed(tokens, positions, token_embeds, start, keys) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, cache, attn_mask, keys)
+        with inference_attention(h.device) if not self.training else contextlib.nullcontext():
+            for layer in self.layers.values():
+                h = layer(h, cache, attn_mask, keys)
         if cache is not None:
             cache.advance(h.shape[1])
         if logits_at is not None:
