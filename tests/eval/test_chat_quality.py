@@ -9,7 +9,7 @@ from mtnlg.data.tokenizer import END_OF_TURN, byte_tokenizer
 from mtnlg.eval import chat_quality
 from mtnlg.eval.chat_quality import chat_poem_form_rate, chat_poem_samples
 from mtnlg.infer.poem_form import is_poem_form
-from mtnlg.infer.chat_template import ChatTemplate
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.infer.generate import Completion
 
 

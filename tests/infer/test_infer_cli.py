@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from mtnlg.api import MegatronLmModel, MegatronModelConfig
-from mtnlg.infer.chat_template import Conversation
+from mtnlg.data.chat_template import Conversation
 from mtnlg.data.tokenizer import END_OF_TURN, ROLE_TOKENS, byte_tokenizer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -80,7 +80,7 @@ def test_role_markers_in_content_are_text():
 
 
 def test_assistant_mask_covers_only_replies():
-    from mtnlg.infer.chat_template import ChatTemplate
+    from mtnlg.data.chat_template import ChatTemplate
 
     tok = byte_tokenizer()
     ids, mask = ChatTemplate(tok).encode_conversation(

@@ -117,7 +117,7 @@ def test_chat_command_honours_the_soft_prompt(tmp_path, monkeypatch, capsys):
     plain, tuned = chat([]), chat(["--prompt-tuning", str(path)])
     assert plain != tuned
     # the chat reply is what generation with the soft prompt spliced in gives for the same conversation
-    from mtnlg.infer.chat_template import Conversation
+    from mtnlg.data.chat_template import Conversation
 
     load_soft_prompt(lm, path)
     conv = Conversation(lm.tokenizer, None)

@@ -15,7 +15,7 @@ from mtnlg.config import Config, ModelConfig, SftConfig
 from mtnlg.data.tokenizer import END_OF_TURN, byte_tokenizer
 from mtnlg.errors import ConfigError, DataError
 from mtnlg.infer.poem_form import is_poem_form
-from mtnlg.infer.chat_template import ChatTemplate
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.model.init import build_model, materialize
 from mtnlg import checkpoint as ckpt
 from mtnlg.train.optim import build_optimizer

@@ -1,6 +1,6 @@
 """``mtnlg chat``: a multi-turn conversation in the terminal, replies streamed as they are generated.
 
-The history is formatted by :mod:`mtnlg.infer.chat_template`, the template the HTTP server and SFT use::
+The history is formatted by :mod:`mtnlg.data.chat_template`, the template the HTTP server and SFT use::
 
     <|system|>...<|end|><|user|>hi<|end|><|assistant|>hello<|end|><|user|>...<|end|><|assistant|>
 
@@ -19,7 +19,7 @@ import dataclasses
 import sys
 
 from mtnlg.data.tokenizer import END_OF_TURN
-from mtnlg.infer.chat_template import Conversation
+from mtnlg.data.chat_template import Conversation
 from mtnlg.infer.poem_form import FORMS, form_of_conversation
 
 

@@ -2,7 +2,7 @@
 
 A reply is in poem form when, ignoring white space, it is nothing but 4 or more lines (an even
 number: whole couplets) of all 5 or all 7 Chinese characters, odd lines ending in "，" and even lines
-in "。" (or "？" / "！"). The prompts go through :class:`~mtnlg.infer.chat_template.ChatTemplate` exactly
+in "。" (or "？" / "！"). The prompts go through :class:`~mtnlg.data.chat_template.ChatTemplate` exactly
 as ``mtnlg chat`` and the server send them, and are sampled as ``mtnlg chat`` samples by default
 (temperature 0.7, 128 new tokens, stop at ``<|end|>``), one fixed seed per prompt.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mtnlg.data.tokenizer import END_OF_TURN
-from mtnlg.infer.chat_template import ChatTemplate
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.infer.generate import generate
 from mtnlg.infer.poem_form import is_poem_form, requested_form
 from mtnlg.infer.sampling import SamplingParams

@@ -19,6 +19,7 @@ import re
 
 import torch
 
+from mtnlg.data.poem_text import is_poem_form
 from mtnlg.errors import ConfigError
 from mtnlg.infer.utf8 import PerTokenizer
 
@@ -250,20 +251,6 @@ def requested_form(text: str, previous: str | None = None) -> str | None:
     if re.search(r"七言|七绝|七律", text):
         return "poem7"
     return "poem" if asks else previous
-
-
-_POEM_LINE = re.compile(r"([\u4e00-\u9fff]+)([，。？！])")
-
-
-def is_poem_form(text: str) -> bool:
-    """Whether ``text`` is a whole regular poem: >= 2 couplets of 5- or 7-character lines, "，" then "。？！"."""
-    flat = re.sub(r"\s+", "", text)
-    lines = _POEM_LINE.findall(flat)
-    if len(lines) < 4 or len(lines) % 2 or "".join(a + b for a, b in lines) != flat:
-        return False
-    n = len(lines[0][0])
-    return n in (5, 7) and all(len(chars) == n and (mark == "，") == (i % 2 == 0) and (i % 2 == 0 or mark != "，")
-                               for i, (chars, mark) in enumerate(lines))
 
 
 def form_of_conversation(messages: list) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.errors import ConfigError
-from mtnlg.infer.chat_template import ChatTemplate
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.infer.poem_form import FORMS, form_of_conversation, parse_poem
 from mtnlg.infer.sampling import MIN_TEMPERATURE, SamplingParams
 
@@ -206,7 +206,7 @@ def seeded(params: SamplingParams, index: int, n: int) -> SamplingParams:
 class TextCodec:
     """The tokenizer as the server uses it, from worker threads: encoding and decoding go through the
     batch calls of the Rust tokenizer, which release the GIL, so a 1 MiB prompt does not stall the
-    event loop. Chat content is encoded as plain text (see :mod:`mtnlg.infer.chat_template`)."""
+    event loop. Chat content is encoded as plain text (see :mod:`mtnlg.data.chat_template`)."""
 
     def __init__(self, tokenizer: Any):
         from tokenizers import Tokenizer as HFTokenizer

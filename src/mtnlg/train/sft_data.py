@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtnlg.data.poem_text import HANZI, poem_lines
 from mtnlg.errors import DataError
 
 Conversation = list[dict[str, str]]
 
-HANZI = "\u4e00-\u9fff"
-_SEGMENT = re.compile(rf"([{HANZI}]+)([，。？！；：、])")
 MAX_LINES = 8  # four couplets: a chat reply stays short enough for the context and the reply budget
 
 # (topic as a user would say it, characters / words that make a poem about it)
@@ -79,23 +78,6 @@ def _clean_title(line: str) -> str | None:
     return title if 2 <= len(title) <= 8 and re.fullmatch(rf"[{HANZI}]+", title) else None
 
 
-def poem_lines(body: str, max_lines: int = MAX_LINES) -> tuple[str, ...] | None:
-    """The lines of a regular poem (all 5 or all 7 characters, "，" then "。？！"), cut to ``max_lines``
-    whole couplets; None when the text does not start with two such couplets."""
-    text = re.sub(r"\s+", "", body)
-    lines: list[str] = []
-    n = None
-    for m in _SEGMENT.finditer(text):
-        chars, mark = m.groups()
-        n = n or len(chars)
-        good = len(chars) == n and n in (5, 7) and (mark == "，" if len(lines) % 2 == 0 else mark in "。？！")
-        if not good or len(lines) == max_lines:
-            break
-        lines.append(chars + mark)
-    lines = lines[: len(lines) // 2 * 2]
-    return tuple(lines) if len(lines) >= 4 else None
-
-
 def parse_poem_document(doc: str) -> Poem | None:
     """A corpus document -> a regular Poem, or None. Reads both layouts of the ``poems`` corpus: the raw
     ``《title》`` / ``作者：`` header above the body, and the body followed by ``——author《title》``."""
@@ -108,7 +90,7 @@ def parse_poem_document(doc: str) -> Poem | None:
             title = title or _clean_title(s)
         elif s:
             body.append(s)
-    lines = poem_lines("".join(body))
+    lines = poem_lines("".join(body), MAX_LINES)
     return Poem(title, lines) if lines else None
 
 
@@ -163,7 +145,7 @@ def poem_conversations(poems: Sequence[Poem] | None = None, per_poem: int = 2, m
 def load_conversations(path: str | Path) -> list[Conversation]:
     """Read a ``{"messages": [...]}``-per-line JSONL file; one-line DataError naming the line on bad input."""
     from mtnlg.errors import ConfigError
-    from mtnlg.infer.chat_template import as_messages
+    from mtnlg.data.chat_template import as_messages
 
     p = Path(path)
     if not p.is_file():
