@@ -6,7 +6,9 @@
 #      and against the data sheet (989 TFLOP/s dense bf16 for H100/H200, as Megatron-LM and torchtitan
 #      report it), the median step time and the first (compiling) step from mtnlg's metrics.jsonl;
 #   2. greedy decode tokens/s of the trained model;
-#   3. a 2-process NCCL run when 2 or more GPUs exist.
+#   3. a 2-process NCCL run when 2 or more GPUs exist;
+#   4. the README's main job (`mtnlg train`, then `mtnlg poem` and `mtnlg chat` on its model), as a user of
+#      the GPU machine would run it (set DEFAULT_JOB=0 to skip; ~50 s on an H200).
 # Goal on an H100/H200-class GPU: MFU >= 45% (data sheet).
 # Usage: bash benchmarks/gpu_check.sh [RUN_DIR [REPORT_DIR]]
 #   RUN_DIR holds the runs (checkpoints of ~13 GB each); REPORT_DIR gets the logs and gpu_check.json.
@@ -74,6 +76,14 @@ if [ "$NGPU" -ge 2 ]; then
         --train.steps=10 --train.global_batch_size=16 --checkpoint.resume=none --no-progress \
         2>&1 | tee "$REPORT/train-nccl2.log" | tail -5 || true
 fi
+if [ "${DEFAULT_JOB:-1}" = 1 ]; then
+    echo "== the main job: mtnlg train, poem, chat"
+    timeout "${TRAIN_TIMEOUT:-300}" "${MTNLG[@]}" train --output "$RUNS/default-job" --checkpoint.resume=none \
+        --no-progress 2>&1 | tee "$REPORT/default-job.log" | grep -E "^(finished|SFT:)" || true
+    timeout 60 "${MTNLG[@]}" poem --checkpoint "$RUNS/default-job" "床前明月光，疑是地上霜。" 2>&1 | tail -3 || true
+    printf '写一首关于秋天的诗\n再来一首\n/exit\n' | timeout 60 "${MTNLG[@]}" chat --checkpoint "$RUNS/default-job" \
+        2>&1 | tail -10 || true
+fi
 python - "$RUNS" "$REPORT" <<'PY'
 import json, statistics, sys
 from pathlib import Path
@@ -82,7 +92,7 @@ env = json.loads((Path(sys.argv[2]) / "env.json").read_text())
 rows = {}
 print("\n| run | tokens/s | TFLOP/s | MFU (measured peak) | MFU (data sheet 989) | step s | first step s |\n"
       "| --- | --- | --- | --- | --- | --- | --- |")
-for run in sorted(Path(sys.argv[1]).glob("train-*")):
+for run in sorted(Path(sys.argv[1]).glob("train-*")):  # the throughput runs (not the default job)
     path = run / "metrics.jsonl"
     if not path.is_file():
         print(f"| {run.name} | failed: no metrics.jsonl | | | | | |")
