@@ -2,7 +2,7 @@
 
 Starts ``mtnlg serve`` (a subprocess) on a tiny random model and streams completions at concurrency
 1, 4 and 16 (closed loop) and with Poisson arrivals at several rates (open loop). Per scenario:
-TTFT, TPOT (time per output token after the first) and ITL (gaps between streamed tokens) at p50 / p99,
+TTFT, TPOT (time per output token after the first) and ITL (gaps between streamed events) at p50 / p99,
 request and output-token throughput. Goal: output-token throughput at 16 concurrent >= 6x the
 sequential throughput, with p50 TTFT at most 2x the single-request TTFT.
 
@@ -144,7 +144,8 @@ async def one_request(client: RawStream, prompt: str, max_tokens: int) -> dict:
             tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     end = time.perf_counter()
     return {"ttft": times[0] - t0, "latency": end - t0, "tokens": tokens,
-            "tpot": (times[-1] - times[0]) / max(len(times) - 1, 1),
+            # per token after the first (one event can carry several tokens when the server coalesces them)
+            "tpot": (times[-1] - times[0]) / max((tokens or len(times)) - 1, 1),
             "itl": [b - a for a, b in zip(times, times[1:])], "start": t0, "end": end}
 
 
