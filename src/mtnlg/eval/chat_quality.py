@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.infer.generate import generate
-from mtnlg.infer.poem_form import is_poem_form, requested_form
+from mtnlg.data.poem_text import is_poem_form
+from mtnlg.infer.poem_form import requested_form
 from mtnlg.infer.sampling import SamplingParams
 
 TOPICS = ("春天", "秋天", "月亮", "故乡", "离别", "江南", "梅花", "边塞", "朋友", "大海")
