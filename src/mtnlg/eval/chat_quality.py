@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.data.chat_template import ChatTemplate
-from mtnlg.infer.generate import generate
 from mtnlg.data.poem_text import is_poem_form
+from mtnlg.data.tokenizer import END_OF_TURN
+from mtnlg.infer.generate import generate
 from mtnlg.infer.poem_form import requested_form
 from mtnlg.infer.sampling import SamplingParams
 
