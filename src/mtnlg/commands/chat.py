@@ -18,8 +18,8 @@ import argparse
 import dataclasses
 import sys
 
-from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.data.chat_template import Conversation
+from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.infer.poem_form import FORMS, form_of_conversation
 
 

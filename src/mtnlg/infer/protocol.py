@@ -15,9 +15,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.errors import ConfigError
-from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.infer.poem_form import FORMS, form_of_conversation, parse_poem
 from mtnlg.infer.sampling import MIN_TEMPERATURE, SamplingParams
 

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from mtnlg.config import Config, SftConfig
-from mtnlg.errors import CheckpointError, ConfigError, DataError
 from mtnlg.data.chat_template import ChatTemplate
+from mtnlg.errors import CheckpointError, ConfigError, DataError
 from mtnlg import checkpoint as ckpt
 from mtnlg.checkpoint.trainer_state import load_trainer_state
 from mtnlg.train.optim import build_optimizer, build_scheduler
