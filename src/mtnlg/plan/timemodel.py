@@ -166,8 +166,9 @@ def tp_time(p: Profile, sh: Shape) -> float:
         one = p.collective_time("all_reduce", act, sh.tp, span, g)
     ends = 2 if sh.pp == 1 else 1  # vocab-parallel embedding (first stage), gathering for the logits (last)
     ce = 3 * p.collective_time("all_reduce", sh.micro_batch * sh.seq * 4, sh.tp, span, g)  # max, sum, target
-    calls = (n * (sh.layers // sh.pp) + ends) * (2 if sh.sp else 1) + 3
-    return (n * (sh.layers // sh.pp) + ends) * one + ce + calls * p.collective_wait_s
+    units = n * (sh.layers // sh.pp) + ends  # all-reduces, or all-gather + reduce-scatter pairs under SP
+    calls = units * (2 if sh.sp else 1) + 3  # the synchronising calls, cross entropy's 3 included
+    return units * one + ce + calls * p.collective_wait_s
 
 
 def step_sync_time(p: Profile, sh: Shape) -> float:
