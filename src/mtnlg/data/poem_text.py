@@ -15,7 +15,21 @@ _SEGMENT = re.compile(rf"([{HANZI}]+)([，。？！；：、])")
 def poem_lines(text: str, max_lines: int | None = None) -> tuple[str, ...] | None:
     """The lines (each with its mark) of the regular poem ``text`` starts with, cut to ``max_lines``
     whole couplets; None when it does not start with two such couplets."""
-    flat = re.sub(r"\s+", "", text)
+    return _lines(_flat(text), max_lines)
+
+
+def is_poem_form(text: str) -> bool:
+    """Whether the whole of ``text`` is a regular poem (nothing before, between or after its lines)."""
+    flat = _flat(text)
+    lines = _lines(flat)
+    return lines is not None and "".join(lines) == flat
+
+
+def _flat(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+def _lines(flat: str, max_lines: int | None = None) -> tuple[str, ...] | None:
     lines: list[str] = []
     n = None
     for m in _SEGMENT.finditer(flat):
@@ -27,9 +41,3 @@ def poem_lines(text: str, max_lines: int | None = None) -> tuple[str, ...] | Non
         lines.append(chars + mark)
     lines = lines[: len(lines) // 2 * 2]
     return tuple(lines) if len(lines) >= 4 else None
-
-
-def is_poem_form(text: str) -> bool:
-    """Whether the whole of ``text`` is a regular poem (nothing before, between or after its lines)."""
-    lines = poem_lines(text)
-    return lines is not None and "".join(lines) == re.sub(r"\s+", "", text)
