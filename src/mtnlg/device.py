@@ -6,6 +6,7 @@ import contextlib
 import os
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mtnlg.errors import ConfigError
 
@@ -48,6 +49,4 @@ def inference_attention(device: torch.device) -> contextlib.AbstractContextManag
     per-call cost is ~20-30 us at any length). Training (one shape) keeps torch's own choice."""
     if device.type != "cuda":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
