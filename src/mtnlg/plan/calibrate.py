@@ -106,16 +106,13 @@ def measure_op_overhead(repeats: int = 20) -> float:
     (forward, loss, backward, clipping, foreach AdamW) over the ops the time model counts for it."""
     import torch.nn.functional as F
 
-    from mtnlg.config import ModelConfig
-    from mtnlg.model import build_model, materialize
+    from mtnlg.model import materialize
     from mtnlg.plan.timemodel import Shape, stage_parts, step_ops
     from mtnlg.plan.profile import Profile as _P
 
-    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, ffn_hidden_size=64, max_seq_len=8,
-                      make_vocab_size_divisible_by=1)
-    model = materialize(build_model(cfg), seed=0).train()
+    model = materialize(_tiny_gpt(2), seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    tokens = torch.randint(0, 64, (1, 9))
+    tokens = torch.randint(0, TINY_VOCAB, (1, TINY_SEQ + 1))
 
     def step():
         loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
@@ -125,7 +122,8 @@ def measure_op_overhead(repeats: int = 20) -> float:
         opt.zero_grad(set_to_none=True)
 
     seconds = _typical(step, repeats)
-    sh = Shape(layers=2, hidden=16, ffn=64, heads=2, vocab=64, seq=8, micro_batch=1, microbatches=1)
+    sh = Shape(layers=2, hidden=TINY_HIDDEN, ffn=4 * TINY_HIDDEN, heads=2, vocab=TINY_VOCAB, seq=TINY_SEQ,
+               micro_batch=1, microbatches=1)
     unit = _P("ops", 1.0, [(1, 1, 1, 1.0)], 1.0, 1.0, {})  # op overhead 1 s: stage_parts' overhead = op count
     ops = stage_parts(unit, sh, True, True)["overhead"] + step_ops(sh)
     return seconds / ops
@@ -220,12 +218,16 @@ def measure_shared_speed(rank: int, dist, seconds: float = 0.7, rounds: int = 3)
     return min(1.0, statistics.median(ratios))
 
 
+TINY_VOCAB, TINY_HIDDEN, TINY_SEQ = 64, 16, 8  # the GPT the host-overhead measurements step
+
+
 def _tiny_gpt(layers: int):
     from mtnlg.config import ModelConfig
     from mtnlg.model import build_model
 
-    return build_model(ModelConfig(vocab_size=64, hidden_size=16, num_layers=layers, num_heads=2, ffn_hidden_size=64,
-                                   max_seq_len=8, make_vocab_size_divisible_by=1))
+    return build_model(ModelConfig(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, num_layers=layers, num_heads=2,
+                                   ffn_hidden_size=4 * TINY_HIDDEN, max_seq_len=TINY_SEQ,
+                                   make_vocab_size_divisible_by=1))
 
 
 def _step_seconds(layers: int, kind: str, mesh, repeats: int = 30) -> float:
@@ -239,7 +241,7 @@ def _step_seconds(layers: int, kind: str, mesh, repeats: int = 30) -> float:
     from mtnlg.train.loss import cross_entropy_sum
 
     gen = torch.Generator().manual_seed(0)  # the same tokens on every rank (TP ranks see one batch)
-    tokens = torch.randint(0, 64, (1, 9), generator=gen)
+    tokens = torch.randint(0, TINY_VOCAB, (1, TINY_SEQ + 1), generator=gen)
     x, y = tokens[:, :-1], tokens[:, 1:]
     model = _tiny_gpt(layers)
     if kind == "tp":
@@ -354,10 +356,11 @@ def calibrate(gemm_shapes: Iterable[tuple[int, int, int]] = (), attention_shapes
     link = {op: LinkOp(lo.latency_s, lo.busbw, tuple(sorted((r["bytes"] * ring_factor(op, r["ranks"]), r["seconds"])
                                                           for r in rows if r["op"] == op)))
             for op, lo in link.items()}
-    # a TP block's 8 collectives (SP: all-gather + reduce-scatter of the 512-byte activation, twice forward
-    # and twice backward) cost this much more inside a step than back to back: the wait for a peer that
-    # drifted behind between them
-    isolated = 4 * sum(link[op].time(op, 512, 2) for op in ("all_gather", "reduce_scatter"))
+    # a TP block's 8 collectives (SP: all-gather + reduce-scatter of the tiny GPT's fp32 activation, twice
+    # forward and twice backward) cost this much more inside a step than back to back: the wait for a peer
+    # that drifted behind between them
+    act = TINY_SEQ * TINY_HIDDEN * 4
+    isolated = 4 * sum(link[op].time(op, act, 2) for op in ("all_gather", "reduce_scatter"))
     wait = max(0.0, (framework["tp_block_peers_s"] - isolated) / 8)
     cores = os.cpu_count() or 1
     where = f"measured by `mtnlg plan --calibrate` on this host ({cores} cores, {threads} thread(s) per rank, " \
