@@ -13,6 +13,9 @@ Prints a table of tokens/s and ratios; ``--json`` prints one object with ``ratio
 Model bandwidth utilisation (``mbu_b1``, ``mbu_b1_int8``): the weight bytes one decode step reads
 (every layer, the LM head, one embedding row) times tokens/s at batch 1, divided by the read
 bandwidth of a buffer of the same size measured in the same run (``torch.sum`` over it, best of 20).
+``--compile`` adds mtnlg with ``compile_decode=True`` (the decode step through ``torch.compile`` over a
+static KV cache, :mod:`mtnlg.infer.compiled`): ``ratio_b1_compiled``, ``mbu_b1_compiled``, and the
+first call's time (``compile_s_b1``, compilation included) apart from the timed runs.
 ``--llama-cpp`` adds llama.cpp at batch 1 on the same model exported to GGUF (``ratio_llama_cpp``,
 mtnlg tokens/s over llama.cpp's; skipped with the reason when llama-cpp-python is not installed).
 """
@@ -103,6 +106,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--int8", action="store_true", help="also time mtnlg with int8 weights (quantize=True)")
+    ap.add_argument("--compile", action="store_true", help="also time mtnlg with compile_decode=True")
     ap.add_argument("--llama-cpp", action="store_true", help="also decode with llama.cpp at batch 1 "
                     "(llama-cpp-python; benchmarks/llama_cpp_decode.py): ratio_llama_cpp")
     ap.add_argument("--json", action="store_true")
@@ -138,6 +142,14 @@ def main() -> None:
         if q is not None:
             t_q = time_it(lambda: generate(q, prompt.tolist(), params), args.repeats)
             rows[B].update(int8_tok_s=B * n / t_q, ratio_int8=t_hf / t_q)
+        if args.compile:
+            cparams = SamplingParams(max_new_tokens=n, compile_decode=True)
+            t0 = time.perf_counter()
+            c = [r.token_ids for r in generate(m.model, prompt.tolist(), cparams)]
+            first = time.perf_counter() - t0
+            t_c = time_it(lambda: generate(m.model, prompt.tolist(), cparams), args.repeats)
+            rows[B].update(compiled_tok_s=B * n / t_c, ratio_compiled=t_hf / t_c, compile_s=first,
+                           compiled_same_rows=f"{sum(x == y for x, y in zip(a, c))}/{B}")
     result = {"model_params": m.num_parameters(), "new_tokens": n, "threads": torch.get_num_threads(),
               "b1": rows[1], "b8": rows[8], "ratio_b1": rows[1]["ratio"], "ratio_b8": rows[8]["ratio"]}
     wb = bytes_per_token(m.model)
@@ -148,6 +160,9 @@ def main() -> None:
         bwq = read_bandwidth(wq)
         result.update(ratio_b1_int8=rows[1]["ratio_int8"], ratio_b8_int8=rows[8]["ratio_int8"], weight_bytes_int8=wq,
                       read_gb_s_int8=bwq / 1e9, mbu_b1_int8=wq * rows[1]["int8_tok_s"] / bwq)
+    if args.compile:
+        result.update(ratio_b1_compiled=rows[1]["ratio_compiled"], ratio_b8_compiled=rows[8]["ratio_compiled"],
+                      mbu_b1_compiled=wb * rows[1]["compiled_tok_s"] / bw, compile_s_b1=rows[1]["compile_s"])
     if args.llama_cpp:
         from llama_cpp_decode import describe, side_by_side
 
@@ -162,10 +177,13 @@ def main() -> None:
     for B, r in rows.items():
         print(f"{B:>5} {r['mtnlg_tok_s']:>12.1f} {r['hf_tok_s']:>10.1f} {r['ratio']:>6.2f}x "
               f"{r['same_tokens_rows']:>12}" + (f"   int8: {r['int8_tok_s']:.1f} tok/s, {r['ratio_int8']:.2f}x"
-                                                 if "int8_tok_s" in r else ""))
+                                                 if "int8_tok_s" in r else "")
+              + (f"   compiled: {r['compiled_tok_s']:.1f} tok/s, {r['ratio_compiled']:.2f}x, same tokens "
+                 f"{r['compiled_same_rows']}, first call {r['compile_s']:.1f} s" if "compiled_tok_s" in r else ""))
     print(f"mbu_b1 {result['mbu_b1']:.2f} ({wb / 1e6:.1f} MB/token, buffer read {result['read_gb_s']:.1f} GB/s)"
           + (f"   mbu_b1_int8 {result['mbu_b1_int8']:.2f} ({result['weight_bytes_int8'] / 1e6:.1f} MB/token, "
-             f"{result['read_gb_s_int8']:.1f} GB/s)" if q is not None else ""))
+             f"{result['read_gb_s_int8']:.1f} GB/s)" if q is not None else "")
+          + (f"   mbu_b1_compiled {result['mbu_b1_compiled']:.2f}" if args.compile else ""))
     if args.llama_cpp:
         print(describe(result))
 

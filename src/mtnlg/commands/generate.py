@@ -42,6 +42,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float =
     g.add_argument("--seed", type=int, help="seed of the sampler (same seed, same text)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     g.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID")
+    g.add_argument("--compile", action="store_true", help="decode steps through torch.compile (faster for long "
+                   "outputs at batch 1; the first step compiles, ~10-30 s on a CPU)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +64,8 @@ def sampling_params(args: argparse.Namespace, tokenizer, extra_stop_ids: list[in
         no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
         length_penalty=args.length_penalty, seed=args.seed, stop=list(args.stop),
         stop_token_ids=[tokenizer.eod_id, *args.stop_token_id, *(extra_stop_ids or [])],
-        logprobs=getattr(args, "logprobs", None), vocab_limit=tokenizer.vocab_size).validate()
+        logprobs=getattr(args, "logprobs", None), vocab_limit=tokenizer.vocab_size,
+        compile_decode=getattr(args, "compile", False)).validate()
 
 
 def load_model(args: argparse.Namespace):

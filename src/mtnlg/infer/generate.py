@@ -32,7 +32,8 @@ from mtnlg.infer.decode import RowState, allowed_matrix, pick_greedy, token_budg
 from mtnlg.infer.sampling import SamplingParams, process_logits, sample, top_logprobs
 from mtnlg.infer.utf8 import START, Utf8Guard
 from mtnlg.model.decode_linear import block_count, blocked, blocked_matmul
-from mtnlg.model.kv_cache import KVCache
+from mtnlg.infer import compiled
+from mtnlg.model.kv_cache import KVCache, StaticKVCache
 from mtnlg.model.prompt_tuning import Splice
 from mtnlg.model.transformer import GPT
 
@@ -86,6 +87,7 @@ class _Batch:
         self.pos = (torch.arange(capacity, device=device).unsqueeze(0) - pads.unsqueeze(1)).clamp_(min=0)
         self.key_valid = torch.arange(capacity, device=device).unsqueeze(0) >= pads.unsqueeze(1)  # [B, S]
         self.soft = soft
+        self.key_valid_static: torch.Tensor | None = None
         self.head = FastHead.for_model(model)
         if soft is not None:
             n = soft.embeds.shape[0]
@@ -112,12 +114,33 @@ class _Batch:
         e[self.soft_index] = self.soft.embeds.to(e.dtype).repeat(self.B, 1)
         return e
 
-    def forward(self, start: int, end: int, cache: KVCache | None) -> torch.Tensor:
+    def static_mask(self, start: int, end: int, length: int) -> torch.Tensor:
+        """:meth:`mask` over all ``length`` columns of a static cache (the unwritten ones hidden)."""
+        T = end - start
+        m = torch.zeros(self.B, 1, T, length, dtype=torch.bool, device=self.ids.device)
+        inner = self.mask(start, end)
+        m[..., :end] = inner if inner is not None else torch.ones(
+            T, end, dtype=torch.bool, device=self.ids.device).tril(diagonal=start)
+        return m
+
+    def forward(self, start: int, end: int, cache: KVCache | StaticKVCache | None) -> torch.Tensor:
         """Logits [B, V] of column ``end - 1`` after running columns ``start..end-1``."""
+        if isinstance(cache, StaticKVCache):
+            if start >= self.P and end == start + 1:  # a decode step: the compiled one
+                if self.key_valid_static is None:
+                    valid = torch.zeros(self.B, cache.max_len, dtype=torch.bool, device=self.ids.device)
+                    valid[:, : self.capacity] = self.key_valid
+                    self.key_valid_static = valid
+                return compiled.decode_step(self.model, self.ids[:, start:end], self.pos[:, start:end], start,
+                                            self.key_valid_static, cache)
+            cache.at(torch.arange(start, end, device=self.ids.device))
+            mask = self.static_mask(start, end, cache.max_len)
+        else:
+            mask = self.mask(start, end)
         token_embeds = None
         if self.soft is not None and start < self.P:
             token_embeds = self.embeds(end)[:, start:end]
-        return self.model(self.ids[:, start:end], self.pos[:, start:end], cache, self.mask(start, end),
+        return self.model(self.ids[:, start:end], self.pos[:, start:end], cache, mask,
                           token_embeds, logits_at=-1, head=self.head)
 
 
@@ -195,7 +218,12 @@ def _loop(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[Samplin
     want_lp = any(p.logprobs is not None for p in rowp)
     k_top = max(p.logprobs or 0 for p in rowp)
     alive = list(range(len(rows)))
-    cache = KVCache(len(model.layers), batch.capacity) if use_cache else None
+    cache: KVCache | StaticKVCache | None = None
+    if use_cache and any(p.compile_decode for p in params):
+        compiled.check_model(model)
+        cache = StaticKVCache(len(model.layers), compiled.static_length(batch.capacity, model.cfg.max_seq_len))
+    elif use_cache:
+        cache = KVCache(len(model.layers), batch.capacity)
 
     start = 0
     for step in range(max_new):

@@ -59,6 +59,7 @@ class SamplingParams:
     num_beams: int = 1  # > 1: beam search (mtnlg.infer.generate only; greedy scoring)
     length_penalty: float = 1.0  # beam score = sum logprob / len ** length_penalty
     use_cache: bool = True
+    compile_decode: bool = False  # decode steps through torch.compile over a static cache (mtnlg.infer.compiled)
     vocab_limit: int | None = None  # never emit ids >= this (the tokenizer may be smaller than the embedding)
     form: str | None = None  # "poem" | "poem5" | "poem7": the output is a whole regular poem (mtnlg.infer.poem_form)
 
@@ -95,6 +96,9 @@ class SamplingParams:
             raise bad("stop", "must be a list of non-empty strings")
         if self.form is not None and self.form not in FORMS:
             raise bad("form", f"must be one of {', '.join(FORMS)} or None (free text)")
+        if self.compile_decode and (self.num_beams > 1 or not self.use_cache):
+            raise bad("compile_decode", "needs the KV cache and num_beams=1 (the compiled step is one cached "
+                      "decode step); set compile_decode=False")
         if self.form is not None and self.num_beams > 1:
             raise bad("form", "works with sampling and greedy decoding, not beam search; use num_beams=1")
         return self

@@ -8,7 +8,8 @@ stored as ``[P, in, out / P]`` (P = the intra-op threads), the same product beco
 matmul whose P blocks run in parallel: 12.9 GB/s, and 1.2x the tokens/s of the whole decode loop.
 
 :func:`project` takes that path only where it pays and cannot change training: no autograd, CPU,
-at most :data:`DECODE_ROWS` rows, a plain ``nn.Linear`` without hooks, weights of at most
+at most :data:`DECODE_ROWS` rows, not under ``torch.compile`` (a compiled step has its own matmuls), a
+plain ``nn.Linear`` without hooks, weights of at most
 :data:`MAX_ELEMENTS`. The blocked copy is built on first use and rebuilt whenever the weight
 changes (its version counter), so it is never stale; it costs one extra copy of each projection
 while a model decodes.
@@ -61,8 +62,9 @@ def blocked_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 def project(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``lin(x)``, through the blocked weight while decoding on CPU (see the module docstring)."""
-    if (torch.is_grad_enabled() or x.device.type != "cpu" or type(lin) is not nn.Linear
-            or x.numel() > DECODE_ROWS * x.shape[-1] or lin._forward_hooks or lin._forward_pre_hooks):
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or x.device.type != "cpu"
+            or type(lin) is not nn.Linear or x.numel() > DECODE_ROWS * x.shape[-1]
+            or lin._forward_hooks or lin._forward_pre_hooks):
         return lin(x)
     got = _blocks(lin)
     if got is None:

@@ -2,6 +2,8 @@
 
 * :class:`KVCache` (contiguous): a batch of sequences that advance together (``generate``, beam search).
   Shape ``[layers, B, H, max_len, D]``, filled left to right; ``length`` positions are valid.
+* :class:`StaticKVCache` (static): the same batch in buffers whose shapes never change, one per layer,
+  written at columns the caller names: what a compiled decode step needs (``mtnlg.infer.compiled``).
 * :class:`SlotKVCache` (slots): independent sequences of a continuous-batching scheduler. Shape
   ``[layers, slots, H, max_len, D]``; before each forward the scheduler says which slots take part and
   where each row's new tokens go (:meth:`SlotKVCache.select`), so prefill chunks, decode steps and a
@@ -70,6 +72,43 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class StaticKVCache:
+    """Keys and values of a batch that advances together, in buffers of a fixed shape.
+
+    One ``[B, H, max_len, D]`` tensor per layer for keys and one for values (separate tensors, so that
+    a compiled step writes one column of each in place rather than copying a stacked buffer). Before
+    each forward the caller names the columns the new tokens go to (:meth:`at`); :meth:`update` writes
+    them there and returns the whole buffers, so attention always sees ``max_len`` keys and the
+    caller's mask hides the columns not written yet (they hold zeros, never NaN). Allocated on the
+    first :meth:`update` (local head count under tensor parallelism).
+    """
+
+    def __init__(self, num_layers: int, max_len: int):
+        self.num_layers = num_layers
+        self.max_len = max_len
+        self.length = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.columns: torch.Tensor | None = None
+
+    def at(self, columns: torch.Tensor) -> None:
+        """The next forward's T new tokens go to these columns ([T] long tensor)."""
+        self.columns = columns
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.k:
+            B, H, _, D = k.shape
+            for store, like in ((self.k, k), (self.v, v)):
+                store.extend(torch.zeros(B, H, self.max_len, D, dtype=like.dtype, device=like.device)
+                             for _ in range(self.num_layers))
+        self.k[layer][:, :, self.columns] = k
+        self.v[layer][:, :, self.columns] = v
+        return self.k[layer], self.v[layer]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
 
 
 class SlotKVCache:

@@ -65,7 +65,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         S = k.shape[2]
         dropout = self.attention_dropout if self.training else 0.0
-        if attn_mask is not None:
+        if T == 1 and attn_mask is not None and torch.compiler.is_compiling():
+            y = one_query_attention(q, k, v, attn_mask)
+        elif attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         elif S == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
@@ -76,6 +78,14 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, heads * self.head_dim)
         return project(self.proj, y)
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of one query per row over a masked key set, written out: what a compiled decode
+    step uses (:mod:`mtnlg.infer.compiled`), because inductor fuses it into its own kernels while the CPU
+    SDPA kernel costs ~40 us a call at decode sizes (8 x 36 heads over 256 keys), a seventh of the step."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
 
 
 class MLP(nn.Module):
