@@ -11,11 +11,46 @@ from mtnlg.model.decode_linear import project
 
 
 @pytest.fixture
-def two_threads():
+def two_threads(monkeypatch):
+    """Two threads, and the blocked path taken wherever it is allowed (whether it pays is measured per
+    machine: :func:`test_the_choice_is_measured_once_per_shape_and_rows`)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    monkeypatch.setattr(decode_linear, "blocked_pays", lambda *a, **k: True)
     yield
     torch.set_num_threads(before)
+
+
+def test_the_choice_is_measured_once_per_shape_and_rows(monkeypatch):
+    monkeypatch.setattr(decode_linear, "_PAYS", {})
+    w, b = torch.randn(64, 48), torch.randn(64)
+    calls = []
+    real = decode_linear.blocked
+
+    def counting(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(decode_linear, "blocked", counting)
+    first = decode_linear.blocked_pays(w, b, 2, rows=1)
+    assert isinstance(first, bool) and decode_linear.blocked_pays(w, b, 2, rows=1) == first
+    assert len(calls) == 1  # measured once, then remembered
+    decode_linear.blocked_pays(w, b, 2, rows=8)
+    assert len(calls) == 2 and set(decode_linear._PAYS) == {(64, 48, 2, True, 1), (64, 48, 2, True, 8)}
+
+
+def test_where_the_blocks_do_not_pay_the_plain_linear_runs(monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(decode_linear, "blocked_pays", lambda *a, **k: False)
+        lin = nn.Linear(48, 64)
+        x = torch.randn(1, 1, 48)
+        with torch.no_grad():
+            torch.testing.assert_close(project(lin, x), lin(x), rtol=1e-5, atol=1e-6)
+        assert decode_linear._CACHE not in lin.__dict__
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_decode_rows_match_linear_and_use_the_blocks(two_threads):

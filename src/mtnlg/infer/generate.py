@@ -25,13 +25,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.errors import ConfigError
 from mtnlg.infer.decode import RowState, allowed_matrix, pick_greedy, token_budget
 from mtnlg.infer.sampling import SamplingParams, process_logits, sample, top_logprobs
 from mtnlg.infer.utf8 import START, Utf8Guard
-from mtnlg.model.decode_linear import block_count, blocked, blocked_matmul
+from mtnlg.model.decode_linear import block_count, blocked, blocked_matmul, blocked_pays
 from mtnlg.infer import compiled
 from mtnlg.model.kv_cache import KVCache, StaticKVCache
 from mtnlg.model.prompt_tuning import Splice
@@ -145,12 +146,12 @@ class _Batch:
 
 
 class FastHead:
-    """The LM head for decoding: ``h @ W^T`` with W^T stored contiguous, because a [1, h] x [V, h]^T
-    ``linear`` with a large V is several times slower on CPU than the same product with the
-    transposed copy (measured: 5.5 ms vs 1.2 ms for V=8192, h=384), and split into one block per
-    intra-op thread (:func:`mtnlg.model.decode_linear.blocked`) so that all threads read it. Only for
-    plain CPU tensors of modest size; anything else (quantized heads, DTensors, GPUs) keeps
-    ``model.output``."""
+    """The LM head for decoding: ``h @ W^T`` with W^T stored contiguous and split into one block per
+    intra-op thread (:func:`mtnlg.model.decode_linear.blocked`), where that is measured to be faster
+    on this machine (:func:`~mtnlg.model.decode_linear.blocked_pays`): on an AVX2 box a [1, h] x [V, h]^T
+    ``linear`` with a large V was several times slower than the product with the transposed copy
+    (5.5 ms vs 1.2 ms for V=8192, h=384), on an AVX-512 box the two are even. Only for plain CPU tensors
+    of modest size; anything else (quantized heads, DTensors, GPUs) keeps ``model.output``."""
 
     MAX_ELEMENTS = 64 * 2**20
 
@@ -159,14 +160,23 @@ class FastHead:
         out = model.output
         w = getattr(out, "weight", None)
         if (type(out) is torch.nn.Linear and type(w) in (torch.Tensor, torch.nn.Parameter) and w.device.type == "cpu"
-                and w.numel() <= FastHead.MAX_ELEMENTS and out.bias is None):
-            return FastHead(blocked(w.detach(), block_count(w.shape[0])))
+                and w.numel() <= FastHead.MAX_ELEMENTS and out.bias is None and w.dtype == torch.float32
+                and block_count(w.shape[0]) >= 2):
+            return FastHead(w.detach(), block_count(w.shape[0]))
         return out
 
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
+    def __init__(self, weight: torch.Tensor, parts: int):
+        self.weight = weight
+        self.parts = parts
+        self.blocks: torch.Tensor | None = None
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        rows = h.numel() // h.shape[-1]
+        bucket = min(64, 1 << (rows - 1).bit_length())  # measured per power-of-two row count
+        if not blocked_pays(self.weight, None, self.parts, bucket):
+            return F.linear(h, self.weight)
+        if self.blocks is None:
+            self.blocks = blocked(self.weight, self.parts)
         return blocked_matmul(h, self.blocks)
 
 

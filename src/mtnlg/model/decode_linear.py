@@ -1,11 +1,17 @@
-"""Batch-1 decoding's projections through a blocked copy of the weight, read by all threads at once.
+"""Batch-1 decoding's projections through a blocked copy of the weight, read by all threads at once,
+where that is measured to pay.
 
 While decoding, each ``nn.Linear`` multiplies a handful of rows by its weight: a matrix-vector
-product that only streams the weight from memory. On CPU the BLAS runs that product on one thread
-and reads the weight at about a third of the machine's read bandwidth (measured on the 2-core box:
-8-9 GB/s against 31-33 GB/s for ``torch.sum`` over the same bytes). Split into P column blocks
-stored as ``[P, in, out / P]`` (P = the intra-op threads), the same product becomes a batched
-matmul whose P blocks run in parallel: 12.9 GB/s, and 1.2x the tokens/s of the whole decode loop.
+product that only streams the weight from memory. On some CPUs the BLAS runs that product on one
+thread and reads the weight at about a third of the machine's read bandwidth (measured on an AVX2
+2-core box: 8-9 GB/s against 31-33 GB/s for ``torch.sum`` over the same bytes). Split into P column
+blocks stored as ``[P, in, out / P]`` (P = the intra-op threads), the same product becomes a batched
+matmul whose P blocks run in parallel: 12.9 GB/s there, and 1.2x the tokens/s of the whole decode
+loop. On others the BLAS already reads the weight with every thread (an AVX-512 2-core box: 77-87
+GB/s for a 288 x 1152 layer either way) and the blocked path only adds operators (its tokens/s was
+0.85-0.9x plain ``F.linear``'s). So :func:`blocked_pays` times both on the real weight the first time
+a shape is seen in a process (~1 ms; best of :data:`TRIALS`, alternating) and the blocked copy is used
+only where it is at least :data:`MARGIN` faster.
 
 :func:`project` takes that path only where it pays and cannot change training: no autograd, CPU,
 at most :data:`DECODE_ROWS` rows, not under ``torch.compile`` (a compiled step has its own matmuls), a
@@ -17,20 +23,29 @@ while a model decodes.
 
 from __future__ import annotations
 
+import time
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DECODE_ROWS = 8  # decode steps of up to 8 sequences; prefill and evaluation keep the GEMM
 MAX_ELEMENTS = 16 * 2**20  # 64 MB of fp32 per matrix at most (larger models: no second copy)
+TRIALS = 20
+MARGIN = 0.9  # the blocked product must take at most 0.9x plain F.linear's time
 _CACHE = "_decode_blocks"
+_PAYS: dict[tuple[int, int, int, bool, int], bool] = {}
 
 
-def _blocks(lin: nn.Linear) -> tuple[torch.Tensor, int] | None:
-    """The weight as [P, in, out / P] blocks (built or rebuilt when the weight changed), or None."""
+def _blocks(lin: nn.Linear, rows: int) -> tuple[torch.Tensor, int] | None:
+    """The weight as [P, in, out / P] blocks (built or rebuilt when the weight changed), or None (not
+    eligible, or not faster for ``rows`` rows here)."""
     w = lin.weight
     parts = block_count(w.shape[0])
     plain = type(w) is nn.Parameter or type(w) is torch.Tensor  # not a DTensor shard, not a quantized weight
     if not plain or parts < 2 or w.numel() > MAX_ELEMENTS or w.dtype != torch.float32:
+        return None
+    if not blocked_pays(w, lin.bias, parts, rows):
         return None
     key = (w.data_ptr(), w._version, parts)
     cached = lin.__dict__.get(_CACHE)
@@ -38,6 +53,33 @@ def _blocks(lin: nn.Linear) -> tuple[torch.Tensor, int] | None:
         cached = (key, blocked(w.detach(), parts))
         lin.__dict__[_CACHE] = cached
     return cached[1], parts
+
+
+def blocked_pays(w: torch.Tensor, bias: torch.Tensor | None, parts: int, rows: int = 1) -> bool:
+    """Whether ``rows`` rows times ``w`` (plus ``bias``) are faster through :func:`blocked` blocks than
+    through ``F.linear`` on this machine: measured once per process for each shape, thread count and
+    row count."""
+    key = (w.shape[0], w.shape[1], parts, bias is not None, rows)
+    if key not in _PAYS:
+        with torch.no_grad():
+            w = w.detach()
+            b = bias.detach() if bias is not None else None
+            x = torch.randn(rows, 1, w.shape[1], dtype=w.dtype, device=w.device)
+            blocks = blocked(w, parts)
+
+            def blk() -> torch.Tensor:
+                y = blocked_matmul(x, blocks)
+                return y + b if b is not None else y
+
+            best = {"plain": float("inf"), "blocked": float("inf")}
+            F.linear(x, w, b), blk()  # warm-up
+            for _ in range(TRIALS):
+                for name, fn in (("plain", lambda: F.linear(x, w, b)), ("blocked", blk)):
+                    t0 = time.perf_counter()
+                    fn()
+                    best[name] = min(best[name], time.perf_counter() - t0)
+        _PAYS[key] = best["blocked"] <= MARGIN * best["plain"]
+    return _PAYS[key]
 
 
 def block_count(out_features: int) -> int:
@@ -66,7 +108,7 @@ def project(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
             or type(lin) is not nn.Linear or x.numel() > DECODE_ROWS * x.shape[-1]
             or lin._forward_hooks or lin._forward_pre_hooks):
         return lin(x)
-    got = _blocks(lin)
+    got = _blocks(lin, x.numel() // x.shape[-1])
     if got is None:
         return lin(x)
     y = blocked_matmul(x, got[0])
