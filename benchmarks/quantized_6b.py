@@ -6,6 +6,11 @@
 2. Builds ``MegatronModelConfig()`` (the spec's defaults: 30 layers, hidden 4096, FFN 15360,
    vocab 30522) with ``quantize=True`` and materializes it layer by layer (never the fp32 model).
 3. Prefills an 8-token prompt and decodes 8 greedy tokens; reports tokens/s after the prefill.
+4. Model bandwidth utilisation (key ``mbu``, goal >= 0.85): the weight bytes one decode step reads
+   (``benchmarks/decode.py``'s ``bytes_per_token``: every layer's int8 weights and scales, the int8
+   LM head, one embedding row) times tokens/s, over the read bandwidth of an fp32 buffer of the same
+   size (``torch.sum``, best of 5) measured in the same run, in a child process so that the buffer
+   does not count in this process's peak RSS.
 
     python benchmarks/quantized_6b.py [--json] [--skip-paths]
 
@@ -16,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -59,6 +67,15 @@ def measure_paths(repeats: int = 5) -> dict[str, float]:
     return res
 
 
+def read_bandwidth_elsewhere(nbytes: int) -> float:
+    """Bytes/s at which a child process reads an fp32 buffer of ``nbytes`` (decode.py's measure)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); from decode import read_bandwidth; "
+            f"print(read_bandwidth({nbytes}, repeats=5))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return float(out.split()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=8)
@@ -98,6 +115,12 @@ def main() -> None:
         "peak_rss_gib": rss_gib(),
         "start_rss_gib": base_rss,
     })
+    from decode import bytes_per_token
+
+    wb = bytes_per_token(lm.model)
+    bw = read_bandwidth_elsewhere(wb)
+    result.update(weight_bytes_per_token=wb, read_gb_s=bw / 1e9, mbu=wb * result["decode_tokens_per_s"] / bw,
+                  goal={"mbu": 0.85, "peak_rss_gib": 10})
     if args.json:
         print(json.dumps(result))
         return
@@ -110,6 +133,8 @@ def main() -> None:
     print(f"peak RSS {result['peak_rss_gib']:.2f} GiB; prefill (8 tokens) + first token "
           f"{result['prefill_plus_first_token_s']:.2f}s; decode {result['decode_tokens_per_s']:.2f} tokens/s "
           f"({result['decode_tokens']} tokens, {result['threads']} threads)")
+    print(f"mbu {result['mbu']:.2f} (goal >= 0.85): {wb / 1e9:.2f} GB of weights a token x "
+          f"{result['decode_tokens_per_s']:.2f} tokens/s over a {result['read_gb_s']:.1f} GB/s buffer read")
 
 
 if __name__ == "__main__":
