@@ -33,3 +33,18 @@ def test_bad_override_is_one_line_exit_2():
     assert "unknown key 'model.num_layer'" in r.stderr and "did you mean 'model.num_layers'" in r.stderr
     r = run("config", "--train.lr=fast")
     assert r.returncode == 2 and "train.lr: expected float" in r.stderr
+
+
+def test_denormals_are_flushed_for_every_intra_op_thread():
+    """FTZ/DAZ set before the first parallel op reaches every intra-op thread: a denormal operand of a
+    multi-threaded matmul counts as zero (mtnlg.device.flush_denormals; the command line and the
+    training step set it first thing). In a fresh process, as the command line runs."""
+    code = ("import torch\nfrom mtnlg.device import flush_denormals\nassert flush_denormals()\n"
+            "torch.set_num_threads(2)\n"
+            "a = torch.full((256, 256), 1e-39)\nb = torch.full((256, 256), 1e30)\n"
+            "print(float((a @ b).abs().max()), float((torch.tensor([1e-39]) * 1e30).abs().max()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0.0", "0.0"]
+    plain = subprocess.run([sys.executable, "-c", code.replace("assert flush_denormals()\n", "")],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert float(plain[1]) > 0  # without it the same product is not zero: the test can fail
