@@ -15,7 +15,9 @@ Model bandwidth utilisation (``mbu_b1``, ``mbu_b1_int8``): the weight bytes one 
 bandwidth of a buffer of the same size measured in the same run (``torch.sum`` over it, best of 20).
 ``--compile`` adds mtnlg with ``compile_decode=True`` (the decode step through ``torch.compile`` over a
 static KV cache, :mod:`mtnlg.infer.compiled`): ``ratio_b1_compiled``, ``mbu_b1_compiled``, and the
-first call's time (``compile_s_b1``, compilation included) apart from the timed runs.
+first call's time (``compile_s_b1``, compilation included) apart from the timed runs; with ``--int8`` too,
+the int8 model compiled (``mbu_b1_int8_compiled``; its activations enter the int8 kernel in bf16, so
+compiled and eager agree to bf16 rounding and may pick different tokens at near-ties).
 ``--llama-cpp`` adds llama.cpp at batch 1 on the same model exported to GGUF (``ratio_llama_cpp``,
 mtnlg tokens/s over llama.cpp's; skipped with the reason when llama-cpp-python is not installed).
 """
@@ -150,6 +152,10 @@ def main() -> None:
             t_c = time_it(lambda: generate(m.model, prompt.tolist(), cparams), args.repeats)
             rows[B].update(compiled_tok_s=B * n / t_c, ratio_compiled=t_hf / t_c, compile_s=first,
                            compiled_same_rows=f"{sum(x == y for x, y in zip(a, c))}/{B}")
+            if q is not None and B == 1:
+                generate(q, prompt.tolist(), cparams)  # compile
+                t_qc = time_it(lambda: generate(q, prompt.tolist(), cparams), args.repeats)
+                rows[B].update(int8_compiled_tok_s=B * n / t_qc)
     result = {"model_params": m.num_parameters(), "new_tokens": n, "threads": torch.get_num_threads(),
               "b1": rows[1], "b8": rows[8], "ratio_b1": rows[1]["ratio"], "ratio_b8": rows[8]["ratio"]}
     wb = bytes_per_token(m.model)
@@ -163,6 +169,9 @@ def main() -> None:
     if args.compile:
         result.update(ratio_b1_compiled=rows[1]["ratio_compiled"], ratio_b8_compiled=rows[8]["ratio_compiled"],
                       mbu_b1_compiled=wb * rows[1]["compiled_tok_s"] / bw, compile_s_b1=rows[1]["compile_s"])
+        if q is not None:
+            result.update(int8_compiled_tok_s_b1=rows[1]["int8_compiled_tok_s"],
+                          mbu_b1_int8_compiled=wq * rows[1]["int8_compiled_tok_s"] / bwq)
     if args.llama_cpp:
         from llama_cpp_decode import describe, side_by_side
 
@@ -183,7 +192,9 @@ def main() -> None:
     print(f"mbu_b1 {result['mbu_b1']:.2f} ({wb / 1e6:.1f} MB/token, buffer read {result['read_gb_s']:.1f} GB/s)"
           + (f"   mbu_b1_int8 {result['mbu_b1_int8']:.2f} ({result['weight_bytes_int8'] / 1e6:.1f} MB/token, "
              f"{result['read_gb_s_int8']:.1f} GB/s)" if q is not None else "")
-          + (f"   mbu_b1_compiled {result['mbu_b1_compiled']:.2f}" if args.compile else ""))
+          + (f"   mbu_b1_compiled {result['mbu_b1_compiled']:.2f}" if args.compile else "")
+          + (f"   int8 compiled {result['int8_compiled_tok_s_b1']:.1f} tok/s, mbu_b1_int8_compiled "
+             f"{result['mbu_b1_int8_compiled']:.2f}" if args.compile and q is not None else ""))
     if args.llama_cpp:
         print(describe(result))
 
