@@ -83,3 +83,22 @@ def test_compile_decode_rejects_what_it_cannot_run(byte_model):
         generate(model, [[1, 2]], SamplingParams(compile_decode=True, num_beams=2))
     with pytest.raises(ConfigError, match="compile_decode"):
         generate(model, [[1, 2]], SamplingParams(compile_decode=True, use_cache=False))
+
+
+def test_the_compile_is_announced_before_any_text_is_streamed(byte_model, caplog):
+    """The log line about compiling comes when the stream is created, before its first delta (it never
+    lands inside the printed text), once per model, batch and cache length; bad options fail there too."""
+    import logging
+
+    from mtnlg.infer.generate import stream
+
+    model, tok = byte_model
+    fresh = materialize(build_model(model.cfg), seed=3).eval()  # a model this process has not compiled for
+    with caplog.at_level(logging.INFO, logger="mtnlg.infer.compiled"):
+        stream(fresh, tok, tok.encode("秋天"), SamplingParams(max_new_tokens=8, compile_decode=True))
+        assert sum("compiling the decode step" in r.message for r in caplog.records) == 1
+        stream(fresh, tok, tok.encode("秋天"), SamplingParams(max_new_tokens=8, compile_decode=True))
+        assert sum("compiling the decode step" in r.message for r in caplog.records) == 1
+    fresh.output = None  # a pipeline stage without a head: refused when the stream is created
+    with pytest.raises(ConfigError, match="compile_decode"):
+        stream(fresh, tok, tok.encode("秋天"), SamplingParams(max_new_tokens=8, compile_decode=True))

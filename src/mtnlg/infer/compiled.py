@@ -48,8 +48,20 @@ def static_length(needed: int, max_seq_len: int) -> int:
     return max(needed, min(s, max_seq_len))
 
 
+def prepare(model: GPT, batch: int, length: int) -> None:
+    """Check that ``model`` can decode compiled (one error, before any work) and say, once per new
+    (model, batch, cache length), that its first step compiles: before any text is streamed, so the
+    log line never lands inside the output."""
+    check_model(model)
+    key = (id(model), batch, length)
+    if key not in _seen:
+        _seen.add(key)
+        log.info("compiling the decode step for batch %d, cache length %d (first time: ~10-30 s on a CPU)",
+                 batch, length)
+
+
 def check_model(model: GPT) -> None:
-    """Only a whole model on one device compiles here (one error, before any work)."""
+    """Only a whole model on one device compiles here."""
     if model.tok_embeddings is None or model.output is None or model.norm is None:
         raise ConfigError("compile_decode=True needs the whole model (a pipeline stage has no embeddings or "
                           "head); set compile_decode=False")
@@ -77,11 +89,6 @@ def decode_step(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, colum
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(_step, dynamic=False, fullgraph=True)
-    key = (id(model), tokens.shape[0], key_valid.shape[1])
-    if key not in _seen:
-        _seen.add(key)
-        log.info("compiling the decode step for batch %d, cache length %d (first time: ~10-30 s on a CPU)",
-                 tokens.shape[0], key_valid.shape[1])
     col = torch.tensor([column], device=tokens.device)
     with inference_attention(tokens.device):
         logits = _compiled(model, tokens, positions, col, key_valid, cache)

@@ -208,7 +208,19 @@ def _decode(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[Sampl
             ) -> Iterator[tuple[list[RowState], list[tuple[int, int, str]]]]:
     """The decode loop. Yields after every step: (row states, [(row, token, new safe text)]).
     Bad options and over-long requests raise here, before the first step (not at the first ``next``)."""
-    return _loop(model, prompts, params, tokenizer, soft, hook, _rows(model, prompts, params, tokenizer))
+    rows = _rows(model, prompts, params, tokenizer)
+    if _compiled(params):  # checked and announced now, before the caller streams anything
+        compiled.prepare(model, len(prompts), _static_length(model, prompts, rows))
+    return _loop(model, prompts, params, tokenizer, soft, hook, rows)
+
+
+def _compiled(params: Sequence[SamplingParams]) -> bool:
+    return all(p.use_cache for p in params) and any(p.compile_decode for p in params)
+
+
+def _static_length(model: GPT, prompts: Sequence[Sequence[int]], rows: list[RowState]) -> int:
+    needed = max(len(p) for p in prompts) + max(r.budget for r in rows)
+    return compiled.static_length(needed, model.cfg.max_seq_len)
 
 
 def _loop(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
@@ -229,9 +241,8 @@ def _loop(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[Samplin
     k_top = max(p.logprobs or 0 for p in rowp)
     alive = list(range(len(rows)))
     cache: KVCache | StaticKVCache | None = None
-    if use_cache and any(p.compile_decode for p in params):
-        compiled.check_model(model)
-        cache = StaticKVCache(len(model.layers), compiled.static_length(batch.capacity, model.cfg.max_seq_len))
+    if _compiled(params):
+        cache = StaticKVCache(len(model.layers), _static_length(model, prompts, rows))
     elif use_cache:
         cache = KVCache(len(model.layers), batch.capacity)
 
