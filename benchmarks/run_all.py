@@ -40,12 +40,17 @@ BENCHES = [  # goals as the open issues state them (#16 decode and serving, #17 
         ("training TFLOP/s vs measured fp32 matmul peak", "achieved_tflops", "peak_tflops", "peak_fraction",
          ">= 0.8"),
     ]),
-    # --int8 for the int8 row; --llama-cpp fills the llama.cpp rows where llama-cpp-python is installed
-    Bench("decode", "decode.py", ["--int8", "--llama-cpp"], [
+    # --int8 for the int8 rows, --compile for the compiled decode step (compile_decode); --llama-cpp fills the
+    # llama.cpp rows where llama-cpp-python is installed
+    Bench("decode", "decode.py", ["--int8", "--compile", "--llama-cpp"], [
         ("greedy decode tokens/s, batch 1, vs HF generate", "b1.mtnlg_tok_s", "b1.hf_tok_s", "ratio_b1", ">= 1.5x"),
         ("greedy decode tokens/s, batch 8, vs HF generate", "b8.mtnlg_tok_s", "b8.hf_tok_s", "ratio_b8", "-"),
         ("decode bandwidth utilisation, batch 1, fp32", "-", "-", "mbu_b1", ">= 0.7"),
         ("decode bandwidth utilisation, batch 1, int8", "-", "-", "mbu_b1_int8", ">= 0.7"),
+        ("compiled decode (--compile) tokens/s, batch 1, vs HF generate", "b1.compiled_tok_s", "b1.hf_tok_s",
+         "ratio_b1_compiled", ">= 1.5x"),
+        ("compiled decode bandwidth utilisation, batch 1, fp32", "-", "-", "mbu_b1_compiled", ">= 0.7"),
+        ("compiled decode bandwidth utilisation, batch 1, int8", "-", "-", "mbu_b1_int8_compiled", ">= 0.7"),
         ("decode tokens/s, batch 1, fp32 vs llama.cpp f32", "b1.mtnlg_tok_s", "llama_cpp_f32_tok_s",
          "ratio_llama_cpp", ">= 1x"),
         ("decode tokens/s, batch 1, int8 vs llama.cpp q8_0", "b1.int8_tok_s", "llama_cpp_q8_0_tok_s",
