@@ -44,7 +44,8 @@ def test_generate_json_matches_the_api_and_streaming(ckpt, capsys):
     assert main(["generate", "--checkpoint", str(path), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
     # --compile: the decode steps through torch.compile print the same text
-    assert main(["generate", "--checkpoint", str(path), "--prompt", "床前", "--max-new-tokens", "12", "--compile"]) == 0
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "床前", "--max-new-tokens", "12",
+                 "--compile"]) == 0
     assert capsys.readouterr().out == "床前" + out["text"] + "\n"
 
 

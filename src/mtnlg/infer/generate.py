@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.errors import ConfigError
+from mtnlg.infer import compiled
 from mtnlg.infer.decode import RowState, allowed_matrix, pick_greedy, token_budget
 from mtnlg.infer.sampling import SamplingParams, process_logits, sample, top_logprobs
 from mtnlg.infer.utf8 import START, Utf8Guard
 from mtnlg.model.decode_linear import block_count, blocked, blocked_matmul, blocked_pays
-from mtnlg.infer import compiled
 from mtnlg.model.kv_cache import KVCache, StaticKVCache
 from mtnlg.model.prompt_tuning import Splice
 from mtnlg.model.transformer import GPT
@@ -209,12 +209,12 @@ def _decode(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[Sampl
     """The decode loop. Yields after every step: (row states, [(row, token, new safe text)]).
     Bad options and over-long requests raise here, before the first step (not at the first ``next``)."""
     rows = _rows(model, prompts, params, tokenizer)
-    if _compiled(params):  # checked and announced now, before the caller streams anything
+    if _wants_compiled(params):  # checked and announced now, before the caller streams anything
         compiled.prepare(model, len(prompts), _static_length(model, prompts, rows))
     return _loop(model, prompts, params, tokenizer, soft, hook, rows)
 
 
-def _compiled(params: Sequence[SamplingParams]) -> bool:
+def _wants_compiled(params: Sequence[SamplingParams]) -> bool:
     return all(p.use_cache for p in params) and any(p.compile_decode for p in params)
 
 
@@ -241,7 +241,7 @@ def _loop(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[Samplin
     k_top = max(p.logprobs or 0 for p in rowp)
     alive = list(range(len(rows)))
     cache: KVCache | StaticKVCache | None = None
-    if _compiled(params):
+    if _wants_compiled(params):
         cache = StaticKVCache(len(model.layers), _static_length(model, prompts, rows))
     elif use_cache:
         cache = KVCache(len(model.layers), batch.capacity)

@@ -65,7 +65,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         S = k.shape[2]
         dropout = self.attention_dropout if self.training else 0.0
-        if T == 1 and attn_mask is not None and torch.compiler.is_compiling():
+        if T == 1 and attn_mask is not None and not self.training and torch.compiler.is_compiling():
             y = one_query_attention(q, k, v, attn_mask)
         elif attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
