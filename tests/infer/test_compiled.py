@@ -5,21 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtnlg.config import ModelConfig
-from mtnlg.data.tokenizer import byte_tokenizer
 from mtnlg.errors import ConfigError
 from mtnlg.infer import compiled
 from mtnlg.infer.generate import SamplingParams, generate
 from mtnlg.model.init import build_model, materialize
 from mtnlg.model.kv_cache import StaticKVCache
-
-
-@pytest.fixture(scope="module")
-def byte_model():
-    tok = byte_tokenizer()
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64,
-                      max_seq_len=96, init_std=0.3)
-    return materialize(build_model(cfg), seed=1).eval(), tok
 
 
 def test_static_cache_writes_named_columns_and_returns_whole_buffers():

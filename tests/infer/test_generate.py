@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from mtnlg.config import ModelConfig
-from mtnlg.data.tokenizer import byte_tokenizer
 from mtnlg.errors import ConfigError
 from mtnlg.infer.generate import SamplingParams, beam_search, generate, generate_ids, stream
 from mtnlg.model.init import build_model, materialize
@@ -22,14 +21,6 @@ def model():
     cfg = ModelConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64, max_seq_len=64,
                       init_std=0.3)
     return materialize(build_model(cfg), seed=0).eval()
-
-
-@pytest.fixture(scope="module")
-def byte_model():
-    tok = byte_tokenizer()
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64,
-                      max_seq_len=96, init_std=0.3)
-    return materialize(build_model(cfg), seed=1).eval(), tok
 
 
 def recompute_greedy(model, prompt, n):
