@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=None, help="measure DP / TP scaling over N processes instead")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    from mtnlg.device import flush_denormals
+
+    flush_denormals()  # as `mtnlg train` runs (both frameworks' steps run in this process with it)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

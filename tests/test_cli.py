@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from mtnlg.cli import main
 
 
@@ -37,8 +39,8 @@ def test_bad_override_is_one_line_exit_2():
 
 def test_denormals_are_flushed_for_every_intra_op_thread():
     """FTZ/DAZ set before the first parallel op reaches every intra-op thread: a denormal operand of a
-    multi-threaded matmul counts as zero (mtnlg.device.flush_denormals; the command line and the
-    training step set it first thing). In a fresh process, as the command line runs."""
+    multi-threaded matmul counts as zero (mtnlg.device.flush_denormals). In a fresh process, as the
+    command line runs."""
     code = ("import torch\nfrom mtnlg.device import flush_denormals\nassert flush_denormals()\n"
             "torch.set_num_threads(2)\n"
             "a = torch.full((256, 256), 1e-39)\nb = torch.full((256, 256), 1e30)\n"
@@ -48,3 +50,17 @@ def test_denormals_are_flushed_for_every_intra_op_thread():
     plain = subprocess.run([sys.executable, "-c", code.replace("assert flush_denormals()\n", "")],
                            capture_output=True, text=True, check=True).stdout.split()
     assert float(plain[1]) > 0  # without it the same product is not zero: the test can fail
+
+
+def test_a_command_flushes_denormals_while_it_runs_and_restores_the_mode(capsys):
+    """In-process (a notebook, a test suite): the command runs with denormals flushed, and afterwards the
+    thread sees IEEE subnormals again (hypothesis, numpy and user code rely on them)."""
+    from mtnlg.device import _flushing, denormals_flushed
+
+    assert not _flushing()
+    with denormals_flushed():
+        assert _flushing()
+    assert not _flushing()
+    assert main(["config", "--model.num_layers=2"]) == 0
+    capsys.readouterr()
+    assert not _flushing() and float(torch.tensor([1e-39]) * 2.0) > 0

@@ -107,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(other)}")
     level = os.environ.get("MTNLG_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from mtnlg.device import flush_denormals
+    from mtnlg.device import denormals_flushed
 
-    flush_denormals()  # before any parallel CPU work, so that every intra-op thread inherits it
     try:
-        return int(module.run(args) or 0)
+        with denormals_flushed():  # before any parallel CPU work, so that every intra-op thread inherits it
+            return int(module.run(args) or 0)
     except MtnlgError as e:
         print(f"mtnlg {name}: error: {e}".replace("\n", " "), file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import loss_parallel
 
 from mtnlg.config import Config
-from mtnlg.device import compute_dtype, flush_denormals
+from mtnlg.device import compute_dtype
 from mtnlg.errors import ConfigError
 from mtnlg.model.dropout import row_keys
 from mtnlg.model.init import build_model
@@ -56,7 +56,6 @@ class StepOutput:
 
 def build_train_step(cfg: Config, device: torch.device) -> TrainStep:
     """This rank's step for ``cfg`` (call :func:`mtnlg.parallel.mesh.init_distributed` first when distributed)."""
-    flush_denormals()
     world = dist.get_world_size() if dist.is_initialized() else 1
     mesh = build_mesh(cfg.parallel, device, world)
     model = build_model(tp_model_config(cfg.model, cfg.parallel.tp))
