@@ -171,9 +171,7 @@ class FastHead:
         self.blocks: torch.Tensor | None = None
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        rows = h.numel() // h.shape[-1]
-        bucket = min(64, 1 << (rows - 1).bit_length())  # measured per power-of-two row count
-        if not blocked_pays(self.weight, None, self.parts, bucket):
+        if not blocked_pays(self.weight, None, self.parts, h.numel() // h.shape[-1]):
             return F.linear(h, self.weight)
         if self.blocks is None:
             self.blocks = blocked(self.weight, self.parts)
@@ -209,23 +207,19 @@ def _decode(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[Sampl
     """The decode loop. Yields after every step: (row states, [(row, token, new safe text)]).
     Bad options and over-long requests raise here, before the first step (not at the first ``next``)."""
     rows = _rows(model, prompts, params, tokenizer)
-    if _wants_compiled(params):  # checked and announced now, before the caller streams anything
-        compiled.prepare(model, len(prompts), _static_length(model, prompts, rows))
-    return _loop(model, prompts, params, tokenizer, soft, hook, rows)
-
-
-def _wants_compiled(params: Sequence[SamplingParams]) -> bool:
-    return all(p.use_cache for p in params) and any(p.compile_decode for p in params)
-
-
-def _static_length(model: GPT, prompts: Sequence[Sequence[int]], rows: list[RowState]) -> int:
-    needed = max(len(p) for p in prompts) + max(r.budget for r in rows)
-    return compiled.static_length(needed, model.cfg.max_seq_len)
+    static_len = None
+    if all(p.use_cache for p in params) and any(p.compile_decode for p in params):
+        # the compiled step's cache length, checked and announced now, before the caller streams anything
+        needed = max(len(p) for p in prompts) + max(r.budget for r in rows)
+        static_len = compiled.static_length(needed, model.cfg.max_seq_len)
+        compiled.prepare(model, len(prompts), static_len)
+    return _loop(model, prompts, params, tokenizer, soft, hook, rows, static_len)
 
 
 def _loop(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
           tokenizer: Tokenizer | None, soft: SoftPrompt | None, hook: LogitsHook | None, rows: list[RowState],
-          ) -> Iterator[tuple[list[RowState], list[tuple[int, int, str]]]]:
+          static_len: int | None) -> Iterator[tuple[list[RowState], list[tuple[int, int, str]]]]:
+    """``static_len``: decode steps compiled over a static cache of that length (None: eager)."""
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
     max_new = max(r.budget for r in rows)
     batch = _Batch(model, prompts, max(len(p) for p in prompts) + max_new, pad_id, soft)
@@ -241,8 +235,8 @@ def _loop(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[Samplin
     k_top = max(p.logprobs or 0 for p in rowp)
     alive = list(range(len(rows)))
     cache: KVCache | StaticKVCache | None = None
-    if _wants_compiled(params):
-        cache = StaticKVCache(len(model.layers), _static_length(model, prompts, rows))
+    if static_len is not None:
+        cache = StaticKVCache(len(model.layers), static_len)
     elif use_cache:
         cache = KVCache(len(model.layers), batch.capacity)
 

@@ -58,7 +58,8 @@ def _blocks(lin: nn.Linear, rows: int) -> tuple[torch.Tensor, int] | None:
 def blocked_pays(w: torch.Tensor, bias: torch.Tensor | None, parts: int, rows: int = 1) -> bool:
     """Whether ``rows`` rows times ``w`` (plus ``bias``) are faster through :func:`blocked` blocks than
     through ``F.linear`` on this machine: measured once per process for each shape, thread count and
-    row count."""
+    row count (rounded up to a power of two, at most 64)."""
+    rows = min(64, 1 << (max(rows, 1) - 1).bit_length())
     key = (w.shape[0], w.shape[1], parts, bias is not None, rows)
     if key not in _PAYS:
         with torch.no_grad():
