@@ -173,6 +173,9 @@ def _rank(rank: int, world: int, port: int, args, parallel: dict, queue) -> None
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    from mtnlg.device import flush_denormals
+
+    flush_denormals()  # as the 1-process row and each `mtnlg train --nproc` rank
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
