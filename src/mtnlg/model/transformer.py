@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtnlg.config import ModelConfig
-from mtnlg.device import inference_attention
+from mtnlg.device import gelu, inference_attention
 from mtnlg.model.decode_linear import project
 from mtnlg.model.dropout import HashDropout
 from mtnlg.model.dropout import row_keys as dropout_keys
@@ -34,7 +34,7 @@ from mtnlg.model.kv_cache import LayerCache
 def activation_fn(name: str):
     """The MLP non-linearity: exact GELU (MT-NLG), tanh-approximated GELU (GPT-2) or ReLU."""
     if name == "gelu":
-        return F.gelu
+        return gelu
     if name == "gelu_tanh":
         return lambda x: F.gelu(x, approximate="tanh")
     if name == "relu":
