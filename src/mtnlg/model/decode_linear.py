@@ -33,13 +33,26 @@ DECODE_ROWS = 8  # decode steps of up to 8 sequences; prefill and evaluation kee
 MAX_ELEMENTS = 16 * 2**20  # 64 MB of fp32 per matrix at most (larger models: no second copy)
 TRIALS = 20
 MARGIN = 0.9  # the blocked product must take at most 0.9x plain F.linear's time
-_CACHE = "_decode_blocks"
+_CACHE = "_decode_blocks"  # on a module: (weight storage, version, parts) and its blocks
+_PLAN = "_decode_plan"  # on a module: the last call's shape and weight, and its blocks or None
 _PAYS: dict[tuple[int, int, int, bool, int], bool] = {}
 
 
-def _blocks(lin: nn.Linear, rows: int) -> tuple[torch.Tensor, int] | None:
-    """The weight as [P, in, out / P] blocks (built or rebuilt when the weight changed), or None (not
-    eligible, or not faster for ``rows`` rows here)."""
+def _blocks(lin: nn.Linear, rows: int) -> torch.Tensor | None:
+    """The weight as [P, in, out / P] blocks for ``rows`` rows, or None (not eligible, or not faster for
+    that many rows here). The answer is kept on the module with what it depends on (rows, threads, the
+    weight's identity, storage and version), so a decode step of the same shape pays one comparison."""
+    w = lin.weight
+    threads = torch.get_num_threads()
+    plan = lin.__dict__.get(_PLAN)
+    if plan is not None and plan[:5] == (rows, threads, w._version, w.data_ptr(), id(w)):
+        return plan[5]
+    blocks = _plan(lin, rows)
+    lin.__dict__[_PLAN] = (rows, threads, w._version, w.data_ptr(), id(w), blocks)
+    return blocks
+
+
+def _plan(lin: nn.Linear, rows: int) -> torch.Tensor | None:
     w = lin.weight
     parts = block_count(w.shape[0])
     plain = type(w) is nn.Parameter or type(w) is torch.Tensor  # not a DTensor shard, not a quantized weight
@@ -52,7 +65,7 @@ def _blocks(lin: nn.Linear, rows: int) -> tuple[torch.Tensor, int] | None:
     if cached is None or cached[0] != key:
         cached = (key, blocked(w.detach(), parts))
         lin.__dict__[_CACHE] = cached
-    return cached[1], parts
+    return cached[1]
 
 
 def blocked_pays(w: torch.Tensor, bias: torch.Tensor | None, parts: int, rows: int = 1) -> bool:
@@ -109,8 +122,8 @@ def project(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
             or type(lin) is not nn.Linear or x.numel() > DECODE_ROWS * x.shape[-1]
             or lin._forward_hooks or lin._forward_pre_hooks):
         return lin(x)
-    got = _blocks(lin, x.numel() // x.shape[-1])
-    if got is None:
-        return lin(x)
-    y = blocked_matmul(x, got[0])
+    blocks = _blocks(lin, x.numel() // x.shape[-1])
+    if blocks is None:  # the module's own call, less nn.Module's dispatch (no hooks: checked above)
+        return F.linear(x, lin.weight, lin.bias)
+    y = blocked_matmul(x, blocks)
     return y + lin.bias if lin.bias is not None else y
