@@ -173,9 +173,10 @@ def _rank(rank: int, world: int, port: int, args, parallel: dict, queue) -> None
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from mtnlg.device import flush_denormals
+    from mtnlg.device import flush_denormals, reuse_freed_memory
 
     flush_denormals()  # as the 1-process row and each `mtnlg train --nproc` rank
+    reuse_freed_memory()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -233,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=None, help="measure DP / TP scaling over N processes instead")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    from mtnlg.device import flush_denormals
+    from mtnlg.device import flush_denormals, reuse_freed_memory
 
-    flush_denormals()  # as `mtnlg train` runs (both frameworks' steps run in this process with it)
+    flush_denormals()  # as `mtnlg train` runs (both frameworks' steps run in this process with them)
+    reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

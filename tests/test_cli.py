@@ -52,6 +52,38 @@ def test_denormals_are_flushed_for_every_intra_op_thread():
     assert float(plain[1]) > 0  # without it the same product is not zero: the test can fail
 
 
+def test_freed_buffers_are_reused_instead_of_faulted_in_again():
+    """By default glibc hands large freed blocks back to the kernel, so every training step faulted its
+    logits and gradient buffers in again page by page; after mtnlg.device.reuse_freed_memory (the
+    command line and train() call it) a steady loop reuses them. In fresh processes, a loss step of the
+    head the size of the default job's (1,024 tokens x 96 hidden, 9,000 entries), page faults counted after
+    warm-up."""
+    import platform
+
+    import pytest
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    code = ("import resource, torch\nfrom mtnlg.device import reuse_freed_memory\n{setup}\n"
+            "h = torch.randn(1024, 96, requires_grad=True)\nw = torch.randn(9000, 96, requires_grad=True)\n"
+            "y = torch.randint(0, 9000, (1024,))\n"
+            "def step():\n    torch.nn.functional.cross_entropy(h @ w.t(), y).backward()\n"
+            "for _ in range(5):\n    step()\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(5):\n    step()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+
+    def faults(setup: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", code.format(setup=setup)], capture_output=True,
+                                  text=True, check=True).stdout)
+
+    reused, fresh = faults("assert reuse_freed_memory()"), faults("")
+    # 36 MB buffers: over glibc's 32 MiB ceiling for heap blocks, so without it every step maps them fresh
+    # (measured 180K faults in 5 steps, 0 reused with 2 threads and 18K with 1)
+    assert fresh > 50_000
+    assert reused < fresh / 4
+
+
 def test_a_command_flushes_denormals_while_it_runs_and_restores_the_mode(capsys):
     """In-process (a notebook, a test suite): the command runs with denormals flushed, and afterwards the
     thread sees IEEE subnormals again (hypothesis, numpy and user code rely on them)."""

@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(other)}")
     level = os.environ.get("MTNLG_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from mtnlg.device import denormals_flushed
+    from mtnlg.device import denormals_flushed, reuse_freed_memory
 
+    reuse_freed_memory()
     try:
         with denormals_flushed():  # before any parallel CPU work, so that every intra-op thread inherits it
             return int(module.run(args) or 0)

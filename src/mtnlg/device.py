@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -74,6 +76,34 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x)
     finally:
         torch.backends.mkldnn.enabled = True
+
+
+# glibc's allocator (see :func:`reuse_freed_memory`): blocks up to MMAP_THRESHOLD come from the heap,
+# and up to TRIM_THRESHOLD of freed memory at its top stays with the process
+MMAP_THRESHOLD = 64 << 20
+TRIM_THRESHOLD = 512 << 20
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's ``malloc`` reuse freed blocks of up to 64 MiB instead of returning them to the
+    kernel, for the rest of the process (``mallopt``; the role jemalloc or tcmalloc play in Intel's
+    PyTorch CPU tuning guide). By default a block over 128 KiB (raised on the fly to at most 32 MiB) is
+    mapped fresh and unmapped when freed, so every step of a CPU training run faults its logits,
+    softmax and gradient buffers in again, page by page, each page zeroed by the kernel: measured on
+    the default job (4 x 96, vocabulary 6,750, 1,024 tokens a step) 8,380 page faults a step, and its
+    tokens/s went from 9,800-10,800 to 15,300-17,100 with them gone. The cost is that up to 512 MiB of
+    freed memory stays with the process. A no-op (False) where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if not libc.gnu_get_libc_version():
+            return False
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(libc.mallopt(m_trim_threshold,
+                                                                                       TRIM_THRESHOLD))
 
 
 def flush_denormals() -> bool:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from mtnlg.config import Config
-from mtnlg.device import denormals_flushed
+from mtnlg.device import denormals_flushed, reuse_freed_memory
 from mtnlg.errors import ConfigError, MtnlgError
 from mtnlg import checkpoint as ckpt
 from mtnlg.train.metrics import MetricsWriter, flops_per_token, peak_memory_mb, peak_tflops, perplexity
@@ -417,6 +417,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def train(cfg: Config, run_dir: str | Path | None = None,
           on_record: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train ``cfg`` into ``run_dir`` (resuming per ``checkpoint.resume``), denormals flushed to zero
-    on the CPU while it runs (:func:`mtnlg.device.denormals_flushed`)."""
+    on the CPU while it runs (:func:`mtnlg.device.denormals_flushed`) and freed buffers reused from then
+    on (:func:`mtnlg.device.reuse_freed_memory`)."""
+    reuse_freed_memory()
     with denormals_flushed():
         return Trainer(cfg, run_dir, on_record).fit()
