@@ -156,6 +156,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps < 2:
         ap.error("--steps must be >= 2 (the first step is not timed)")
+    from mtnlg.device import reuse_freed_memory
+
+    reuse_freed_memory()  # calibrate as `mtnlg plan --calibrate` does: the layouts train through `mtnlg train`
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
