@@ -97,6 +97,7 @@ def reuse_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p  # glibc only: musl has no such function
         if not libc.gnu_get_libc_version():
             return False
     except (OSError, AttributeError):
