@@ -233,6 +233,11 @@ def _tiny_gpt(layers: int):
 def _step_seconds(layers: int, kind: str, mesh, repeats: int = 30) -> float:
     """Median seconds of a forward + backward of a 16-wide GPT with ``layers`` blocks: ``plain``, under
     ``fsdp`` (``fully_shard`` over ``mesh``) or ``tp`` (DTensor tensor + sequence parallel over ``mesh``)."""
+    return _typical(_step_fn(layers, kind, mesh), repeats, budget_s=float("inf"))  # its own warm-up makes the third
+
+
+def _step_fn(layers: int, kind: str, mesh) -> Callable[[], None]:
+    """:func:`_step_seconds`'s step, built and run twice (warm-up)."""
     from torch.distributed.tensor.parallel import loss_parallel
 
     from mtnlg.model import materialize
@@ -262,7 +267,20 @@ def _step_seconds(layers: int, kind: str, mesh, repeats: int = 30) -> float:
 
     for _ in range(2):
         step()
-    return _typical(step, repeats, budget_s=float("inf"))  # its own warm-up makes the third
+    return step
+
+
+def _interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median seconds of each of ``fns``, called in turn (a, b, c, a, b, c ...) so that a slow spell of
+    the machine falls on all alike: differences between them are then what the calls cost, not when
+    they ran."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def _mesh(group):
@@ -275,13 +293,15 @@ def measure_framework(group, repeats: int = 30) -> dict[str, float]:
     """Host seconds that FSDP2 adds per unit (``fully_shard`` of a block or the root) and DTensor tensor
     parallelism (sequence parallel) adds per block, per micro-batch forward + backward, on ``group`` (one
     rank: the hooks, copies and dispatch without a peer to wait for; the collectives are priced apart).
-    Each is the slope over 1 and 3 blocks of a 16-wide GPT's step time against the plain model's."""
+    Each is the slope over 1 and 3 blocks of a 16-wide GPT's step time against the plain model's, the six
+    steps timed in turn (a slope is a difference of differences: measured one after the other, the
+    machine's drift could make it zero)."""
     mesh = _mesh(group)
-    plain = [_step_seconds(n, "plain", mesh, repeats) for n in (1, 3)]
-    extra = {kind: [_step_seconds(n, kind, mesh, repeats) - base for n, base in zip((1, 3), plain)]
-             for kind in ("fsdp", "tp")}
-    return {"fsdp_unit_s": max(0.0, (extra["fsdp"][1] - extra["fsdp"][0]) / 2),
-            "tp_layer_s": max(0.0, (extra["tp"][1] - extra["tp"][0]) / 2)}
+    kinds = ("plain", "fsdp", "tp")
+    t = dict(zip([(k, n) for k in kinds for n in (1, 3)],
+                 _interleaved_medians([_step_fn(n, k, mesh) for k in kinds for n in (1, 3)], repeats)))
+    slope = {k: ((t[k, 3] - t["plain", 3]) - (t[k, 1] - t["plain", 1])) / 2 for k in ("fsdp", "tp")}
+    return {"fsdp_unit_s": max(0.0, slope["fsdp"]), "tp_layer_s": max(0.0, slope["tp"])}
 
 
 def measure_tp_peers(dist, solo, repeats: int = 30) -> float:
