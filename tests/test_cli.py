@@ -55,9 +55,9 @@ def test_denormals_are_flushed_for_every_intra_op_thread():
 def test_freed_buffers_are_reused_instead_of_faulted_in_again():
     """By default glibc hands large freed blocks back to the kernel, so every training step faulted its
     logits and gradient buffers in again page by page; after mtnlg.device.reuse_freed_memory (the
-    command line and train() call it) a steady loop reuses them. In fresh processes, a loss step of the
-    head the size of the default job's (1,024 tokens x 96 hidden, 9,000 entries), page faults counted after
-    warm-up."""
+    command line and train() call it) a steady loop reuses them. In fresh processes: a loss step over
+    1,024 tokens of 96 hidden units (the default job's) and 9,000 vocabulary entries, page faults counted
+    after warm-up."""
     import platform
 
     import pytest
