@@ -1,7 +1,7 @@
 """Key/value caches: one protocol (:class:`LayerCache`), two layouts.
 
 * :class:`KVCache` (contiguous): a batch of sequences that advance together (``generate``, beam search).
-  Shape ``[layers, B, H, max_len, D]``, filled left to right; ``length`` positions are valid.
+  ``[B, H, max_len, D]`` a layer, filled left to right; ``length`` positions are valid.
 * :class:`StaticKVCache` (static): the same batch in buffers whose shapes never change, one per layer,
   written at columns the caller names: what a compiled decode step needs (``mtnlg.infer.compiled``).
 * :class:`SlotKVCache` (slots): independent sequences of a continuous-batching scheduler. Shape
@@ -38,42 +38,38 @@ class KVCache:
     """Keys and values of every layer for a batch of sequences that advance together.
 
     Storage is allocated on the first :meth:`update` (so the head count is the local one under
-    tensor parallelism) as two tensors of shape [num_layers, B, H, max_len, D].
+    tensor parallelism): one [B, H, max_len, D] tensor per layer for keys and one for values.
     """
 
     def __init__(self, num_layers: int, max_len: int):
         self.num_layers = num_layers
         self.max_len = max_len
         self.length = 0
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, T, D = k.shape
-        if self.k is None:
-            shape = (self.num_layers, B, H, self.max_len, D)
-            self._set(torch.empty(shape, dtype=k.dtype, device=k.device),
-                      torch.empty(shape, dtype=v.dtype, device=v.device))
+        if not self.k:
+            for store, like in ((self.k, k), (self.v, v)):
+                store.extend(torch.empty(B, H, self.max_len, D, dtype=like.dtype, device=like.device)
+                             for _ in range(self.num_layers))
         end = self.length + T
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}")
-        # narrow + copy_ on per-layer views: a decode step's write costs a third of Python indexing's
-        kl, vl = self._layers_k[layer], self._layers_v[layer]
+        # narrow + copy_: a decode step's write costs a third of Python indexing's
+        kl, vl = self.k[layer], self.v[layer]
         kl.narrow(2, self.length, T).copy_(k)
         vl.narrow(2, self.length, T).copy_(v)
         return kl.narrow(2, 0, end), vl.narrow(2, 0, end)
-
-    def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k, self.v = k, v
-        self._layers_k, self._layers_v = [k[i] for i in range(k.shape[0])], [v[i] for i in range(v.shape[0])]
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (beam search)."""
-        if self.k is not None:
-            self._set(self.k.index_select(1, index), self.v.index_select(1, index))
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
 
     def reset(self) -> None:
         self.length = 0
