@@ -306,8 +306,12 @@ def test_extreme_numbers_are_clamped_or_rejected_and_the_engine_lives(http):
     assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
-def test_tokenizing_never_runs_on_the_event_loop(http, server):
+def test_large_bodies_are_tokenized_off_the_event_loop(http, server):
+    """Bodies over INLINE_BODY_BYTES are parsed and tokenized in a worker thread, so a long prompt never
+    stalls the other requests' streams; a small one runs inline (~50 us, less than the thread hop)."""
     import threading as th
+
+    from mtnlg.infer.server import INLINE_BODY_BYTES
 
     codec = server.server.config.app.state.server.codec
     seen = []
@@ -319,15 +323,22 @@ def test_tokenizing_never_runs_on_the_event_loop(http, server):
             return f(text)
         return wrapped
 
+    long_text = "the moon " * (INLINE_BODY_BYTES // 8)  # over the limit
     codec.encode, codec.encode_text = spy(orig[0]), spy(orig[1])
     try:
-        http.post("/tokenize", json={"prompt": "the moon " * 1000})
+        http.post("/tokenize", json={"prompt": long_text})
         http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
-        http.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 1})
-        http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        pad = " " * INLINE_BODY_BYTES  # a large body (JSON whitespace) with a prompt that fits the context
+        for path, body in (("/v1/completions", {"prompt": "the moon", "max_tokens": 1}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})):
+            r = http.post(path, content=json.dumps(body) + pad, headers={"Content-Type": "application/json"})
+            assert r.status_code == 200, r.text
+        off_loop = len(seen)
+        assert http.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 1}).status_code == 200
     finally:
         codec.encode, codec.encode_text = orig
-    assert len(seen) >= 4 and not any(seen)  # never the server's (event-loop) thread
+    assert off_loop >= 4 and not any(seen[:off_loop])  # never the server's (event-loop) thread
+    assert seen[off_loop:] == [True]  # the small completion: inline
 
 
 def test_a_disconnected_non_streaming_client_frees_its_slot(server, lm):

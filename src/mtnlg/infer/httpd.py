@@ -77,10 +77,14 @@ def uvicorn_config(app: Any, **kwargs: Any) -> Any:
 
 def run_app(app: Any, host: str, port: int) -> None:
     """Serve ``app`` on ``host:port`` until interrupted (Ctrl-C drains in-flight requests)."""
+    import logging
+
     import uvicorn
 
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()  # MTNLG_LOG_LEVEL, set by the CLI
     try:
-        uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level="info")).run()
+        uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=level,
+                                      access_log=level in ("debug", "info"))).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after the graceful shutdown
         pass
 
