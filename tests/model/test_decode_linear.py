@@ -84,3 +84,22 @@ def test_training_prefill_and_hooked_layers_keep_nn_linear(two_threads):
         lin.register_forward_hook(lambda m, i, o: seen.append(o.shape))
         project(lin, torch.randn(1, 32))
     assert seen == [torch.Size([1, 16])] and decode_linear._CACHE not in lin.__dict__
+
+
+def test_the_decode_head_takes_a_whole_batch_and_a_tied_weight(two_threads):
+    from mtnlg.model.decode_linear import decode_head
+
+    emb = nn.Embedding(64, 48)
+    out = nn.Linear(48, 64, bias=False)
+    out.weight = emb.weight  # tied, as GPT ties its head
+    head = decode_head(out)
+    x = torch.randn(16, 1, 48)  # 16 rows: more than a layer's DECODE_ROWS, within the head's
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), out(x), rtol=1e-5, atol=1e-6)
+        assert decode_linear._CACHE in out.__dict__
+        emb.weight.add_(1.0)  # the tied weight changes: the head follows
+        torch.testing.assert_close(head(x), out(x), rtol=1e-5, atol=1e-6)
+    big = nn.Linear(48, 64, bias=False)
+    with torch.no_grad():
+        project(big, torch.randn(16, 1, 48))
+    assert decode_linear._CACHE not in big.__dict__  # a layer's projection keeps the GEMM at 16 rows

@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.errors import ConfigError
@@ -33,7 +32,7 @@ from mtnlg.infer import compiled
 from mtnlg.infer.decode import RowState, allowed_matrix, pick_greedy, token_budget
 from mtnlg.infer.sampling import SamplingParams, process_logits, sample, top_logprobs
 from mtnlg.infer.utf8 import START, Utf8Guard
-from mtnlg.model.decode_linear import block_count, blocked, blocked_matmul, blocked_pays
+from mtnlg.model.decode_linear import decode_head
 from mtnlg.model.kv_cache import KVCache, StaticKVCache
 from mtnlg.model.prompt_tuning import Splice
 from mtnlg.model.transformer import GPT
@@ -89,7 +88,7 @@ class _Batch:
         self.key_valid = torch.arange(capacity, device=device).unsqueeze(0) >= pads.unsqueeze(1)  # [B, S]
         self.soft = soft
         self.key_valid_static: torch.Tensor | None = None
-        self.head = FastHead.for_model(model)
+        self.head = decode_head(model.output)
         if soft is not None:
             n = soft.embeds.shape[0]
             rows = torch.arange(self.B, device=device).repeat_interleave(n)
@@ -143,39 +142,6 @@ class _Batch:
             token_embeds = self.embeds(end)[:, start:end]
         return self.model(self.ids[:, start:end], self.pos[:, start:end], cache, mask,
                           token_embeds, logits_at=-1, head=self.head)
-
-
-class FastHead:
-    """The LM head for decoding: ``h @ W^T`` with W^T stored contiguous and split into one block per
-    intra-op thread (:func:`mtnlg.model.decode_linear.blocked`), where that is measured to be faster
-    on this machine (:func:`~mtnlg.model.decode_linear.blocked_pays`): on an AVX2 box a [1, h] x [V, h]^T
-    ``linear`` with a large V was several times slower than the product with the transposed copy
-    (5.5 ms vs 1.2 ms for V=8192, h=384), on an AVX-512 box the two are even. Only for plain CPU tensors
-    of modest size; anything else (quantized heads, DTensors, GPUs) keeps ``model.output``."""
-
-    MAX_ELEMENTS = 64 * 2**20
-
-    @staticmethod
-    def for_model(model: GPT):
-        out = model.output
-        w = getattr(out, "weight", None)
-        if (type(out) is torch.nn.Linear and type(w) in (torch.Tensor, torch.nn.Parameter) and w.device.type == "cpu"
-                and w.numel() <= FastHead.MAX_ELEMENTS and out.bias is None and w.dtype == torch.float32
-                and block_count(w.shape[0]) >= 2):
-            return FastHead(w.detach(), block_count(w.shape[0]))
-        return out
-
-    def __init__(self, weight: torch.Tensor, parts: int):
-        self.weight = weight
-        self.parts = parts
-        self.blocks: torch.Tensor | None = None
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        if not blocked_pays(self.weight, None, self.parts, h.numel() // h.shape[-1]):
-            return F.linear(h, self.weight)
-        if self.blocks is None:
-            self.blocks = blocked(self.weight, self.parts)
-        return blocked_matmul(h, self.blocks)
 
 
 def _rows(model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],

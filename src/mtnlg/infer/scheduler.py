@@ -37,10 +37,10 @@ import torch
 from mtnlg.errors import ConfigError
 from mtnlg.infer.events import EngineStopped, Output, QueueFull, TokenLogprob, deliver, merge_outputs
 from mtnlg.infer.decode import RequestTooLong, RowState, allowed_matrix, pick_greedy, token_budget, with_budget
-from mtnlg.infer.generate import FastHead
 from mtnlg.infer.metrics import EngineMetrics, Histogram
 from mtnlg.infer.sampling import SamplingParams, process_logits, sample, top_logprobs
 from mtnlg.infer.utf8 import Utf8Guard
+from mtnlg.model.decode_linear import decode_head
 from mtnlg.model.kv_cache import SlotKVCache
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class Engine:
         self.max_queue = max_queue
         self.cache = SlotKVCache(cfg.num_layers, self.num_slots, cfg.num_heads, max_model_len, cfg.head_dim,
                                  p.dtype, p.device)
-        self.head = FastHead.for_model(self.model)
+        self.head = decode_head(self.model.output)
         self.guard = Utf8Guard.for_tokenizer(self.tokenizer)
         self.metrics = EngineMetrics()
         self._free = list(range(self.num_slots))
