@@ -32,10 +32,11 @@ class ModelConfig:
     # None = the tokenizer's size: for a built-in corpus, a token for every character it holds plus
     # its frequent merges (see data/tokenizer.py); a number trains a BPE of exactly that size.
     vocab_size: int | None = None
-    # The default job's size: on 2 CPU cores ~3.5 minutes of training buy ~1.5M tokens, and at that
+    # The default job's size: on 2 CPU cores a few minutes of training buy 1.5-2.5M tokens, and at that
     # budget the number of steps decides the loss, so a small fast model wins: this 1.1M-parameter
-    # one (4 x 96) reaches 4.60 nats/token on the valid split, 4 x 128 4.66, 4 x 64 4.62, the 5M
-    # 4 x 256 5.13 and a 13M 6 x 384 5.60 in about the same time (docs/train.md, "Choosing the default job").
+    # one (4 x 96) reached 4.60 nats/token on the valid split, 4 x 128 4.66, 4 x 64 4.62, the 5M
+    # 4 x 256 5.13 and a 13M 6 x 384 5.60 in about the same time; with 2,500 steps 4.43
+    # (docs/train.md, "Choosing the default job").
     hidden_size: int = 96
     num_layers: int = 4
     num_heads: int = 4
@@ -185,7 +186,7 @@ class ParallelConfig:
 class TrainConfig:
     """Optimisation, precision and the training schedule."""
 
-    steps: int = 1500  # the default job: ~1.5M tokens (about three passes over the training split), ~3.5 min on 2 idle CPU cores
+    steps: int = 2500  # the default job: ~2.6M tokens (about six passes over the training split), ~3 min on 2 idle CPU cores
     seq_len: int = 128
     global_batch_size: int = 8  # sequences per optimizer step (all data-parallel ranks together)
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
