@@ -26,6 +26,26 @@ def test_each_row_gets_its_own_parameters():
     assert out[3].tolist() == [2.0, 1.0, -INF, -INF]
 
 
+def test_logit_bias_is_added_first_and_checked():
+    import pytest
+
+    from mtnlg.errors import ConfigError
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]] * 2)
+    ps = [SamplingParams(logit_bias={3: 5.0, 0: -100.0}), SamplingParams(temperature=2.0, logit_bias={1: 2.0})]
+    out = process_logits(logits, ps)
+    assert out[0].tolist() == [-98.0, 1.0, 0.0, 4.0]  # greedy rows get it too: it moves the argmax
+    assert out[1].tolist() == [1.0, 1.5, 0.0, -0.5]  # before the temperature
+    assert not ps[0].is_plain_greedy() and SamplingParams().is_plain_greedy()
+    masked = process_logits(logits[:1], ps[:1], allowed=torch.tensor([[True, True, True, False]]))
+    assert masked[0, 3] == -INF  # a bias never brings back a masked token
+    for bad in ({-1: 1.0}, {1: 100.5}, {1: float("nan")}, {"1": 1.0}):
+        with pytest.raises(ConfigError, match="logit_bias"):
+            SamplingParams(logit_bias=bad).validate()
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        SamplingParams(logit_bias={4: 1.0}).clamped(4)
+
+
 def test_min_p_and_penalties_exact():
     logits = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)]])
     out = process_logits(logits, [SamplingParams(temperature=1.0, min_p=0.2)])

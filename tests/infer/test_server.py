@@ -181,6 +181,36 @@ def test_400s_name_the_field(http):
     assert e["param"] == "stream"
 
 
+def test_logit_bias_moves_the_choice(http, lm):
+    """OpenAI's logit_bias: +100 forces a token, -100 removes the one greedy decoding would pick."""
+    body = {"prompt": "the moon", "max_tokens": 4, "temperature": 0}
+    plain = http.post("/v1/completions", json={**body, "logprobs": 0}).json()["choices"][0]
+    first = lm.tokenizer.encode(plain["text"])[0]
+    forced = http.post("/v1/completions", json={**body, "logit_bias": {"7": 100}, "logprobs": 0}).json()
+    assert forced["choices"][0]["logprobs"]["tokens"] == [lm.tokenizer.decode([7])] * 4
+    banned = http.post("/v1/completions", json={**body, "logit_bias": {str(first): -100}}).json()
+    assert lm.tokenizer.encode(banned["choices"][0]["text"])[0] != first
+    for bias, word in (({"x": 1}, "token id"), ({"99999": 1}, "token id"), ({"3": 101}, "[-100, 100]"),
+                       ({"3": "up"}, "[-100, 100]"), ([3], "object")):
+        e = err(http.post("/v1/completions", json={**body, "logit_bias": bias}), 400)
+        assert e["param"] == "logit_bias" and word in e["message"], e
+
+
+def test_openai_fields_it_does_not_implement_are_refused_by_name(http):
+    body = {"prompt": "the moon", "max_tokens": 2}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for path, extra, param in (("/v1/completions", {"best_of": 3}, "best_of"),
+                               ("/v1/completions", {"suffix": " the end"}, "suffix"),
+                               ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools"),
+                               ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+                               ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format")):
+        e = err(http.post(path, json={**(body if path == "/v1/completions" else chat), **extra}), 400)
+        assert e["param"] == param and "not supported" in e["message"], e
+    ok = {"best_of": 2, "n": 2, "user": "someone", "suffix": "", "tool_choice": "none"}
+    assert http.post("/v1/completions", json={**body, **ok}).status_code == 200
+    assert http.post("/v1/chat/completions", json={**chat, "response_format": {"type": "text"}}).status_code == 200
+
+
 def test_context_overflow_names_both_numbers(http):
     e = err(http.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 500}), 400)
     assert "128" in e["message"] and "500" in e["message"] and e["param"] == "max_tokens"
@@ -434,7 +464,8 @@ def _json_values():
 
 FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n", "stop",
           "seed", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
-          "repetition_penalty", "echo", "model", "min_p", "stop_token_ids", "ignore_eos", "tokens", "lines"]
+          "repetition_penalty", "echo", "model", "min_p", "stop_token_ids", "ignore_eos", "tokens", "lines",
+          "logit_bias", "best_of", "suffix", "tools", "tool_choice", "response_format"]
 SMALL = {"max_tokens": 2, "max_completion_tokens": 2, "n": 1}  # keep generation short unless the fuzzer overrides
 
 

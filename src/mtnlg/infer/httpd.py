@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from mtnlg.infer.protocol import error_body
+from mtnlg.infer.fields import error_body
 
 DRAIN_CAP = 64 << 20  # a rejected body up to this size is read and dropped, so the client sees the answer
 MAX_HEADER_BYTES = 64 << 10  # the request line and headers together; more gets 431

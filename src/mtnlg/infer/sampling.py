@@ -3,7 +3,7 @@
 Shared by the one-shot generator (``mtnlg.infer.generate``) and the continuous-batching engine
 (``mtnlg.infer.scheduler``), whose rows come from unrelated requests. One step is::
 
-    raw logits [B, V] ─► process_logits ─► (penalties, n-gram ban, temperature, top-k, min-p, top-p)
+    raw logits [B, V] ─► process_logits ─► (logit bias, penalties, n-gram ban, temperature, top-k, min-p, top-p)
                     └──────────────────► sample ─► tokens [B], logprobs [B]
 
 A row with ``temperature == 0`` is greedy (argmax of the penalised logits); other rows draw
@@ -29,13 +29,15 @@ NEG_INF = float("-inf")
 MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (logits / T would overflow)
 MAX_PENALTY = 1e4  # repetition_penalty in [1/MAX_PENALTY, MAX_PENALTY]; |presence|, |frequency| <= MAX_PENALTY
 MAX_BEAMS = 1024  # more beams than this is a mistake (memory grows with it), not a search
+MAX_LOGIT_BIAS = 100.0  # |bias| per token at most (OpenAI's range: -100 bans a token, +100 forces it)
 
 
 @dataclass
 class SamplingParams:
     """How to pick each next token of one sequence (HF / OpenAI / vLLM names).
 
-    Order of application (as in Hugging Face): repetition penalty (over prompt + output),
+    Order of application (as in Hugging Face, with OpenAI's ``logit_bias`` first: token id -> a number
+    in [-100, 100] added to that token's logit): repetition penalty (over prompt + output),
     presence / frequency penalties (over the output, OpenAI), ``no_repeat_ngram_size`` (over
     prompt + output), temperature, top-k, min-p, top-p. ``logprobs``: None = none; k >= 0 =
     the chosen token's logprob plus the k most likely alternatives.
@@ -62,6 +64,7 @@ class SamplingParams:
     compile_decode: bool = False  # decode steps through torch.compile over a static cache (mtnlg.infer.compiled)
     vocab_limit: int | None = None  # never emit ids >= this (the tokenizer may be smaller than the embedding)
     form: str | None = None  # "poem" | "poem5" | "poem7": the output is a whole regular poem (mtnlg.infer.poem_form)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
 
     def validate(self) -> SamplingParams:
         def bad(name: str, rule: str) -> ConfigError:
@@ -101,12 +104,23 @@ class SamplingParams:
                       "decode step); set compile_decode=False")
         if self.form is not None and self.num_beams > 1:
             raise bad("form", "works with sampling and greedy decoding, not beam search; use num_beams=1")
+        for tok, bias in self.logit_bias.items():
+            if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                raise ConfigError(f"logit_bias keys must be token ids (integers >= 0), got {tok!r}")
+            if (isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias)
+                    or abs(bias) > MAX_LOGIT_BIAS):
+                raise ConfigError(f"logit_bias[{tok}] must be a number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                  f"got {bias!r}")
         return self
 
     def clamped(self, vocab_size: int) -> SamplingParams:
-        """Valid values brought into the range the math can take: ``top_k`` at or above the vocabulary
+        """Valid values brought into the range the math can take (a ``logit_bias`` id outside the
+        vocabulary is an error): ``top_k`` at or above the vocabulary
         is off, a temperature below :data:`MIN_TEMPERATURE` is greedy, penalties are bounded (so logits
         stay finite), ``logprobs`` is at most the vocabulary, the seed is taken modulo 2**63."""
+        outside = [t for t in self.logit_bias if t >= vocab_size]
+        if outside:
+            raise ConfigError(f"logit_bias key {outside[0]} is outside the vocabulary [0, {vocab_size})")
         ch: dict = {}
         if self.top_k >= vocab_size:
             ch["top_k"] = 0
@@ -142,7 +156,7 @@ class SamplingParams:
 
     def is_plain_greedy(self) -> bool:
         """Greedy with no logit processing at all: the fast path is a bare argmax."""
-        return self.greedy and not self.needs_history() and self.vocab_limit is None
+        return self.greedy and not self.needs_history() and self.vocab_limit is None and not self.logit_bias
 
 
 def banned_ngram_tokens(history: Sequence[int], n: int) -> list[int]:
@@ -175,6 +189,11 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
     if allowed is not None:
         out.masked_fill_(~allowed, NEG_INF)
     for i, p in enumerate(params):
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if t < V]
+            if ids:
+                out[i].index_add_(0, torch.tensor(ids, device=device),
+                                  torch.tensor([float(p.logit_bias[t]) for t in ids], device=device))
         if p.vocab_limit is not None and p.vocab_limit < V:
             out[i, p.vocab_limit:] = NEG_INF
         if not p.needs_history():

@@ -7,7 +7,8 @@
     POST /v1/poem               the opening lines of a poem -> more lines of the same form (an mtnlg extension)
     GET /v1/models  GET /metrics  POST /tokenize  POST /detokenize  GET /health  GET / (the web page)
 
-The protocol (parse, validate, render) lives in :mod:`mtnlg.infer.protocol`; this module is the app.
+The protocol lives in :mod:`mtnlg.infer.fields` (reading and checking fields) and
+:mod:`mtnlg.infer.protocol` (requests, tokenizing, rendering); this module is the app.
 With an API key set, every route but ``/health`` and the page needs ``Authorization: Bearer KEY``.
 JSON routes need ``Content-Type: application/json`` (so a cross-site form cannot post to them). A body
 over ``INLINE_BODY_BYTES`` is parsed and tokenized in a worker thread, so a long prompt never stalls the
