@@ -190,7 +190,7 @@ def test_logit_bias_moves_the_choice(http, lm):
     assert forced["choices"][0]["logprobs"]["tokens"] == [lm.tokenizer.decode([7])] * 4
     banned = http.post("/v1/completions", json={**body, "logit_bias": {str(first): -100}}).json()
     assert lm.tokenizer.encode(banned["choices"][0]["text"])[0] != first
-    for bias, word in (({"x": 1}, "token id"), ({"99999": 1}, "token id"), ({"3": 101}, "[-100, 100]"),
+    for bias, word in (({"x": 1}, "token id"), ({"99999": 1}, "token id"), ({"\u00b2": 1}, "token id"), ({"3": 101}, "[-100, 100]"),
                        ({"3": "up"}, "[-100, 100]"), ([3], "object")):
         e = err(http.post("/v1/completions", json={**body, "logit_bias": bias}), 400)
         assert e["param"] == "logit_bias" and word in e["message"], e

@@ -105,6 +105,10 @@ def test_example_configs_are_valid():
     assert tiny.model.dropout == 0.0  # exact-resume and reshard tests rely on it
     default = Config()
     assert poems.data.corpus.startswith("poems")
-    # the longer run: a larger model on more tokens than the default job
+    # the longer run: a larger model, and more training compute (block parameters x tokens) than the default job
     assert poems.model.hidden_size > default.model.hidden_size
-    assert poems.train.steps * poems.train.global_batch_size > default.train.steps * default.train.global_batch_size
+
+    def compute(c):
+        return 12 * c.model.hidden_size ** 2 * c.model.num_layers * c.train.steps * c.train.global_batch_size
+
+    assert compute(poems) > 4 * compute(default)

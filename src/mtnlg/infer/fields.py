@@ -199,13 +199,14 @@ def logit_bias(body: dict[str, Any], vocab_size: int) -> dict[int, float]:
         raise bad("logit_bias", f"'logit_bias' has {len(value)} entries; at most {MAX_LOGIT_BIAS_KEYS} are allowed")
     out: dict[int, float] = {}
     for key, bias in value.items():
-        tok = int(key) if isinstance(key, str) and key.strip().isdigit() and len(key) < 20 else None
+        digits = key.strip() if isinstance(key, str) else ""
+        tok = int(digits) if digits.isascii() and digits.isdigit() and len(digits) < 20 else None
         if tok is None or tok >= vocab_size:
             raise bad("logit_bias", f"'logit_bias' key {_short(key)!r} is not a token id in [0, {vocab_size})")
         if (isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias)
                 or abs(bias) > MAX_LOGIT_BIAS):
-            raise bad("logit_bias", f"'logit_bias' values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {_short(bias)} "
-                                    f"for token {tok}")
+            raise bad("logit_bias", f"'logit_bias' values must be numbers in [-{MAX_LOGIT_BIAS:g}, "
+                                    f"{MAX_LOGIT_BIAS:g}], got {_short(bias)} for token {tok}")
         out[tok] = float(bias)
     return out
 

@@ -81,10 +81,10 @@ def run_app(app: Any, host: str, port: int) -> None:
 
     import uvicorn
 
-    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()  # MTNLG_LOG_LEVEL, set by the CLI
-    try:
+    level = logging.getLogger().getEffectiveLevel()  # MTNLG_LOG_LEVEL, set by the CLI
+    try:  # access lines at INFO and below, as the rest of the log
         uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=level,
-                                      access_log=level in ("debug", "info"))).run()
+                                      access_log=level <= logging.INFO)).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after the graceful shutdown
         pass
 
