@@ -7,9 +7,8 @@ fused-linear-cross-entropy)::
 
     for each chunk c of tokens:   z = h_c W^T (+ vocab mask)         [c, V] fp32, freed after the chunk
                                   p = softmax(z); loss += -log p[y]   (labels -100 ignored)
-                                  dz = s * (softmax(z) - onehot(y))  (in place over p; 0 on
-                                                                      ignored rows; s = grad scale)
-                                  dh_c = dz W ;  dW += dz^T h_c
+                                  dz = softmax(z) - onehot(y)  (in place over p; 0 on ignored rows)
+                                  dh_c = s * dz W ;  dW += s * dz^T h_c   (s = grad scale)
     backward: (dh, dW) * upstream / s
 
 Same FLOPs as the plain head + cross entropy, a chunk of logits in memory instead of all of them.
@@ -47,8 +46,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     ``hidden`` [..., h], ``weight`` [V, h] (the tied head), ``labels`` [...]. Returns the summed
     loss (fp32 scalar); differentiable in ``hidden`` and ``weight``. The gradients are computed in
     the forward pass, pre-scaled by ``grad_scale`` (the caller back-propagates ``loss * grad_scale``,
-    as the training step does), as ``grad_scale * (softmax - onehot)`` written over the chunk's
-    softmax: one fused softmax and one in-place scale instead of autograd's log-softmax, NLL backward
+    as the training step does), from ``softmax - onehot`` written over the chunk's softmax (the scale
+    applied to the small products): one fused softmax instead of autograd's log-softmax, NLL backward
     and log-softmax backward kernels and their buffers (a third of the time on CPU). They equal the plain form's to float rounding (tests/train/test_loss.py).
     """
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -86,31 +85,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z += mask
             keep = yc != IGNORE
             yk = yc.clamp(min=0)
-            p = torch.softmax(z, 1)  # one fused pass; softmax then an in-place scale is the gradient
+            p = torch.softmax(z, 1)  # one fused pass; softmax less the one-hot is the gradient
             nll = -torch.log(p.gather(1, yk[:, None])[:, 0])
             far = nll > _FAR  # a target so unlikely that its probability lost precision: exact there
-            if bool(far.any()):
+            has_far, has_ignored = torch.stack((far.any(), ~keep.all())).tolist()  # one host sync
+            if has_far:
                 zf = z[far]
                 nll[far] = torch.logsumexp(zf, 1) - zf.gather(1, yk[far][:, None])[:, 0]
             del z
             total += torch.where(keep, nll, 0.0).sum()
             if grad_h is None and not want_w:
                 continue
-            # dz = g * (softmax(z) - onehot(y)) on kept rows, 0 on ignored ones, written over p in place
-            # (one per-row scale, no host sync)
-            row_scale = torch.where(keep, grad_scale, 0.0)
-            p *= row_scale[:, None]
-            p[torch.arange(p.shape[0], device=p.device), yk] -= row_scale
+            # dz = softmax(z) - onehot(y) on kept rows, 0 on ignored ones, written over p in place; the
+            # scale g goes on the small products (dh [c, h], dw [V, h]), not on the [c, V] chunk, and
+            # the ignored rows are zeroed only in a chunk that has some (pretraining's have none)
+            p[torch.arange(p.shape[0], device=p.device), yk] -= 1.0
+            if has_ignored:
+                p.masked_fill_(~keep[:, None], 0.0)
             dz = p
             del p
             dz = dz.to(dtype)
             if grad_h is not None:
+                out = grad_h[s:s + chunk]
                 if dtype == h.dtype:
-                    torch.mm(dz, w, out=grad_h[s:s + chunk])
+                    torch.mm(dz, w, out=out)
                 else:
-                    grad_h[s:s + chunk] = dz.mm(w)
+                    out.copy_(dz.mm(w))
+                if grad_scale != 1.0:
+                    out.mul_(grad_scale)
             if want_w:
                 dw = dz.t().mm(hc).to(weight.dtype)
+                if grad_scale != 1.0:
+                    dw.mul_(grad_scale)
                 grad_w = dw if grad_w is None else grad_w.add_(dw)
         if want_w and grad_w is None:
             grad_w = torch.zeros_like(weight)
