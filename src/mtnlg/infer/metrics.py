@@ -1,9 +1,10 @@
-"""The scheduler's counters and latency histograms (rendered by the server at /metrics)."""
+"""The scheduler's counters and latency histograms, and their Prometheus rendering (the server's /metrics)."""
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Histogram:
@@ -63,3 +64,30 @@ class EngineMetrics:
                 f"mtnlg_prefix_cache_query_tokens_total {self.prefix_cache_queries}",
                 "# HELP mtnlg_request_errors_total Requests failed by an error (the others went on).",
                 "# TYPE mtnlg_request_errors_total counter", f"mtnlg_request_errors_total {self.request_errors}"]
+
+
+def render_metrics(engine: Any, http_requests: dict[tuple[str, int], int]) -> str:
+    """Prometheus text exposition of the engine's and the server's HTTP counters (``/metrics``)."""
+    e, m = engine, engine.metrics
+    lines = ["# HELP mtnlg_http_requests_total HTTP requests by endpoint and status code.",
+             "# TYPE mtnlg_http_requests_total counter"]
+    for (path, status), count in sorted(http_requests.items()):
+        lines.append(f'mtnlg_http_requests_total{{endpoint="{path}",status="{status}"}} {count}')
+    lines += ["# HELP mtnlg_request_success_total Finished generation requests by finish reason.",
+              "# TYPE mtnlg_request_success_total counter"]
+    for reason in ("stop", "length", "abort"):
+        lines.append(f'mtnlg_request_success_total{{finish_reason="{reason}"}} {m.requests_finished.get(reason, 0)}')
+    lines += ["# HELP mtnlg_prompt_tokens_total Prompt tokens prefilled.", "# TYPE mtnlg_prompt_tokens_total counter",
+              f"mtnlg_prompt_tokens_total {m.prompt_tokens}",
+              "# HELP mtnlg_generation_tokens_total Tokens generated.",
+              "# TYPE mtnlg_generation_tokens_total counter", f"mtnlg_generation_tokens_total {m.generation_tokens}",
+              "# HELP mtnlg_num_requests_waiting Requests waiting for a KV-cache slot (queue depth).",
+              "# TYPE mtnlg_num_requests_waiting gauge", f"mtnlg_num_requests_waiting {e.queue_depth}",
+              "# HELP mtnlg_num_requests_running Requests in the running batch.",
+              "# TYPE mtnlg_num_requests_running gauge", f"mtnlg_num_requests_running {e.num_running}",
+              "# HELP mtnlg_kv_cache_slots KV-cache slots (the running-batch limit).",
+              "# TYPE mtnlg_kv_cache_slots gauge", f"mtnlg_kv_cache_slots {e.num_slots}"]
+    lines += m.render_extra()  # prefix-cache hit rate, request errors
+    lines += m.ttft.render("mtnlg_time_to_first_token_seconds", "Time from arrival to the first token.")
+    lines += m.itl.render("mtnlg_inter_token_latency_seconds", "Time between consecutive tokens of a request.")
+    return "\n".join(lines) + "\n"

@@ -278,6 +278,7 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-__all__ = ["ABORTED", "MAX_BODY_BYTES", "ApiError", "Choice", "GenerationRequest", "PoemRequest", "TextCodec", "bad", "error_body",
-           "get_field", "int_list", "parse_chat", "parse_completion", "parse_json", "parse_poem_request",
-           "parse_prompts", "render_choice", "render_delta", "sampling_from_body", "seeded", "sse", "too_large", "usage"]
+__all__ = ["ABORTED", "MAX_BODY_BYTES", "ApiError", "Choice", "GenerationRequest", "PoemRequest", "TextCodec", "bad",
+           "error_body", "get_field", "int_list", "parse_chat", "parse_completion", "parse_json", "parse_poem_request",
+           "parse_prompts", "render_choice", "render_delta", "sampling_from_body", "seeded", "sse", "too_large",
+           "usage"]

@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtnlg.errors import ConfigError
 from mtnlg.infer.httpd import DRAIN_CAP, BackgroundServer, run_app
+from mtnlg.infer.metrics import render_metrics
 from mtnlg.infer.poem_form import continue_poem
 from mtnlg.infer.scheduler import Engine, EngineStopped, Output, QueueFull, RequestTooLong, merge_outputs
 from mtnlg.infer.protocol import (ABORTED, MAX_BODY_BYTES, ApiError, Choice, GenerationRequest, TextCodec, bad,
@@ -182,13 +183,12 @@ class OpenAIServer:
                     c.req.cancel()
 
     async def respond(self, request: Request, raw: bytes, parse: Callable[..., GenerationRequest]) -> Any:
-        if len(raw) <= INLINE_BODY_BYTES:  # ~50 us: a thread hop would cost more than the work
-            req, choices = self.prepare(raw, parse)
-            queue = self.submit(req, choices)
-        else:
-            with self.engine.incoming():  # the engine holds its next step for this request (bounded)
+        with self.engine.incoming():  # the engine holds its next step for this request (bounded)
+            if len(raw) <= INLINE_BODY_BYTES:  # ~50 us: a thread hop would cost more than the work
+                req, choices = self.prepare(raw, parse)
+            else:
                 req, choices = await run_in_threadpool(self.prepare, raw, parse)
-                queue = self.submit(req, choices)
+            queue = self.submit(req, choices)
         chat, rid, created = req.chat, f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                 "model": self.model_name}
@@ -341,33 +341,6 @@ def _count(srv: OpenAIServer, path: str, status: int) -> None:
     srv.http_requests[key] = srv.http_requests.get(key, 0) + 1
 
 
-def render_metrics(srv: OpenAIServer) -> str:
-    """Prometheus text exposition of the engine and HTTP counters."""
-    e, m = srv.engine, srv.engine.metrics
-    lines = ["# HELP mtnlg_http_requests_total HTTP requests by endpoint and status code.",
-             "# TYPE mtnlg_http_requests_total counter"]
-    for (path, status), count in sorted(srv.http_requests.items()):
-        lines.append(f'mtnlg_http_requests_total{{endpoint="{path}",status="{status}"}} {count}')
-    lines += ["# HELP mtnlg_request_success_total Finished generation requests by finish reason.",
-              "# TYPE mtnlg_request_success_total counter"]
-    for reason in ("stop", "length", "abort"):
-        lines.append(f'mtnlg_request_success_total{{finish_reason="{reason}"}} {m.requests_finished.get(reason, 0)}')
-    lines += ["# HELP mtnlg_prompt_tokens_total Prompt tokens prefilled.", "# TYPE mtnlg_prompt_tokens_total counter",
-              f"mtnlg_prompt_tokens_total {m.prompt_tokens}",
-              "# HELP mtnlg_generation_tokens_total Tokens generated.",
-              "# TYPE mtnlg_generation_tokens_total counter", f"mtnlg_generation_tokens_total {m.generation_tokens}",
-              "# HELP mtnlg_num_requests_waiting Requests waiting for a KV-cache slot (queue depth).",
-              "# TYPE mtnlg_num_requests_waiting gauge", f"mtnlg_num_requests_waiting {e.queue_depth}",
-              "# HELP mtnlg_num_requests_running Requests in the running batch.",
-              "# TYPE mtnlg_num_requests_running gauge", f"mtnlg_num_requests_running {e.num_running}",
-              "# HELP mtnlg_kv_cache_slots KV-cache slots (the running-batch limit).",
-              "# TYPE mtnlg_kv_cache_slots gauge", f"mtnlg_kv_cache_slots {e.num_slots}"]
-    lines += m.render_extra()  # prefix-cache hit rate, request errors
-    lines += m.ttft.render("mtnlg_time_to_first_token_seconds", "Time from arrival to the first token.")
-    lines += m.itl.render("mtnlg_inter_token_latency_seconds", "Time between consecutive tokens of a request.")
-    return "\n".join(lines) + "\n"
-
-
 # -- the app -----------------------------------------------------------------------------------------------
 def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = None, lm: Any = None) -> FastAPI:
     """The FastAPI app. The engine loop starts with the app and drains (in-flight requests finish) at shutdown.
@@ -430,7 +403,7 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render_metrics(srv), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(render_metrics(srv.engine, srv.http_requests), media_type="text/plain; version=0.0.4")
 
     # -- tokenizer (in worker threads: a 1 MiB prompt does not block other requests) ---------------------
     def tokenize_body(raw: bytes) -> dict[str, Any]:
@@ -504,4 +477,4 @@ def serve(lm: Any, cfg: Any, api_key: str | None = None) -> None:
     run_app(app, host=cfg.host, port=cfg.port)
 
 
-__all__ = ["BackgroundServer", "GuardMiddleware", "OpenAIServer", "create_app", "render_metrics", "serve"]
+__all__ = ["BackgroundServer", "GuardMiddleware", "OpenAIServer", "create_app", "serve"]
