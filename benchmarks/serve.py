@@ -22,11 +22,19 @@ Measured 2026-11-30 (2 shared cores, load average 2.4-3.1; medians of 3 runs eac
     =====================================  ======================  ======================
 
 Why ``ttft_ratio_16`` stays near 6: the closed loop makes waves of 16 requests that start, and so
-finish, together; the whole wave must be parsed by the server's one event loop (uvicorn's h11,
-Starlette, a tokenizer thread hop: ~2-3 ms of CPU and ~2,200 Python calls per request here) before the
-median request's first token, and that work shares the GIL with the engine. A lone request pays it
-once. Since the engine now admits a burst into one prefill and sends first tokens before decoding on,
-what is left is per-request HTTP work, not scheduling.
+finish, together; the whole wave must be parsed by the server's one event loop (uvicorn, Starlette,
+a tokenizer: ~2,200 Python calls per request) before the median request's first token, and that work
+shares the GIL with the engine. A lone request pays it once. A trace of one wave (2026-12-01; server
+and client timestamps on one clock): the wave's first request is taken alone as it arrives, and its
+one-row step (prefill or decode, ~1-2 ms of work) then takes 17-22 ms, because the engine thread
+holds the GIL only between the event loop's turns while that loop parses the other 15 (~1 ms of
+Python each; a 0.5 ms switch interval instead of 5 made no difference); those 15 are submitted
+meanwhile and prefilled together after that step, all first tokens ~30-40 ms after the wave began.
+What would remove it is an engine in its own process
+(vLLM's engine core), not scheduling in this one. Switching uvicorn from h11 on asyncio to httptools
+on uvloop (2026-12-01; alternated, three runs each) raised output tokens/s at 16 streams from
+3,000-3,980 to 4,270-5,140 (``throughput_ratio_16`` 5.7-6.0 -> 6.4-8.8) and left ``ttft_ratio_16``
+where it was (5.0-8.0).
 """
 
 from __future__ import annotations
