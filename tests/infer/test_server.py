@@ -283,6 +283,35 @@ def test_431_for_a_one_megabyte_header(http, server):
     assert http.get("/health").status_code == 200
 
 
+def test_an_endless_header_is_answered_at_the_limit_and_a_bad_request_line_is_json(http, server):
+    """The head is measured as it arrives: the 431 comes while the client is still sending, and
+    the server buffers no more than the limit. A malformed request line gets a JSON 400."""
+    import socket
+
+    def exchange(pieces: list[bytes]) -> bytes:
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        try:
+            for p in pieces:
+                try:
+                    s.sendall(p)
+                except OSError:  # the server answered and stopped reading: what is asserted below
+                    break
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+        finally:
+            s.close()
+
+    answer = exchange([b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: "] + [b"a" * 65536] * 64)  # 4 MiB, no end
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_http_request"
+    answer = exchange([b"GARBAGE\x01 / HTTP/1.1\r\n\r\n"])
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert "invalid HTTP request" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+    assert http.get("/health").status_code == 200
+
+
 def test_bad_text_and_options_are_400_not_500(http):
     for body in (b'{"prompt": "\\ud800"}', b'{"messages": [{"role": "user", "content": "a\\udfff"}]}',
                  b'{"prompt": "x", "stop": ["\\ud83d"]}'):
