@@ -55,9 +55,9 @@ def test_chat_over_piped_stdin(ckpt):
     r = mtnlg("chat", "--checkpoint", str(path), "--max-new-tokens", "6", "--temperature", "0",
               stdin="hello\n/reset\nhello\n/exit\nignored\n")
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.split("\n")
-    assert lines[1] == "(history cleared)"
-    assert lines[0] == lines[2]  # after /reset the same question gets the same (greedy) answer
+    blocks = r.stdout.split("\n\n")  # piped: a blank line after each answer (answers may span lines)
+    assert len(blocks) == 4 and blocks[1] == "(history cleared)" and blocks[3] == ""
+    assert blocks[0] == blocks[2]  # after /reset the same question gets the same (greedy) answer
 
 
 def test_conversation_format_and_truncation():

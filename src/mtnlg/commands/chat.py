@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     conv = Conversation(tok, args.system)
     tty = sys.stdin.isatty()
     out = sys.stdout
+    # piped: a blank line after each answer, so that a multi-line answer (a poem) is told from the next one
+    end = "" if tty else "\n"
     if tty:
         out.write("mtnlg chat: /reset forgets the conversation, /exit quits.\n")
     budget = lm.context_budget(params.max_new_tokens)  # less the soft prompt with --prompt-tuning
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         if text == "/reset":
             conv.reset()
-            out.write("(history cleared)\n")
+            out.write("(history cleared)\n" + end)
             out.flush()
             continue
         conv.add("user", text)
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             if rank == 0:
                 out.write(delta)
                 out.flush()
-        out.write("\n")
+        out.write("\n" + end)
         out.flush()
         conv.add("assistant", "".join(reply))
     return 0
