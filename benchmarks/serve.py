@@ -79,13 +79,14 @@ def build_model(directory: Path, hidden: int, layers: int, max_len: int) -> None
     MegatronLmModel(cfg).materialize(seed=0).save_pretrained(directory)
 
 
-def start_server(checkpoint: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, max_batch: int, threads: int, engine: str = "process") -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MTNLG_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen([sys.executable, "-m", "mtnlg", "serve", "--checkpoint", str(checkpoint), "--port",
-                             str(port), f"--serve.max_batch={max_batch}", "--serve.max_queue=1024", "--device=cpu"],
+                             str(port), f"--serve.max_batch={max_batch}", "--serve.max_queue=1024", "--device=cpu",
+                             f"--serve.engine_process={'true' if engine == 'process' else 'false'}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -210,12 +211,14 @@ def main() -> int:
     ap.add_argument("--rates", default="8,32", help="Poisson arrival rates (requests/s)")
     ap.add_argument("--requests", type=int, default=48, help="requests per concurrent / Poisson scenario")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    ap.add_argument("--engine", choices=["process", "thread"], default="process",
+                    help="the engine in its own process (serve.engine_process, the default) or a server thread")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "model"
         build_model(ckpt, args.hidden, args.layers, 512)
-        proc, url = start_server(ckpt, 16, args.threads)
+        proc, url = start_server(ckpt, 16, args.threads, args.engine)
         try:
             asyncio.run(closed_loop(url, 4, 8, 8))  # warm up
             rows = []
@@ -231,7 +234,7 @@ def main() -> int:
 
     seq, c16 = rows[0], rows[2]
     result = {
-        "model": {"hidden": args.hidden, "layers": args.layers, "max_tokens": args.max_tokens},
+        "model": {"hidden": args.hidden, "layers": args.layers, "max_tokens": args.max_tokens}, "engine": args.engine,
         "scenarios": rows,
         "throughput_ratio_16": round(c16["output_throughput"] / seq["output_throughput"], 2),
         "ttft_ratio_16": round(c16["ttft_p50_ms"] / seq["ttft_p50_ms"], 2),

@@ -290,6 +290,10 @@ class ServeConfig:
     max_queue: int = 64
     kv_cache_mb: float = 256.0  # memory budget for KV-cache slots
     model_name: str = "mtnlg"
+    # The engine in its own process (vLLM's engine core, mtnlg.infer.engine_core), so that parsing a burst
+    # of requests never holds the model's steps back on the GIL; false = a thread of the server process
+    # (one copy of the weights instead of two: the server process keeps one for /v1/poem and the tokenizer).
+    engine_process: bool = True
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:

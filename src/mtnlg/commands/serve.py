@@ -34,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
     serve_cfg.validate()
     device = pick_device(args.device)
     lm = MegatronLmModel.from_pretrained(args.checkpoint, device=device, dtype=compute_dtype(device))
-    serve(lm, serve_cfg, api_key=api_key)
+    serve(lm, serve_cfg, api_key=api_key, checkpoint=args.checkpoint)
     return 0

@@ -63,6 +63,21 @@ def with_budget(params: SamplingParams, max_new_tokens: int | None) -> SamplingP
     return dataclasses.replace(params, max_new_tokens=max_new_tokens, max_length=None)
 
 
+def checked_request(prompt_ids: list[int], params: SamplingParams, max_tokens: int | None, vocab_size: int,
+                    context: int) -> tuple[SamplingParams, int]:
+    """A request as an engine takes it: ``(params with its budget, the budget)``, or a
+    :class:`~mtnlg.errors.ConfigError` naming what is wrong (a budget below 1, a prompt too long for
+    ``context``, a token id outside the vocabulary, a bad sampling setting)."""
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+    params = with_budget(params, max_tokens).validate().clamped(vocab_size)
+    budget = token_budget(len(prompt_ids), params, context)
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return params, budget
+
+
 class RowState:
     """One sequence's decode state: what it generated, its text, and whether and why it finished.
 

@@ -36,7 +36,8 @@ import torch
 
 from mtnlg.errors import ConfigError
 from mtnlg.infer.events import EngineStopped, Output, QueueFull, TokenLogprob, deliver, merge_outputs
-from mtnlg.infer.decode import RequestTooLong, RowState, allowed_matrix, pick_greedy, token_budget, with_budget
+from mtnlg.infer.decode import (RequestTooLong, RowState, allowed_matrix, checked_request, pick_greedy,
+                                token_budget)
 from mtnlg.infer.metrics import EngineMetrics, Histogram
 from mtnlg.infer.sampling import SamplingParams, process_logits, sample, top_logprobs
 from mtnlg.infer.utf8 import Utf8Guard
@@ -193,13 +194,7 @@ class Engine:
                sink: Callable[[list[Output]], None], loop: Any = None) -> Request:
         """Queue a request; outputs go to ``sink`` (a list of :class:`Output` per engine step).
         ``max_tokens`` (None: ``params.max_new_tokens``) is the budget, checked by the one budget rule."""
-        if max_tokens is not None and max_tokens < 1:
-            raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
-        params = with_budget(params, max_tokens).validate().clamped(self.vocab_size)
-        budget = token_budget(len(prompt_ids), params, self.max_model_len)
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        params, budget = checked_request(prompt_ids, params, max_tokens, self.vocab_size, self.max_model_len)
         state = RowState(prompt_ids, params, budget, self.tokenizer, self.guard)
         req = Request(prompt_ids, params, state, sink, loop)
         with self._cv:

@@ -466,13 +466,22 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
     return app
 
 
-def serve(lm: Any, cfg: Any, api_key: str | None = None) -> None:
-    """Run the server for ``lm`` (a MegatronLmModel) with a :class:`~mtnlg.config.ServeConfig` until interrupted."""
+def serve(lm: Any, cfg: Any, api_key: str | None = None, checkpoint: str | None = None) -> None:
+    """Run the server for ``lm`` (a MegatronLmModel) with a :class:`~mtnlg.config.ServeConfig` until
+    interrupted; with ``cfg.engine_process`` and the ``checkpoint`` it was loaded from, the engine runs in
+    its own process (:mod:`mtnlg.infer.engine_core`)."""
     # The engine thread runs Python between its kernels; with the default 5 ms GIL switch interval the
     # HTTP thread would wait up to 5 ms for every hand-off, which shows up directly in TTFT and ITL.
     sys.setswitchinterval(0.0005)
-    engine = Engine(lm, max_batch=cfg.max_batch, max_model_len=cfg.max_model_len, max_queue=cfg.max_queue,
-                    kv_cache_mb=cfg.kv_cache_mb)
+    kwargs = dict(max_batch=cfg.max_batch, max_model_len=cfg.max_model_len, max_queue=cfg.max_queue,
+                  kv_cache_mb=cfg.kv_cache_mb)
+    if cfg.engine_process and checkpoint is not None:
+        from mtnlg.infer.engine_core import EngineClient
+
+        p = next(lm.model.parameters())
+        engine: Any = EngineClient(checkpoint, p.device, p.dtype, lm.tokenizer, **kwargs)
+    else:
+        engine = Engine(lm, **kwargs)
     app = create_app(engine, cfg.model_name, api_key if api_key is not None else cfg.api_key, lm=lm)
     run_app(app, host=cfg.host, port=cfg.port)
 

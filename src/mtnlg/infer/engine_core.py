@@ -1,0 +1,257 @@
+"""The continuous-batching engine in its own process (vLLM's "engine core"), for ``mtnlg serve``.
+
+In one process the engine thread and the HTTP event loop share the GIL: while the loop parses a burst
+of requests (~1 ms of Python each), every PyTorch operator of the engine's step releases the GIL and
+waits to win it back, so a one-row step of ~1-2 ms took 17-22 ms in a traced 16-request wave
+(``benchmarks/serve.py``). Here the :class:`~mtnlg.infer.scheduler.Engine` runs in a child process that
+loads the same checkpoint; :class:`EngineClient` gives the server the engine's interface (``submit``,
+``check_length``, ``queue_depth``, ``metrics``, ``healthy``, ``start``, ``shutdown`` ...) over one pipe:
+
+    server process                                   engine process
+    submit / cancel  ── (rid, prompt, params) ──►    Engine.submit (a dummy sink; outputs batched)
+    reader thread    ◄── one message per step ──     Engine._deliver: [(rid, Output), ...]
+        └─ events.deliver: each request's sink on the event loop, one cross-thread call per step
+
+Requests are validated in the server process by the same rule the engine applies
+(:func:`~mtnlg.infer.decode.checked_request`), so a bad one is refused
+before it crosses. The child is started with ``spawn`` (never ``fork``: the parent holds OpenMP and
+tokenizer thread pools) and loads the model with ``from_pretrained`` (safetensors, no pickles).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import multiprocessing as mp
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from mtnlg.errors import ConfigError
+from mtnlg.infer.decode import checked_request, token_budget
+from mtnlg.infer.events import EngineStopped, Output, QueueFull, deliver
+from mtnlg.infer.metrics import EngineMetrics
+from mtnlg.infer.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 600.0  # s: loading a large checkpoint in the child
+REPLY_TIMEOUT = 10.0  # s: a metrics snapshot
+
+
+class RemoteRequest:
+    """The server's handle on a request running in the engine process (what :func:`events.deliver` and
+    the server use: ``id``, ``sink``, ``loop``, ``cancel()``)."""
+
+    def __init__(self, rid: int, client: EngineClient, sink: Callable[[list[Output]], None], loop: Any):
+        self.id, self.client, self.sink, self.loop = rid, client, sink, loop
+        self.finished = False
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.client._send(("cancel", self.id))
+
+
+class EngineClient:
+    """An :class:`~mtnlg.infer.scheduler.Engine` over ``checkpoint`` in a child process (see the module
+    docstring); ``engine_kwargs`` are the Engine's (``max_batch``, ``max_model_len``, ``max_queue``,
+    ``kv_cache_mb``)."""
+
+    def __init__(self, checkpoint: str, device: torch.device, dtype: torch.dtype, tokenizer: Any,
+                 **engine_kwargs: Any):
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()  # one sender at a time on the pipe
+        self._ids = itertools.count()
+        self._requests: dict[int, RemoteRequest] = {}
+        self._reply: dict[str, Any] = {}
+        self._replied = threading.Condition()
+        self._stopped = False
+        self._crashed = False
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_child_main, name="mtnlg-engine-core", daemon=True,
+                                 args=(child, checkpoint, str(device), str(dtype).removeprefix("torch."),
+                                       engine_kwargs))
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(START_TIMEOUT):
+            self._proc.kill()
+            raise RuntimeError(f"the engine process did not start within {START_TIMEOUT:.0f} s")
+        kind, info = self._conn.recv()
+        if kind == "error":
+            self._proc.join(10)
+            raise ConfigError(info)
+        self.max_model_len, self.max_queue, self.num_slots, self.vocab_size = (
+            info["max_model_len"], info["max_queue"], info["num_slots"], info["vocab_size"])
+        self._reader = threading.Thread(target=self._read, name="mtnlg-engine-reader", daemon=True)
+        self._reader.start()
+
+    # -- the Engine interface the server uses ----------------------------------------------------------
+    def start(self) -> EngineClient:
+        return self
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Nothing to hold: the engine runs beside the parsing, not behind it."""
+        yield
+
+    @property
+    def queue_depth(self) -> int:
+        return max(0, len(self._requests) - self.num_slots)
+
+    @property
+    def num_running(self) -> int:
+        return min(len(self._requests), self.num_slots)
+
+    @property
+    def healthy(self) -> bool:
+        return not self._crashed and (self._proc.is_alive() or self._stopped)
+
+    @property
+    def metrics(self) -> EngineMetrics:
+        """The engine's counters and histograms, fetched from the engine process."""
+        return self._ask("metrics")
+
+    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+        token_budget(prompt_len, SamplingParams(max_new_tokens=max_tokens), self.max_model_len)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None,
+               sink: Callable[[list[Output]], None], loop: Any = None) -> RemoteRequest:
+        """As :meth:`Engine.submit`: checked here by the engine's own rules, then sent."""
+        params, _ = checked_request(prompt_ids, params, max_tokens, self.vocab_size, self.max_model_len)
+        if self._stopped or not self.healthy:
+            raise EngineStopped("the server is shutting down")
+        if self.queue_depth >= self.max_queue:
+            raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
+        req = RemoteRequest(next(self._ids), self, sink, loop)
+        self._requests[req.id] = req
+        self._send(("submit", (req.id, list(prompt_ids), params)))
+        return req
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Let waiting and running requests finish, then stop the engine process."""
+        if not self._stopped:
+            self._stopped = True
+            with contextlib.suppress(OSError):
+                self._send(("shutdown", None))
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+    # -- the pipe ---------------------------------------------------------------------------------------
+    def _send(self, msg: tuple[str, Any]) -> None:
+        with self._lock:
+            self._conn.send(msg)
+
+    def _ask(self, what: str) -> Any:
+        with self._replied:
+            self._reply.pop(what, None)
+            self._send(("ask", what))
+            if not self._replied.wait_for(lambda: what in self._reply, REPLY_TIMEOUT):
+                raise RuntimeError(f"the engine process did not answer ({what})")
+            return self._reply.pop(what)
+
+    def _read(self) -> None:
+        """The reader thread: outputs to their requests' sinks (one call per event loop and step)."""
+        try:
+            while True:
+                kind, payload = self._conn.recv()
+                if kind == "out":
+                    events = [(self._requests[rid], out) for rid, out in payload if rid in self._requests]
+                    for req, out in events:
+                        if out.finish_reason is not None:
+                            req.finished = True
+                            self._requests.pop(req.id, None)
+                    deliver(events)
+                elif kind == "reply":
+                    with self._replied:
+                        self._reply[payload[0]] = payload[1]
+                        self._replied.notify_all()
+                elif kind == "crashed":
+                    self._crashed = True
+                elif kind == "stopped":
+                    return
+        except (EOFError, OSError):
+            pass
+        finally:  # the engine process is gone: nobody will answer the requests still open
+            if not self._stopped:
+                self._crashed = True
+            pending = [(req, Output("", [], finish_reason="abort")) for req in list(self._requests.values())]
+            self._requests.clear()
+            deliver(pending)
+
+
+def _child_main(conn: Any, checkpoint: str, device: str, dtype: str, engine_kwargs: dict[str, Any]) -> None:
+    """The engine process: load the model, run the engine, serve the pipe. Ctrl-C is the server's to
+    handle (it drains, then stops this process through the pipe); this thread takes the GIL from the
+    engine's thread within 0.5 ms when a request arrives (the default switch interval is 5 ms)."""
+    import signal
+    import sys
+
+    from mtnlg.api import MegatronLmModel
+    from mtnlg.infer.scheduler import Engine
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.setswitchinterval(0.0005)
+
+    lock = threading.Lock()
+
+    def send(msg: tuple[str, Any]) -> None:
+        with lock:
+            conn.send(msg)
+
+    class CoreEngine(Engine):
+        def _deliver(self, events):  # one message a step; the server process sends them on
+            if events:
+                send(("out", [(req.remote_id, out) for req, out in events]))
+            return None
+
+    try:
+        lm = MegatronLmModel.from_pretrained(checkpoint, device=torch.device(device), dtype=getattr(torch, dtype))
+        engine = CoreEngine(lm, **engine_kwargs).start()
+    except Exception as e:  # noqa: BLE001 - reported to the server process as one line
+        send(("error", f"the engine process could not start: {type(e).__name__}: {e}"))
+        return
+    send(("ready", {"max_model_len": engine.max_model_len, "max_queue": engine.max_queue,
+                    "num_slots": engine.num_slots, "vocab_size": engine.vocab_size}))
+    requests: dict[int, Any] = {}
+    try:
+        while True:
+            if not conn.poll(0.5):
+                if not engine.healthy:
+                    send(("crashed", None))
+                    return
+                continue
+            kind, payload = conn.recv()
+            if kind == "submit":
+                rid, prompt, params = payload
+                try:
+                    req = engine.submit(prompt, params, None, sink=lambda outs: None)
+                except Exception as e:  # noqa: BLE001 - checked in the server already; fail this one only
+                    out = Output("", [], finish_reason="abort")
+                    out.error = f"{type(e).__name__}: {e}"
+                    send(("out", [(rid, out)]))
+                    continue
+                req.remote_id = rid
+                requests[rid] = req
+                if len(requests) > 4 * engine.num_slots + engine.max_queue:  # forget finished ones now and then
+                    for k in [k for k, r in requests.items() if r.finished]:
+                        del requests[k]
+            elif kind == "cancel":
+                req = requests.get(payload)
+                if req is not None:
+                    req.cancel()
+            elif kind == "ask":
+                send(("reply", (payload, engine.metrics)))
+            elif kind == "shutdown":
+                engine.shutdown()
+                send(("stopped", None))
+                return
+    except (EOFError, OSError):  # the server process went away
+        engine.shutdown(timeout=5)
+
+
+__all__ = ["EngineClient", "RemoteRequest"]

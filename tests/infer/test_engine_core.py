@@ -1,0 +1,82 @@
+"""The engine in its own process (``serve.engine_process``): the same answers as the engine in a thread,
+over real HTTP, and a server that stays honest when that process dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+import torch
+
+from mtnlg.api import MegatronLmModel, MegatronModelConfig
+from mtnlg.data.tokenizer import train_bpe
+from mtnlg.infer.engine_core import EngineClient
+from mtnlg.infer.scheduler import Engine
+from mtnlg.infer.server import BackgroundServer, create_app
+
+TEXT = ["the moon is bright over the quiet river", "床前明月光，疑是地上霜。举头望明月，低头思故乡。"] * 20
+KW = {"max_batch": 4, "max_model_len": 96, "max_queue": 8}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tok = train_bpe(TEXT, vocab_size=300)
+    cfg = MegatronModelConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=128, max_position_embeddings=128)
+    lm = MegatronLmModel(cfg, tokenizer=tok).materialize(seed=5)
+    path = tmp_path_factory.mktemp("core") / "model"
+    lm.save_pretrained(path)
+    return lm, str(path)
+
+
+def _completions(url: str, bodies: list[dict]) -> list[dict]:
+    with httpx.Client(base_url=url, timeout=60) as c:
+        return [c.post("/v1/completions", json=b).json() for b in bodies]
+
+
+def test_the_engine_process_answers_as_the_engine_thread(saved):
+    lm, path = saved
+    bodies = [{"prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+              for p in ("the moon", "床前明月光，")] + [{"prompt": "the", "max_tokens": 6, "seed": 3, "n": 2}]
+    with BackgroundServer(create_app(Engine(lm, **KW), "tiny", lm=lm)) as srv:
+        local = _completions(srv.url, bodies)
+    client = EngineClient(path, torch.device("cpu"), torch.float32, lm.tokenizer, **KW)
+    assert client.max_model_len == 96 and client.num_slots == 4
+    with BackgroundServer(create_app(client, "tiny", lm=lm)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        remote = _completions(srv.url, bodies)
+        for a, b in zip(local, remote):  # the same tokens, text, logprobs and usage
+            assert [x["text"] for x in a["choices"]] == [x["text"] for x in b["choices"]]
+            assert a["usage"] == b["usage"]
+            for x, y in zip(a["choices"], b["choices"]):
+                assert x["finish_reason"] == y["finish_reason"]
+                if x["logprobs"]:
+                    assert x["logprobs"]["token_logprobs"] == pytest.approx(y["logprobs"]["token_logprobs"], abs=1e-5)
+        with c.stream("POST", "/v1/completions", json={**bodies[0], "stream": True}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert "".join(e["choices"][0]["text"] for e in events) == remote[0]["choices"][0]["text"]
+        too_long = c.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 500})
+        assert too_long.status_code == 400 and "96 tokens" in too_long.json()["error"]["message"]
+        metrics = c.get("/metrics").text  # fetched from the engine process
+        generated = sum(r["usage"]["completion_tokens"] for r in remote) + 12  # the streamed one: 12, ignore_eos
+        assert f"mtnlg_generation_tokens_total {generated}\n" in metrics
+        assert c.get("/health").json() == {"status": "ok"}
+    assert not client._proc.is_alive()  # the server's shutdown stopped the engine process
+
+
+def test_a_dead_engine_process_fails_requests_instead_of_hanging(saved):
+    lm, path = saved
+    client = EngineClient(path, torch.device("cpu"), torch.float32, lm.tokenizer, **KW)
+    with BackgroundServer(create_app(client, "tiny", lm=lm)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert c.get("/health").status_code == 200
+        os.kill(client._proc.pid, signal.SIGKILL)
+        client._proc.join(10)
+        deadline = time.monotonic() + 10
+        while client.healthy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert c.get("/health").status_code == 503
+        r = c.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 4})
+        assert r.status_code == 503 and "Traceback" not in r.text
