@@ -291,9 +291,10 @@ class ServeConfig:
     kv_cache_mb: float = 256.0  # memory budget for KV-cache slots
     model_name: str = "mtnlg"
     # The engine in its own process (vLLM's engine core, mtnlg.infer.engine_core), so that parsing a burst
-    # of requests never holds the model's steps back on the GIL; false = a thread of the server process
-    # (one copy of the weights instead of two: the server process keeps one for /v1/poem and the tokenizer).
-    engine_process: bool = True
+    # of requests never holds the model's steps back on the GIL: "true"; "false" = a thread of the server
+    # process (one copy of the weights instead of two: the server keeps one for /v1/poem); "auto" = a
+    # process on the CPU, a thread on a GPU (where the second copy would take GPU memory).
+    engine_process: str = "auto"
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
@@ -301,6 +302,7 @@ class ServeConfig:
         for name in ("max_batch", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serve.{name} must be >= 1, got {getattr(self, name)}")
+        _choice("serve.engine_process", self.engine_process, ("auto", "true", "false"))
 
 
 @dataclass

@@ -468,17 +468,18 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
 
 def serve(lm: Any, cfg: Any, api_key: str | None = None, checkpoint: str | None = None) -> None:
     """Run the server for ``lm`` (a MegatronLmModel) with a :class:`~mtnlg.config.ServeConfig` until
-    interrupted; with ``cfg.engine_process`` and the ``checkpoint`` it was loaded from, the engine runs in
-    its own process (:mod:`mtnlg.infer.engine_core`)."""
+    interrupted; given the ``checkpoint`` it was loaded from, the engine runs in its own process
+    (:mod:`mtnlg.infer.engine_core`) as ``cfg.engine_process`` says (auto: on the CPU)."""
     # The engine thread runs Python between its kernels; with the default 5 ms GIL switch interval the
     # HTTP thread would wait up to 5 ms for every hand-off, which shows up directly in TTFT and ITL.
     sys.setswitchinterval(0.0005)
     kwargs = dict(max_batch=cfg.max_batch, max_model_len=cfg.max_model_len, max_queue=cfg.max_queue,
                   kv_cache_mb=cfg.kv_cache_mb)
-    if cfg.engine_process and checkpoint is not None:
+    p = next(lm.model.parameters())
+    own_process = cfg.engine_process == "true" or (cfg.engine_process == "auto" and p.device.type == "cpu")
+    if own_process and checkpoint is not None:
         from mtnlg.infer.engine_core import EngineClient
 
-        p = next(lm.model.parameters())
         engine: Any = EngineClient(checkpoint, p.device, p.dtype, lm.tokenizer, **kwargs)
     else:
         engine = Engine(lm, **kwargs)
