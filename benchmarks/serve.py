@@ -21,7 +21,7 @@ Measured 2026-11-30 (2 shared cores, load average 2.4-3.1; medians of 3 runs eac
     p50 TTFT, Poisson 32 requests/s        16.5 ms                 9.3 ms
     =====================================  ======================  ======================
 
-Why ``ttft_ratio_16`` stays near 6: the closed loop makes waves of 16 requests that start, and so
+Why ``ttft_ratio_16`` stays above 2: the closed loop makes waves of 16 requests that start, and so
 finish, together; the whole wave must be parsed by the server's one event loop (uvicorn, Starlette,
 a tokenizer: ~2,200 Python calls per request) before the median request's first token, and that work
 shares the GIL with the engine. A lone request pays it once. A trace of one wave (2026-12-01; server
@@ -30,11 +30,14 @@ one-row step (prefill or decode, ~1-2 ms of work) then takes 17-22 ms, because t
 holds the GIL only between the event loop's turns while that loop parses the other 15 (~1 ms of
 Python each; a 0.5 ms switch interval instead of 5 made no difference); those 15 are submitted
 meanwhile and prefilled together after that step, all first tokens ~30-40 ms after the wave began.
-What would remove it is an engine in its own process
-(vLLM's engine core), not scheduling in this one. Switching uvicorn from h11 on asyncio to httptools
-on uvloop (2026-12-01; alternated, three runs each) raised output tokens/s at 16 streams from
-3,000-3,980 to 4,270-5,140 (``throughput_ratio_16`` 5.7-6.0 -> 6.4-8.8) and left ``ttft_ratio_16``
-where it was (5.0-8.0).
+Since then the engine runs in its own process (``serve.engine_process``, :mod:`mtnlg.infer.engine_core`;
+``--engine thread`` measures the old way). Alternated three runs each (2026-12-01): p50 TTFT at 16
+streams 26-27.5 -> 18-23 ms, ``ttft_ratio_16`` 6.3-7.0 -> 5.1-5.4, 16-stream output 3,690-4,120 ->
+4,570-6,720 tokens/s, one stream 520-575 -> 660-830. What is left is CPU: the benchmark client, the
+server process and the engine process now share the 2 cores, and a wave's requests reach the engine
+over ~45 ms (one every ~2.5 ms), each first token 6-13 ms after its submission. Earlier the same day,
+uvicorn's httptools protocol on uvloop instead of h11 on asyncio raised output tokens/s at 16 streams
+from 3,000-3,980 to 4,270-5,140 (``throughput_ratio_16`` 5.7-6.0 -> 6.4-8.8).
 """
 
 from __future__ import annotations
