@@ -3,11 +3,10 @@
 uvicorn runs on uvloop (where installed: not on Windows) with its httptools protocol, the C parser
 (llhttp) that vLLM's server runs on too: measured against the pure-Python h11 on asyncio, alternated
 three times each on this 2-core box (``benchmarks/serve.py``, 2026-12-01), output tokens/s at 16
-concurrent streams 3,000-3,980 -> 4,600-5,140 (``throughput_ratio_16`` 5.7-6.0 -> 6.8-7.7), since
-every request's head and every streamed event are parsed and framed on the one event loop that
-shares the GIL with the engine. Two changes to uvicorn's protocol (see :func:`http_protocol`):
-oversized headers get 431 with a JSON body, and a rejected connection is closed gracefully so the
-client reads the answer.
+concurrent streams 3,000-3,980 -> 4,270-5,140 (``throughput_ratio_16`` 5.7-6.0 -> 6.4-8.8, six runs),
+since every request's head and every streamed event are parsed and framed on the server's one event
+loop. Two changes to uvicorn's protocol (see :func:`http_protocol`): oversized headers get 431 with a
+JSON body, and a rejected connection is closed gracefully so the client reads the answer.
 """
 
 from __future__ import annotations
