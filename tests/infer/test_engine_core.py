@@ -67,6 +67,18 @@ def test_the_engine_process_answers_as_the_engine_thread(saved):
     assert not client._proc.is_alive()  # the server's shutdown stopped the engine process
 
 
+def test_fuzzed_requests_never_5xx_with_the_engine_process(saved):
+    """The server's fuzzer (numeric extremes, lone surrogates, junk on every JSON route) against the
+    engine in its own process: never a 5xx, and the engine process stays healthy."""
+    from tests.infer.test_server import fuzz_never_5xx
+
+    lm, path = saved
+    client = EngineClient(path, torch.device("cpu"), torch.float32, lm.tokenizer, **KW)
+    with BackgroundServer(create_app(client, "tiny", lm=lm)) as srv:
+        fuzz_never_5xx(srv.url, {"Content-Type": "application/json"})
+        assert client._proc.is_alive() and client.healthy
+
+
 def test_a_dead_engine_process_fails_requests_instead_of_hanging(saved):
     lm, path = saved
     client = EngineClient(path, torch.device("cpu"), torch.float32, lm.tokenizer, **KW)

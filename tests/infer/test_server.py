@@ -501,6 +501,12 @@ SMALL = {"max_tokens": 2, "max_completion_tokens": 2, "n": 1}  # keep generation
 def test_fuzzed_requests_never_5xx(server):
     """Numeric extremes (huge, tiny, subnormal, NaN and Infinity literals), lone surrogates, role markers,
     wrong types and nested junk, on every JSON route: never a 5xx, and the engine stays healthy."""
+    fuzz_never_5xx(server.url, AUTH)
+
+
+def fuzz_never_5xx(url: str, headers: dict[str, str]) -> None:
+    """The fuzzer of :func:`test_fuzzed_requests_never_5xx`, against the server at ``url`` (also run
+    against the engine in its own process: tests/infer/test_engine_core.py)."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
@@ -522,7 +528,7 @@ def test_fuzzed_requests_never_5xx(server):
                       st.binary(max_size=64) | _json_values().map(lambda v: json.dumps(v).encode()))
     case = st.one_of(valid_then_junk, valid_then_junk, junk_prompt, whole)
 
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as http:
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
         @settings(max_examples=120, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
         @given(case)
