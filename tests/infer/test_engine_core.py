@@ -92,3 +92,10 @@ def test_a_dead_engine_process_fails_requests_instead_of_hanging(saved):
         assert c.get("/health").status_code == 503
         r = c.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 4})
         assert r.status_code == 503 and "Traceback" not in r.text
+
+
+def test_an_engine_process_that_cannot_load_says_why_in_one_line(tmp_path):
+    from mtnlg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"engine process could not start: CheckpointError: .*missing"):
+        EngineClient(str(tmp_path / "missing"), torch.device("cpu"), torch.float32, None, **KW)

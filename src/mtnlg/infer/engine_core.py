@@ -80,7 +80,13 @@ class EngineClient:
         if not self._conn.poll(START_TIMEOUT):
             self._proc.kill()
             raise RuntimeError(f"the engine process did not start within {START_TIMEOUT:.0f} s")
-        kind, info = self._conn.recv()
+        try:
+            kind, info = self._conn.recv()
+        except EOFError:  # it died before it could say why (killed, out of memory)
+            self._proc.join(10)
+            raise ConfigError(f"the engine process exited while loading {checkpoint} (exit code "
+                              f"{self._proc.exitcode}); run with --serve.engine_process=false to see the error "
+                              f"in this process") from None
         if kind == "error":
             self._proc.join(10)
             raise ConfigError(info)
