@@ -8,7 +8,7 @@ loads the same checkpoint; :class:`EngineClient` gives the server the engine's i
 ``check_length``, ``queue_depth``, ``metrics``, ``healthy``, ``start``, ``shutdown`` ...) over one pipe:
 
     server process                                   engine process
-    submit / cancel  ── (rid, prompt, params) ──►    Engine.submit (a dummy sink; outputs batched)
+    submit / cancel  ── (rid, prompt, params) ──►    Engine.submit (a sink naming the rid)
     reader thread    ◄── one message per step ──     Engine._deliver: [(rid, Output), ...]
         └─ events.deliver: each request's sink on the event loop, one cross-thread call per step
 
@@ -209,10 +209,25 @@ def _child_main(conn: Any, checkpoint: str, device: str, dtype: str, engine_kwar
         with lock:
             conn.send(msg)
 
+    requests: dict[int, Any] = {}  # the server's id -> the engine's request, until it finishes (for cancel)
+
+    class Remote:
+        """A request's sink that names it by the server's id; set before the engine can see the request,
+        so its first outputs can never race the bookkeeping. Outputs leave in ``_deliver``, not here."""
+
+        def __init__(self, rid: int):
+            self.rid = rid
+
+        def __call__(self, outs: list[Output]) -> None:
+            pass
+
     class CoreEngine(Engine):
         def _deliver(self, events):  # one message a step; the server process sends them on
             if events:
-                send(("out", [(req.remote_id, out) for req, out in events]))
+                send(("out", [(req.sink.rid, out) for req, out in events]))
+                for req, out in events:
+                    if out.finish_reason is not None:
+                        requests.pop(req.sink.rid, None)
             return None
 
     try:
@@ -223,7 +238,6 @@ def _child_main(conn: Any, checkpoint: str, device: str, dtype: str, engine_kwar
         return
     send(("ready", {"max_model_len": engine.max_model_len, "max_queue": engine.max_queue,
                     "num_slots": engine.num_slots, "vocab_size": engine.vocab_size}))
-    requests: dict[int, Any] = {}
     try:
         while True:
             if not conn.poll(0.5):
@@ -235,17 +249,15 @@ def _child_main(conn: Any, checkpoint: str, device: str, dtype: str, engine_kwar
             if kind == "submit":
                 rid, prompt, params = payload
                 try:
-                    req = engine.submit(prompt, params, None, sink=lambda outs: None)
+                    req = engine.submit(prompt, params, None, sink=Remote(rid))
                 except Exception as e:  # noqa: BLE001 - checked in the server already; fail this one only
                     out = Output("", [], finish_reason="abort")
                     out.error = f"{type(e).__name__}: {e}"
                     send(("out", [(rid, out)]))
                     continue
-                req.remote_id = rid
                 requests[rid] = req
-                if len(requests) > 4 * engine.num_slots + engine.max_queue:  # forget finished ones now and then
-                    for k in [k for k, r in requests.items() if r.finished]:
-                        del requests[k]
+                if req.finished:  # it may have finished (and left _deliver's reach) before it was recorded
+                    requests.pop(rid, None)
             elif kind == "cancel":
                 req = requests.get(payload)
                 if req is not None:
