@@ -291,9 +291,9 @@ class ServeConfig:
     kv_cache_mb: float = 256.0  # memory budget for KV-cache slots
     model_name: str = "mtnlg"
     # The engine in its own process (vLLM's engine core, mtnlg.infer.engine_core), so that parsing a burst
-    # of requests never holds the model's steps back on the GIL: "true"; "false" = a thread of the server
-    # process (one copy of the weights instead of two: the server keeps one for /v1/poem); "auto" = a
-    # process on the CPU, a thread on a GPU (where the second copy would take GPU memory).
+    # of requests never holds the model's steps back on the GIL (only it loads the weights): "true";
+    # "false" = a thread of the server process; "auto" = a process on the CPU, a thread on a GPU (where a
+    # second CUDA context would take GPU memory).
     engine_process: str = "auto"
 
     def validate(self) -> None:

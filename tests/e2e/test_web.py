@@ -43,7 +43,7 @@ def lm():
 
 @pytest.fixture(scope="module")
 def server(lm):
-    with BackgroundServer(create_app(Engine(lm, max_batch=4), "tiny", lm=lm)) as srv:
+    with BackgroundServer(create_app(Engine(lm, max_batch=4), "tiny")) as srv:
         yield srv
 
 
@@ -135,7 +135,7 @@ def cjk_families() -> set[str]:
 
 @pytest.fixture(scope="module")
 def keyed_server(lm):
-    with BackgroundServer(create_app(Engine(lm, max_batch=2), "tiny", api_key="sk-page", lm=lm)) as srv:
+    with BackgroundServer(create_app(Engine(lm, max_batch=2), "tiny", api_key="sk-page")) as srv:
         yield srv
 
 

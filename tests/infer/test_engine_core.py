@@ -42,11 +42,13 @@ def test_the_engine_process_answers_as_the_engine_thread(saved):
     lm, path = saved
     bodies = [{"prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 2}
               for p in ("the moon", "床前明月光，")] + [{"prompt": "the", "max_tokens": 6, "seed": 3, "n": 2}]
-    with BackgroundServer(create_app(Engine(lm, **KW), "tiny", lm=lm)) as srv:
+    poem = {"prompt": "床前明月光，疑是地上霜。", "lines": 2, "temperature": 1, "seed": 1}
+    with BackgroundServer(create_app(Engine(lm, **KW), "tiny")) as srv:
         local = _completions(srv.url, bodies)
+        local_poem = httpx.post(srv.url + "/v1/poem", json=poem, timeout=60).json()
     client = EngineClient(path, torch.device("cpu"), torch.float32, lm.tokenizer, **KW)
     assert client.max_model_len == 96 and client.num_slots == 4
-    with BackgroundServer(create_app(client, "tiny", lm=lm)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+    with BackgroundServer(create_app(client, "tiny")) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         remote = _completions(srv.url, bodies)
         for a, b in zip(local, remote):  # the same tokens, text, logprobs and usage
             assert [x["text"] for x in a["choices"]] == [x["text"] for x in b["choices"]]
@@ -60,11 +62,38 @@ def test_the_engine_process_answers_as_the_engine_thread(saved):
         assert "".join(e["choices"][0]["text"] for e in events) == remote[0]["choices"][0]["text"]
         too_long = c.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 500})
         assert too_long.status_code == 400 and "96 tokens" in too_long.json()["error"]["message"]
+        remote_poem = c.post("/v1/poem", json=poem).json()  # written in the engine process
+        assert remote_poem["lines"] == local_poem["lines"] and [len(x) for x in remote_poem["lines"]] == [6, 6]
         metrics = c.get("/metrics").text  # fetched from the engine process
         generated = sum(r["usage"]["completion_tokens"] for r in remote) + 12  # the streamed one: 12, ignore_eos
         assert f"mtnlg_generation_tokens_total {generated}\n" in metrics
         assert c.get("/health").json() == {"status": "ok"}
     assert not client._proc.is_alive()  # the server's shutdown stopped the engine process
+
+
+def test_serve_with_the_engine_process_reads_no_weights_in_the_server_process(saved, monkeypatch):
+    """``serve()`` as ``mtnlg serve`` calls it, on the CPU: the engine process writes completions and poems,
+    while the server process loads only the tokenizer (``from_pretrained`` is never called in it)."""
+    import mtnlg.infer.server as server
+    from mtnlg.config import ServeConfig
+
+    lm, path = saved
+
+    def no_weights_here(*args, **kwargs):
+        raise AssertionError("the server process loaded the model")
+
+    monkeypatch.setattr(MegatronLmModel, "from_pretrained", no_weights_here)
+    answers = []
+
+    def run_app(app, host, port):  # serve the app serve() built, as uvicorn would, and ask it
+        with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+            answers.append(c.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 4}).json())
+            answers.append(c.post("/v1/poem", json={"prompt": "床前明月光，疑是地上霜。", "lines": 1}).json())
+
+    monkeypatch.setattr(server, "run_app", run_app)
+    server.serve(path, ServeConfig(max_batch=2, max_model_len=64), torch.device("cpu"), torch.float32)
+    assert answers[0]["usage"]["completion_tokens"] == 4 and answers[0]["model"] == "mtnlg"
+    assert len(answers[1]["lines"][0]) == 6 and answers[1]["lines"][0][-1] == "，"
 
 
 def test_fuzzed_requests_never_5xx_with_the_engine_process(saved):
@@ -74,7 +103,7 @@ def test_fuzzed_requests_never_5xx_with_the_engine_process(saved):
 
     lm, path = saved
     client = EngineClient(path, torch.device("cpu"), torch.float32, lm.tokenizer, **KW)
-    with BackgroundServer(create_app(client, "tiny", lm=lm)) as srv:
+    with BackgroundServer(create_app(client, "tiny")) as srv:
         fuzz_never_5xx(srv.url, {"Content-Type": "application/json"})
         assert client._proc.is_alive() and client.healthy
 
@@ -82,7 +111,7 @@ def test_fuzzed_requests_never_5xx_with_the_engine_process(saved):
 def test_a_dead_engine_process_fails_requests_instead_of_hanging(saved):
     lm, path = saved
     client = EngineClient(path, torch.device("cpu"), torch.float32, lm.tokenizer, **KW)
-    with BackgroundServer(create_app(client, "tiny", lm=lm)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+    with BackgroundServer(create_app(client, "tiny")) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         assert c.get("/health").status_code == 200
         os.kill(client._proc.pid, signal.SIGKILL)
         client._proc.join(10)
@@ -92,6 +121,8 @@ def test_a_dead_engine_process_fails_requests_instead_of_hanging(saved):
         assert c.get("/health").status_code == 503
         r = c.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 4})
         assert r.status_code == 503 and "Traceback" not in r.text
+        r = c.post("/v1/poem", json={"prompt": "床前明月光，疑是地上霜。", "lines": 1})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
 
 
 def test_an_engine_process_that_cannot_load_says_why_in_one_line(tmp_path):

@@ -33,7 +33,7 @@ def lm():
 @pytest.fixture(scope="module")
 def server(lm):
     engine = Engine(lm, max_batch=8, max_model_len=128, max_queue=64)
-    with BackgroundServer(create_app(engine, "tiny", api_key=KEY, lm=lm)) as srv:
+    with BackgroundServer(create_app(engine, "tiny", api_key=KEY)) as srv:
         yield srv
 
 

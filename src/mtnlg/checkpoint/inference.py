@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtnlg.checkpoint.resolve import Resolved, find_checkpoint
+from mtnlg.checkpoint.resolve import Resolved, find_checkpoint, resolve_checkpoint
 from mtnlg.checkpoint.safe_read import dcp_load, read_metadata
 from mtnlg.checkpoint.sharded import _fit_template, _pad_back
 from mtnlg.config import Config, ModelConfig
@@ -34,6 +34,17 @@ def run_tokenizer(resolved: Resolved) -> Any:
     if tok_dir is None:
         raise CheckpointError(f"{resolved.path}: no tokenizer/ in the checkpoint or its run directory")
     return Tokenizer.load(tok_dir)
+
+
+def pretrained_tokenizer(path: str | Path | Resolved) -> Any:
+    """The tokenizer of what ``MegatronLmModel.from_pretrained(path)`` loads (resolved the same way), without
+    reading any weights: a saved model's own, or a training checkpoint's run tokenizer."""
+    resolved = resolve_checkpoint(path)
+    if resolved.kind == "checkpoint":
+        return run_tokenizer(resolved)
+    from mtnlg.data.tokenizer import Tokenizer
+
+    return Tokenizer.load(resolved.path)
 
 
 @torch.no_grad()

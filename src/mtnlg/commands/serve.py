@@ -20,7 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mtnlg.api import MegatronLmModel
     from mtnlg.device import compute_dtype, pick_device
     from mtnlg.infer.server import serve
 
@@ -33,6 +32,5 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or serve_cfg.api_key or os.environ.get("MTNLG_API_KEY") or None
     serve_cfg.validate()
     device = pick_device(args.device)
-    lm = MegatronLmModel.from_pretrained(args.checkpoint, device=device, dtype=compute_dtype(device))
-    serve(lm, serve_cfg, api_key=api_key, checkpoint=args.checkpoint)
+    serve(args.checkpoint, serve_cfg, device, compute_dtype(device), api_key=api_key)
     return 0

@@ -5,12 +5,14 @@ of requests (~1 ms of Python each), every PyTorch operator of the engine's step 
 waits to win it back, so a one-row step of ~1-2 ms took 17-22 ms in a traced 16-request wave
 (``benchmarks/serve.py``). Here the :class:`~mtnlg.infer.scheduler.Engine` runs in a child process that
 loads the same checkpoint; :class:`EngineClient` gives the server the engine's interface (``submit``,
-``check_length``, ``queue_depth``, ``metrics``, ``healthy``, ``start``, ``shutdown`` ...) over one pipe:
+``check_length``, ``queue_depth``, ``metrics``, ``healthy``, ``poem``, ``start``, ``shutdown`` ...) over one
+pipe, so the server process holds the tokenizer but no weights:
 
     server process                                   engine process
     submit / cancel  ── (rid, prompt, params) ──►    Engine.submit (a sink naming the rid)
     reader thread    ◄── one message per step ──     Engine._deliver: [(rid, Output), ...]
         └─ events.deliver: each request's sink on the event loop, one cross-thread call per step
+    poem (/v1/poem)  ── (id, text, lines, params) ─► Engine.poem on a thread of its own ── the lines back
 
 Requests are validated in the server process by the same rule the engine applies
 (:func:`~mtnlg.infer.decode.checked_request`), so a bad one is refused
@@ -137,6 +139,24 @@ class EngineClient:
         self._send(("submit", (req.id, list(prompt_ids), params)))
         return req
 
+    def poem(self, text: str, lines: int, params: SamplingParams) -> list[str]:
+        """As :meth:`Engine.poem`, written in the engine process (so this process needs no weights)."""
+        key = ("poem", next(self._ids))
+        with self._replied:
+            if self._stopped or not self.healthy:
+                raise EngineStopped("the server is shutting down")
+            self._send(("poem", (key[1], text, lines, params)))
+            while key not in self._reply:
+                if not self.healthy:
+                    raise EngineStopped("the engine process stopped while writing the poem; restart the server")
+                self._replied.wait(1.0)
+            kind, value = self._reply.pop(key)
+        if kind == "form":
+            raise ConfigError(value)
+        if kind == "error":
+            raise RuntimeError(value)
+        return value
+
     def shutdown(self, timeout: float | None = None) -> None:
         """Let waiting and running requests finish, then stop the engine process."""
         if not self._stopped:
@@ -188,12 +208,15 @@ class EngineClient:
             pending = [(req, Output("", [], finish_reason="abort")) for req in list(self._requests.values())]
             self._requests.clear()
             deliver(pending)
+            with self._replied:  # a poem waiting for its reply sees the process gone
+                self._replied.notify_all()
 
 
 def _child_main(conn: Any, checkpoint: str, device: str, dtype: str, engine_kwargs: dict[str, Any]) -> None:
     """The engine process: load the model, run the engine, serve the pipe. Ctrl-C is the server's to
     handle (it drains, then stops this process through the pipe); this thread takes the GIL from the
     engine's thread within 0.5 ms when a request arrives (the default switch interval is 5 ms)."""
+    import queue
     import signal
     import sys
 
@@ -238,6 +261,20 @@ def _child_main(conn: Any, checkpoint: str, device: str, dtype: str, engine_kwar
         return
     send(("ready", {"max_model_len": engine.max_model_len, "max_queue": engine.max_queue,
                     "num_slots": engine.num_slots, "vocab_size": engine.vocab_size}))
+    poems: queue.SimpleQueue = queue.SimpleQueue()
+
+    def write_poems() -> None:  # a thread of its own: a poem takes many forward passes, the pipe must not wait
+        while (item := poems.get()) is not None:
+            pid, text, lines, params = item
+            try:
+                result: tuple[str, Any] = ("ok", engine.poem(text, lines, params))
+            except ConfigError as e:
+                result = ("form", str(e))
+            except Exception as e:  # noqa: BLE001 - this poem fails, the engine goes on
+                result = ("error", f"{type(e).__name__}: {e}")
+            send(("reply", (("poem", pid), result)))
+
+    threading.Thread(target=write_poems, name="mtnlg-poems", daemon=True).start()
     try:
         while True:
             if not conn.poll(0.5):
@@ -262,9 +299,12 @@ def _child_main(conn: Any, checkpoint: str, device: str, dtype: str, engine_kwar
                 req = requests.get(payload)
                 if req is not None:
                     req.cancel()
+            elif kind == "poem":
+                poems.put(payload)
             elif kind == "ask":
                 send(("reply", (payload, engine.metrics)))
             elif kind == "shutdown":
+                poems.put(None)
                 engine.shutdown()
                 send(("stopped", None))
                 return

@@ -100,6 +100,7 @@ class Engine:
     def __init__(self, lm: Any, max_batch: int = 16, max_model_len: int | None = None, max_queue: int = 64,
                  kv_cache_mb: float = 256.0, prefill_chunk: int = PREFILL_CHUNK, prefix_cache: bool = True):
         self.lm = lm
+        self._poem_lock = threading.Lock()
         self.model = lm.model.eval()
         self.tokenizer = lm.tokenizer
         cfg = self.model.cfg
@@ -205,6 +206,15 @@ class Engine:
             self._waiting.append(req)
             self._cv.notify()
         return req
+
+    def poem(self, text: str, lines: int, params: SamplingParams) -> list[str]:
+        """The next ``lines`` lines of the poem ``text``, in its form (:func:`~mtnlg.infer.poem_form.continue_poem`:
+        line candidates sampled under a line constraint and ranked, which the batch's decode state does not
+        do), one poem at a time beside the batch. Raises ConfigError when the form cannot be kept."""
+        from mtnlg.infer.poem_form import continue_poem
+
+        with self._poem_lock:
+            return continue_poem(self.lm, text, lines, params)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None = None,
                  timeout: float | None = None) -> Output:

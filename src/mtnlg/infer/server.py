@@ -32,15 +32,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mtnlg.checkpoint.inference import pretrained_tokenizer
+from mtnlg.checkpoint.resolve import resolve_checkpoint
 from mtnlg.errors import ConfigError
 from mtnlg.infer.httpd import DRAIN_CAP, BackgroundServer, run_app
 from mtnlg.infer.metrics import render_metrics
-from mtnlg.infer.poem_form import continue_poem
 from mtnlg.infer.scheduler import Engine, EngineStopped, Output, QueueFull, RequestTooLong, merge_outputs
 from mtnlg.infer.protocol import (ABORTED, MAX_BODY_BYTES, ApiError, Choice, GenerationRequest, TextCodec, bad,
                                   error_body, get_field, int_list, openers, parse_chat, parse_completion,
@@ -97,14 +99,12 @@ async def _wait_disconnect(receive: Callable) -> None:
 class OpenAIServer:
     """Request handling shared by the endpoints: prepare (in a thread), submit to the engine, collect or stream."""
 
-    def __init__(self, engine: Engine, model_name: str, lm: Any = None):
+    def __init__(self, engine: Engine, model_name: str):
         self.engine = engine
-        self.lm = lm if lm is not None else getattr(engine, "lm", None)
         self.codec = TextCodec(engine.tokenizer)
         self.model_name = model_name
         self.created = int(time.time())
         self.http_requests: dict[tuple[str, int], int] = {}
-        self.poem_lock = threading.Lock()
         self.poem_slots = threading.BoundedSemaphore(1 + MAX_POEMS_WAITING)
 
     def check_model(self, body: dict[str, Any]) -> None:
@@ -342,11 +342,11 @@ def _count(srv: OpenAIServer, path: str, status: int) -> None:
 
 
 # -- the app -----------------------------------------------------------------------------------------------
-def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = None, lm: Any = None) -> FastAPI:
-    """The FastAPI app. The engine loop starts with the app and drains (in-flight requests finish) at shutdown.
-    ``lm`` (default: the engine's model) answers /v1/poem."""
+def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = None) -> FastAPI:
+    """The FastAPI app over ``engine`` (an :class:`Engine` or an :class:`~mtnlg.infer.engine_core.EngineClient`).
+    The engine loop starts with the app and drains (in-flight requests finish) at shutdown."""
     api_key = api_key if api_key is not None else (os.environ.get("MTNLG_API_KEY") or None)
-    srv = OpenAIServer(engine, model_name, lm)
+    srv = OpenAIServer(engine, model_name)
     codec = srv.codec
 
     @asynccontextmanager
@@ -443,17 +443,16 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
     def poem_body(raw: bytes) -> dict[str, Any]:
         body = parse_json(raw)
         srv.check_model(body)
-        if srv.lm is None:
-            raise ApiError(404, "this server has no poem mode", type_="not_found_error")
         req = parse_poem_request(body, codec.vocab_size)
         if not srv.poem_slots.acquire(blocking=False):
             raise ApiError(429, "the server is busy writing other poems; retry later", type_="rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})
         try:
-            with srv.poem_lock:  # one at a time: it runs beside the engine, not in it
-                lines = continue_poem(srv.lm, req.text, req.lines, req.params)
+            lines = srv.engine.poem(req.text, req.lines, req.params)  # one at a time, beside the batch
         except ConfigError as e:
             raise ApiError(422, str(e), param="prompt", code="poem_form_failed") from None
+        except EngineStopped as e:
+            raise ApiError(503, str(e), type_="server_error", code="service_unavailable") from None
         finally:
             srv.poem_slots.release()
         return {"id": f"poem-{uuid.uuid4().hex}", "object": "poem", "created": int(time.time()), "model": model_name,
@@ -466,24 +465,26 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
     return app
 
 
-def serve(lm: Any, cfg: Any, api_key: str | None = None, checkpoint: str | None = None) -> None:
-    """Run the server for ``lm`` (a MegatronLmModel) with a :class:`~mtnlg.config.ServeConfig` until
-    interrupted; given the ``checkpoint`` it was loaded from, the engine runs in its own process
-    (:mod:`mtnlg.infer.engine_core`) as ``cfg.engine_process`` says (auto: on the CPU)."""
+def serve(checkpoint: str, cfg: Any, device: torch.device, dtype: torch.dtype, api_key: str | None = None) -> None:
+    """Serve the model at ``checkpoint`` (anything ``from_pretrained`` loads) on ``device`` in ``dtype`` with a
+    :class:`~mtnlg.config.ServeConfig` until interrupted. The engine runs in its own process as
+    ``cfg.engine_process`` says (auto: on the CPU; :mod:`mtnlg.infer.engine_core`), and then only it loads
+    the weights: this process holds the tokenizer."""
     # The engine thread runs Python between its kernels; with the default 5 ms GIL switch interval the
     # HTTP thread would wait up to 5 ms for every hand-off, which shows up directly in TTFT and ITL.
     sys.setswitchinterval(0.0005)
     kwargs = dict(max_batch=cfg.max_batch, max_model_len=cfg.max_model_len, max_queue=cfg.max_queue,
                   kv_cache_mb=cfg.kv_cache_mb)
-    p = next(lm.model.parameters())
-    own_process = cfg.engine_process == "true" or (cfg.engine_process == "auto" and p.device.type == "cpu")
-    if own_process and checkpoint is not None:
+    resolved = resolve_checkpoint(checkpoint)  # once: both processes load the same checkpoint of a live run
+    if cfg.engine_process == "true" or (cfg.engine_process == "auto" and device.type == "cpu"):
         from mtnlg.infer.engine_core import EngineClient
 
-        engine: Any = EngineClient(checkpoint, p.device, p.dtype, lm.tokenizer, **kwargs)
+        engine: Any = EngineClient(str(resolved.path), device, dtype, pretrained_tokenizer(resolved), **kwargs)
     else:
-        engine = Engine(lm, **kwargs)
-    app = create_app(engine, cfg.model_name, api_key if api_key is not None else cfg.api_key, lm=lm)
+        from mtnlg.api import MegatronLmModel
+
+        engine = Engine(MegatronLmModel.from_pretrained(resolved, device=device, dtype=dtype), **kwargs)
+    app = create_app(engine, cfg.model_name, api_key if api_key is not None else cfg.api_key)
     run_app(app, host=cfg.host, port=cfg.port)
 
 
