@@ -1,6 +1,8 @@
 """The spec's public API, run as the spec writes it (sizes shrunk)."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -143,6 +145,11 @@ def test_save_load_round_trip_bit_exact(tmp_path):
     # Saving again over the same directory replaces it atomically; no temp dirs are left behind.
     m2.save_pretrained(out)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    # Shared like any download: 0755 directory, 0644 files (the temp dir was 0700, safetensors writes 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644 & ~umask}
 
 
 def test_from_pretrained_errors(tmp_path):

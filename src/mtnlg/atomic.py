@@ -24,6 +24,7 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        ordinary_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -34,3 +35,16 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def ordinary_permissions(directory: str | Path) -> None:
+    """Directories 0755 and files 0644, minus what the umask takes away, for ``directory`` and everything
+    in it: a temporary directory is owner-only (0700) and some writers (safetensors) make owner-only
+    files, but a model or checkpoint is shared like any other download once it is renamed into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory = Path(directory)
+    directory.chmod(0o755 & ~umask)
+    for p in directory.rglob("*"):
+        if not p.is_symlink():
+            p.chmod((0o755 if p.is_dir() else 0o644) & ~umask)

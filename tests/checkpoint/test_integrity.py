@@ -5,6 +5,8 @@ one-line ConfigErrors."""
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -57,6 +59,17 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(CheckpointError, match="not finite"):
         ckpt.save_checkpoint(tmp_path, 3, [model], [opt], {"step": 3}, keep=2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoints_are_readable_like_any_download(tmp_path):
+    """A checkpoint is built in a 0700 temp dir; renamed into place it is 0755 / 0644 (less the umask)."""
+    model, opt = trained(tiny_cfg())
+    final = ckpt.save_checkpoint(tmp_path, 3, [model], [opt], {"step": 3}, keep=2)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [final, *final.rglob("*")]}
+    assert final / ".metadata" in modes and len(modes) > 3
+    assert all(m == (0o755 if p.is_dir() else 0o644) & ~umask for p, m in modes.items()), modes
 
 
 def test_convert_output_never_deletes(tmp_path, capsys):

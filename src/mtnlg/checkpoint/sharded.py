@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from mtnlg.atomic import ordinary_permissions
 from mtnlg.checkpoint import outer as outer_ckpt
 from mtnlg.checkpoint.manifest import fsync_dir, write_manifest
 from mtnlg.checkpoint.resolve import abandon_after, list_checkpoints, step_dir_name
@@ -197,6 +198,7 @@ def save_checkpoint(root: str | Path, step: int, model_parts: Sequence[nn.Module
             if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
                 shutil.copytree(tokenizer_dir, tmp / "tokenizer")
             write_manifest(tmp, step, {"world_size": _world(), "vocab_size": vocab})
+            ordinary_permissions(tmp)
             fsync_dir(tmp)
             abandon_after(root, step)  # a newer checkpoint here belongs to an abandoned history
             if final.exists():  # re-saving a step (e.g. after resuming from it): move the old one aside first

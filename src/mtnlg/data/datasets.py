@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mtnlg.atomic import ordinary_permissions
 from mtnlg.data.corpora import corpus_fingerprint, corpus_weights, load_corpus
 from mtnlg.data.indexed import IndexedDataset, exists, tokenizer_path
 from mtnlg.data.tokenizer import TOKENIZER_FILE, Tokenizer, train_bpe
@@ -102,6 +103,7 @@ def corpus_tokenizer(corpus: str, vocab_size: int | None = None) -> Tokenizer:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
     tok.save(tmp)
+    ordinary_permissions(tmp)
     try:
         os.rename(tmp, target)  # atomic; fails if another process got there first
     except OSError:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -244,19 +243,8 @@ def export_hf(model: Any, output: str | Path, dtype: str = "float32") -> Path:
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         save_hf_tokenizer(tok, tmp, cfg.max_position_embeddings)
         write_manifest(tmp, fmt="mtnlg-hf-export-1")  # checksums, verified when mtnlg imports it again
-        _ordinary_permissions(tmp)
     log.info("exported %s parameters to %s", f"{sum(v.numel() for v in hf_state.values()):,}", out)
     return out
-
-
-def _ordinary_permissions(directory: Path) -> None:
-    """Directories 0755 and files 0644 (temporary directories and some writers default to owner-only),
-    minus what the umask takes away, so an export can be shared like any other download."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o755 & ~umask)
-    for p in directory.rglob("*"):
-        p.chmod((0o755 if p.is_dir() else 0o644) & ~umask)
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str = "float32") -> Path:
