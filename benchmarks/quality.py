@@ -52,7 +52,7 @@ def main() -> int:
     bpc = report["bits_per_char"]
     print(f"run {report['run']} (corpus {report['corpus']}); n-gram order {report['ngram_order']} "
           f"(chosen on valid: {', '.join(f'{k}: {v:.3f}' for k, v in report['ngram_valid_bpc_by_order'].items())})")
-    print(f"\nbits per character  (last column: the model's bits relative to the n-gram's; the goal is <= -10%)")
+    print("\nbits per character  (last column: the model's bits relative to the n-gram's; the goal is <= -10%)")
     print(f"{'test split':<12}{'chars':>8}{'model':>9}{'KN n-gram':>11}{'unigram':>9}{'vs n-gram':>11}")
     for name, r in bpc.items():
         print(f"{name:<12}{r['chars']:>8}{r['model']:>9.3f}{r['ngram']:>11.3f}{r['unigram']:>9.3f}"

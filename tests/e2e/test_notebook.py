@@ -1,6 +1,5 @@
 """examples/quickstart.ipynb runs top to bottom in a real Jupyter kernel."""
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from mtnlg.api import MegatronLmModel, MegatronModelConfig
-from mtnlg.cli import main
 
 pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -69,7 +69,7 @@ def test_split_eval_scores_every_token_of_the_split_once(tmp_path, model_dir, mo
     monkeypatch.setenv("MTNLG_CACHE", str(tmp_path / "cache"))
     from mtnlg.data.datasets import build_datasets
 
-    seq_len, over = 48, [f"--train.seq_len=48", "--data.corpus=poems"]
+    seq_len, over = 48, ["--train.seq_len=48", "--data.corpus=poems"]
     rc = main(["eval", "--checkpoint", str(model_dir), "--split", "valid", "--json", *over])
     assert rc == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
