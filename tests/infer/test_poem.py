@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mtnlg.api import MegatronLmModel, MegatronModelConfig
-from mtnlg.infer.poem_form import LineConstraint, continue_poem, is_hanzi, parse_poem
+from mtnlg.infer.poem_form import LineConstraint, continue_poem, is_hanzi, parse_poem, poem_context
 from mtnlg.data.tokenizer import byte_tokenizer, train_bpe
 from mtnlg.errors import ConfigError
 from mtnlg.infer.sampling import SamplingParams
@@ -23,9 +23,25 @@ def model(tok):
 def test_parse_poem():
     assert parse_poem("床前明月光，疑是地上霜。") == (5, ["床前明月光", "疑是地上霜"])
     assert parse_poem(POEMS[2])[0] == 7
-    for bad in ("hello", "床前明月，疑是地上霜。", "abcde，fghij。"):
+    for bad in ("hello", "床前明月，疑是地上霜。", "abcde，fghij。", "床前明月光，疑是地上"):
         with pytest.raises(ConfigError):
             parse_poem(bad)
+    # a line without its mark is a line, not dropped: it gets the mark its place calls for
+    assert parse_poem("床前明月光，疑是地上霜") == (5, ["床前明月光", "疑是地上霜"])
+    assert poem_context("床前明月光 疑是地上霜\n举头望明月") == "床前明月光，疑是地上霜。\n举头望明月，"
+
+
+def test_continuation_counts_an_unpunctuated_last_line_and_keeps_the_budget():
+    tok = train_bpe(POEMS * 10, vocab_size=300)
+    lm = model(tok)
+    params = SamplingParams(temperature=0.0)
+    # the second line has no 。: it is still the second line, so the next one opens a couplet with "，"
+    assert continue_poem(lm, "床前明月光，疑是地上霜", 1, params) == continue_poem(lm, "床前明月光，疑是地上霜。", 1, params)
+    assert continue_poem(lm, "床前明月光，疑是地上霜", 1, params)[0][-1] == "，"
+    with pytest.raises(ConfigError, match="1 to 8 lines"):
+        continue_poem(lm, POEMS[0], 9, params)
+    with pytest.raises(ConfigError, match="over the model's context of 128 tokens"):  # never a silently cut opening
+        continue_poem(lm, POEMS[0] * 3, 8, params)
 
 
 @pytest.mark.parametrize("tok", [byte_tokenizer(), train_bpe(POEMS * 10, vocab_size=300)], ids=["bytes", "bpe"])
@@ -78,6 +94,28 @@ def test_form_makes_every_reply_a_whole_poem(form):
         assert "".join(stream(lm.model, tok, prompt, p)) == c.text  # the streamed reply is the same poem
     free = generate(lm.model, [prompt], SamplingParams(max_new_tokens=60, stop_token_ids=[end]), tok)[0]
     assert not is_poem_form(free.text)  # the untrained model does not write poems by itself
+
+
+@pytest.mark.parametrize("budget", [14, 20, 30, 45])
+def test_a_reply_cut_by_its_budget_still_ends_on_a_whole_couplet(budget):
+    """max_new_tokens smaller than a whole poem: the form stops at the last couplet that fits, never
+    in the middle of a line (and a 7-character first line only when its couplet fits)."""
+    from mtnlg.data.tokenizer import END_OF_TURN
+    from mtnlg.infer.generate import generate
+    from mtnlg.infer.poem_form import is_poem_form
+
+    tok = train_bpe(POEMS * 10)
+    lm = model(tok)
+    end = tok.token_to_id(END_OF_TURN)
+    for seed in range(4):
+        p = SamplingParams(max_new_tokens=budget, temperature=1.0, seed=seed, form="poem",
+                           stop_token_ids=[tok.eod_id, end], vocab_limit=tok.vocab_size).validate()
+        c = generate(lm.model, [tok.encode("写一首诗")], p, tok)[0]
+        couplets = c.text.split("\n")
+        assert c.text.endswith("。") and all(len(x) in (12, 16) for x in couplets), (budget, seed, c.text)
+        assert len(c.token_ids) <= budget
+        if budget >= 2 * 17:
+            assert is_poem_form(c.text)  # room for two couplets: a whole regular poem
 
 
 def test_form_is_refused_with_beams_and_unknown_names():

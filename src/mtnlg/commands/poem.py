@@ -11,15 +11,17 @@ import argparse
 import sys
 
 from mtnlg.errors import ConfigError
-from mtnlg.infer.poem_form import continue_poem, parse_poem
+from mtnlg.infer.poem_form import MAX_POEM_LINES, continue_poem, parse_poem
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mtnlg.commands.generate import add_model_arguments
 
     add_model_arguments(parser)
-    parser.add_argument("text", help="the opening lines, e.g. 床前明月光，疑是地上霜。")
-    parser.add_argument("--lines", type=int, default=2, help="how many new lines (default 2: one couplet)")
+    parser.add_argument("text", help="the opening lines, e.g. 床前明月光，疑是地上霜。 (a line without its ，or 。 gets "
+                        "the one its place calls for)")
+    parser.add_argument("--lines", type=int, default=2,
+                        help=f"how many new lines, 1 to {MAX_POEM_LINES} (default 2: one couplet)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=40)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -31,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from mtnlg.commands.generate import load_model
     from mtnlg.infer.sampling import SamplingParams
 
-    if args.lines < 1:
-        raise ConfigError("--lines must be >= 1")
+    if not 1 <= args.lines <= MAX_POEM_LINES:
+        raise ConfigError(f"--lines must be 1 to {MAX_POEM_LINES}, got {args.lines}; continue the result for more")
     parse_poem(args.text)  # fail fast, before loading the model
     lm, rank = load_model(args)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

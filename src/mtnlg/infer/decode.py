@@ -125,9 +125,10 @@ class RowState:
         """Bool [width] of the tokens this row may pick now (None = any)."""
         if self.guard is None:
             return None
-        mask = self.guard.mask(self.utf8, self.budget - len(self.token_ids), width, device)
+        left = self.budget - len(self.token_ids)
+        mask = self.guard.mask(self.utf8, left, width, device)
         if self.form_state is not None:
-            form = mask & self.form.mask(self.form_state, self.stop_ids, width, device)
+            form = mask & self.form.mask(self.form_state, self.stop_ids, width, device, left)
             if bool(form.any()):
                 return form
             self.form_state = None  # the vocabulary cannot spell the form: free text from here on

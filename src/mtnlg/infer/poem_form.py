@@ -24,16 +24,34 @@ from mtnlg.errors import ConfigError
 from mtnlg.infer.utf8 import PerTokenizer
 
 PUNCT = "，。"
-LINE_RE = re.compile(r"([^，。,.!?！？；;、\s]+)([，。,.!?！？；;])")
+# a line: its characters, then its punctuation mark, or none when white space or the end of the text
+# ends it (the mark is then added by position: "，" after odd lines, "。" after even ones)
+LINE_RE = re.compile(r"([^，。,.!?！？；;、\s]+)([，。,.!?！？；;]?)")
+MAX_POEM_LINES = 8  # new lines one request may ask for (/v1/poem, mtnlg poem): four couplets
 
 
 def is_hanzi(ch: str) -> bool:
     return "\u4e00" <= ch <= "\u9fff"
 
 
+def poem_lines_of(text: str) -> list[tuple[str, str]]:
+    """The given lines as (characters, punctuation mark); a line the user left without a mark
+    (``床前明月光，疑是地上霜``, or lines split by spaces or newlines) gets the one its position calls for."""
+    out: list[tuple[str, str]] = []
+    for m in LINE_RE.finditer(text.strip()):
+        out.append((m.group(1), m.group(2) or PUNCT[len(out) % 2]))
+    return out
+
+
+def poem_context(text: str) -> str:
+    """The given lines laid out as the model was trained (the poems corpus, the chat replies): one couplet
+    a line, so after a "。" the model sees the newline it expects before the next couplet."""
+    return "".join(body + mark + ("\n" if mark == "。" else "") for body, mark in poem_lines_of(text))
+
+
 def parse_poem(text: str) -> tuple[int, list[str]]:
     """(characters per line, the lines) of the given text; raises if lines are not all 5 or all 7 long."""
-    lines = [m.group(1) for m in LINE_RE.finditer(text.strip())]
+    lines = [body for body, _ in poem_lines_of(text)]
     if not lines:
         raise ConfigError(f"could not find poem lines ending in ， or 。 in {text!r}; e.g. \"床前明月光，疑是地上霜。\"")
     lengths = {len(line) for line in lines}
@@ -118,27 +136,35 @@ def continue_poem(lm, text: str, num_lines: int = 2, params=None, best_of: int =
     model's unconstrained log-probabilities of the line's tokens, its punctuation mark included. The
     constraint forces a "，" after the fifth character whether or not the model wanted one there; the
     score prefers a line that the model would have ended there itself (OpenAI's ``best_of``)."""
+    from mtnlg.infer.decode import RequestTooLong, token_budget
     from mtnlg.infer.generate import generate
     from mtnlg.infer.sampling import SamplingParams
 
     if best_of < 1:
         raise ConfigError(f"best_of must be >= 1, got {best_of}")
+    if not 1 <= num_lines <= MAX_POEM_LINES:
+        raise ConfigError(f"lines={num_lines}: a poem continues by 1 to {MAX_POEM_LINES} lines at a time; ask for "
+                          f"more by continuing the result")
     n, lines = parse_poem(text)
-    # the layout the model was trained on (the poems corpus and the chat replies): one couplet a line,
-    # so after a "。" the model sees the newline it expects before the next couplet
-    context = "".join(m.group(0) + ("\n" if m.group(2) == "。" else "") for m in LINE_RE.finditer(text.strip()))
+    context = poem_context(text)
     base = params or SamplingParams(temperature=0.8, top_k=40, seed=0)
     vocab = min(lm.tokenizer.vocab_size, lm.model.vocab_size)
     k = 1 if base.greedy else best_of  # greedy candidates would all be the same line
+    per_line = 3 * (n + 1) + 2  # tokens a line may take: n characters and its mark, each up to 3 byte tokens
+    prompt_len = len(lm.encode_prompt(context)[0])
+    try:  # the one budget rule, for the whole continuation: never a silently shortened opening
+        token_budget(prompt_len, SamplingParams(max_new_tokens=num_lines * per_line), lm.model.cfg.max_seq_len)
+    except RequestTooLong:
+        raise RequestTooLong(f"the opening lines take {prompt_len} tokens and {num_lines} new lines up to "
+                             f"{num_lines * per_line} more, over the model's context of {lm.model.cfg.max_seq_len} "
+                             f"tokens; give a shorter opening or ask for fewer lines") from None
     out = []
     for j in range(num_lines):
         punct = "，" if (len(lines) + j) % 2 == 0 else "。"
         hook = LineConstraint(lm.tokenizer, n, punct, vocab)
-        p = dataclasses.replace(base, max_new_tokens=3 * (n + 1) + 2, stop=[punct], stop_token_ids=[],
+        p = dataclasses.replace(base, max_new_tokens=per_line, stop=[punct], stop_token_ids=[],
                                 vocab_limit=vocab, num_beams=1, logprobs=0)
         prompt, soft = lm.encode_prompt(context)
-        room = lm.model.cfg.max_seq_len - p.max_new_tokens - 1
-        prompt = prompt[-room:]
         plist = [dataclasses.replace(p, seed=None if base.seed is None else base.seed + j + CANDIDATE_SEED_STRIDE * i)
                  for i in range(k)]
         splice = dataclasses.replace(soft, offsets=list(soft.offsets) * k) if soft is not None else None
@@ -184,8 +210,24 @@ def _form_step(state: FormState | None, c: str) -> FormState | None:
     return None
 
 
-def form_can_end(state: FormState | None) -> bool:
-    return state is not None and state[3] and state[1] >= 2 * MIN_COUPLETS
+def form_can_end(state: FormState | None, left: int | None = None) -> bool:
+    """Whether the reply may end after ``state``: after a whole couplet, once there are at least
+    MIN_COUPLETS of them or when ``left`` (tokens of budget left) has no room for another."""
+    if state is None or not state[3]:
+        return False
+    return state[1] >= 2 * MIN_COUPLETS or (left is not None and left < 1 + _need((state[0], state[1], 0, False)))
+
+
+def _need(state: FormState) -> int:
+    """The fewest tokens that finish the couplet ``state`` is in (every character has a token of its own)."""
+    n, line, k, after = state
+    if after:
+        return 0
+    n = n or (5 if k <= 5 else 7)
+    return n - k + 1 + (n + 1 if line % 2 == 0 else 0)
+
+
+ROOM_CAP = 2 * (7 + 1) + 2  # a budget at least this large never constrains the next token
 
 
 class PoemForm(PerTokenizer):
@@ -217,15 +259,20 @@ class PoemForm(PerTokenizer):
             state = _form_step(state, c)
         return state
 
-    def mask(self, state: FormState, end_ids: frozenset[int], width: int, device: torch.device) -> torch.Tensor:
-        """Bool [width]: the tokens allowed after ``state`` (``end_ids`` only where the poem may end)."""
-        key = (state, end_ids, width, device)
+    def mask(self, state: FormState, end_ids: frozenset[int], width: int, device: torch.device,
+             left: int | None = None) -> torch.Tensor:
+        """Bool [width]: the tokens allowed after ``state`` (``end_ids`` only where the poem may end).
+        With ``left`` (tokens of budget left, this one included) a token is allowed only if the couplet
+        it leads into can still be finished, so a reply cut by its budget still ends on a whole couplet."""
+        left = None if left is None or left >= ROOM_CAP else left
+        key = (state, end_ids, width, device, left)
         if key not in self.cache:
             m = torch.zeros(width, dtype=torch.bool)
             for shape, ids in self.shapes.items():
-                if self._run(state, shape) is not None:
+                nxt = self._run(state, shape)
+                if nxt is not None and (left is None or _need(nxt) <= left - 1):
                     m[ids[ids < width]] = True
-            if form_can_end(state):
+            if form_can_end(state, left):
                 m[[i for i in end_ids if i < width]] = True
             self.cache[key] = m.to(device)
         return self.cache[key]
