@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("mtnlg.commands.sft", "fine-tune a trained run on conversations (loss on the assistant's replies)"),
     "plot": ("mtnlg.commands.plot", "plot a run's loss and throughput (loss.png, throughput.png)"),
     "plan": ("mtnlg.commands.plan", "memory, FLOPs and time of 3D-parallel layouts; search; schedule timelines"),
-    "convert": ("mtnlg.commands.convert", "export to / import from Hugging Face (GPT-2 safetensors)"),
+    "convert": ("mtnlg.commands.convert", "export to / import from Hugging Face (GPT-2 safetensors); export GGUF for llama.cpp"),
     "eval": ("mtnlg.commands.eval", "held-out loss / perplexity / bits per byte, or lm-evaluation-harness tasks"),
     "serve": ("mtnlg.commands.serve", "serve a model over an OpenAI-compatible HTTP API with a chat page"),
     "generate": ("mtnlg.commands.generate", "continue a prompt, streaming the text (sampling, beams, int8, soft prompts, TP)"),

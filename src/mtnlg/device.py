@@ -15,17 +15,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from mtnlg.errors import ConfigError
 
 
-def pick_device(preference: str = "auto") -> torch.device:
-    """``auto`` -> the local CUDA device when there is one (LOCAL_RANK-aware), else CPU."""
+def pick_device(preference: str = "auto", option: str = "train.device") -> torch.device:
+    """``auto`` -> the local CUDA device when there is one (LOCAL_RANK-aware), else CPU.
+
+    ``option`` is where the user set ``preference``, named in errors: a config key (``train.device``,
+    fixed with ``--train.device=cpu``) or a command-line option (``--device``, fixed with ``--device cpu``)."""
+    flag = option.startswith("--")
+    given = f"{option} {preference}" if flag else f"{option}='{preference}'"
     if preference == "cpu":
         return torch.device("cpu")
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ConfigError("train.device='cuda' but no CUDA device is visible; use --train.device=cpu")
+            fix = f"{option} cpu" if flag else f"--{option}=cpu"
+            raise ConfigError(f"{given} but no CUDA device is visible; use {fix}")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if preference != "auto":
-        raise ConfigError(f"device '{preference}' is not one of ['auto', 'cpu', 'cuda']")
+        raise ConfigError(f"{given} is not one of ['auto', 'cpu', 'cuda']")
     return torch.device("cpu")
 
 

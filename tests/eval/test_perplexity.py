@@ -90,3 +90,19 @@ def test_eval_errors_are_one_line(tmp_path, model_dir, capsys):
     assert rc == 2 and "\n" not in err and "missing" in err
     assert main(["eval"]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_max_samples_below_one_is_a_one_line_error(model_dir, capsys, value):
+    rc = main(["eval", "--checkpoint", str(model_dir), "--max-samples", value])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "Traceback" not in err
+    assert f"--max-samples must be >= 1, got {value}" in err and "data.split" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_names_the_option_typed(model_dir, capsys):
+    rc = main(["eval", "--checkpoint", str(model_dir), "--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert "--device cuda but no CUDA device is visible; use --device cpu" in err and "train.device" not in err

@@ -14,6 +14,7 @@ from mtnlg.api import MegatronLmModel, MegatronModelConfig
 from mtnlg.cli import main
 from mtnlg.config import ModelConfig
 from mtnlg.data.tokenizer import EOD, PAD, Tokenizer, byte_tokenizer, train_bpe
+from mtnlg.errors import CheckpointError
 from mtnlg.model.init import build_model, materialize
 
 transformers = pytest.importorskip("transformers")
@@ -238,3 +239,56 @@ def test_export_bfloat16(tmp_path):
     want = model.model.tok_embeddings.weight.detach().to(torch.bfloat16)
     assert torch.equal(state["transformer.wte.weight"], want)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--to", "gguf", "--output", "m.gguf", "--dtype", "float16"],
+     "--dtype goes with --to hf only, not --to gguf; pick the tensor type with --gguf-type"),
+    (["--to", "hf", "--output", "out", "--gguf-type", "q8_0"], "--gguf-type goes with --to gguf only, not --to hf"),
+    (["--from", "hf", "--input", "mt", "--output", "out", "--dtype", "bfloat16"],
+     "--dtype goes with --to hf only, not --from hf"),
+    (["--from", "hf", "--input", "mt", "--output", "out", "--gguf-type", "f16"], "--gguf-type goes with --to gguf"),
+    (["--to", "hf", "--input", "mt", "--output", "out"], "--input goes with --from hf, not --to hf"),
+    (["--from", "hf", "--checkpoint", "mt", "--input", "mt", "--output", "out"], "--checkpoint goes with --to")])
+def test_convert_refuses_an_option_of_another_direction(tmp_path, monkeypatch, capsys, argv, message):
+    """An option that does not apply (e.g. --dtype with --to gguf, which wrote f32) is an error, not ignored."""
+    MegatronLmModel(tiny_config()).materialize(seed=0).save_pretrained(tmp_path / "mt")
+    monkeypatch.chdir(tmp_path)
+    if "--to" in argv and "--input" not in argv:
+        argv = [*argv, "--checkpoint", "mt"]
+    rc = main(["convert", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and message in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.gguf").exists()
+
+
+def test_convert_help_mentions_gguf_and_its_file_output():
+    import subprocess
+    import sys
+
+    def help_of(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "mtnlg", *args], capture_output=True, text=True,
+                              timeout=120, check=True).stdout
+
+    top = next(line for line in help_of("--help").splitlines() if line.strip().startswith("convert"))
+    assert "GGUF" in top and "Hugging Face" in top
+    text = " ".join(help_of("convert", "--help").split())
+    assert "GGUF" in text and "(--to gguf) the .gguf file to write" in text
+
+
+def test_a_hugging_face_export_given_as_a_checkpoint_says_to_import_it(tmp_path, capsys):
+    MegatronLmModel(tiny_config()).materialize(seed=0).save_pretrained(tmp_path / "mt")
+    assert main(["convert", "--to", "hf", "--checkpoint", str(tmp_path / "mt"), "--output", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    for argv in (["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "春眠"],
+                 ["eval", "--checkpoint", str(tmp_path / "hf")]):
+        rc = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "\n" not in err and "unknown keyword" not in err
+        assert "is a Hugging Face model" in err
+        assert f"mtnlg convert --from hf --input {tmp_path / 'hf'} --output OUT" in err
+    with pytest.raises(CheckpointError, match="Hugging Face model"):
+        MegatronLmModel.from_pretrained(tmp_path / "hf")
+    # the import is then loadable
+    assert main(["convert", "--from", "hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "back")]) == 0
+    assert MegatronLmModel.from_pretrained(tmp_path / "back").config.vocab_size == 300

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from mtnlg.api import MegatronLmModel, MegatronModelConfig
@@ -124,3 +128,49 @@ def test_chat_command_honours_the_soft_prompt(tmp_path, monkeypatch, capsys):
     conv.add("user", "hello")
     ids, splice = lm.with_soft_prompt(conv.prompt_ids(lm.context_budget(8)))
     assert splice is not None and ids[:4] == [lm.tokenizer.pad_id] * 4
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-1"], "--batch-size"),
+    (["--steps", "0"], "--steps"), (["--steps", "-2"], "--steps"),
+    (["--num-tokens", "0"], "--num-tokens"), (["--num-tokens", "-3"], "--num-tokens"),
+    (["--lr", "0"], "--lr"), (["--lr", "-0.1"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"),
+    (["--lr-multiplier", "0"], "--lr-multiplier"), (["--update-every", "0"], "--update-every")])
+def test_tune_prompt_rejects_bad_numbers_in_one_line(tmp_path, capsys, extra, option):
+    from mtnlg.cli import main
+
+    _, base = _saved(tmp_path)
+    data = tmp_path / "pairs.txt"
+    data.write_text("ab\tcd\n")
+    out = tmp_path / "s.safetensors"
+    rc = main(["tune-prompt", "--checkpoint", str(base), "--data", str(data), "--output", str(out), "--steps", "2",
+               "--no-progress", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "Traceback" not in err
+    assert f"error: {option} must be" in err
+    assert not out.exists()
+
+
+def test_tune_prompt_uses_num_tokens_as_given(tmp_path, capsys):
+    from mtnlg.cli import main
+
+    _, base = _saved(tmp_path)
+    data = tmp_path / "pairs.txt"
+    data.write_text("ab\tcd\n")
+    out = tmp_path / "s.safetensors"
+    argv = ["tune-prompt", "--checkpoint", str(base), "--data", str(data), "--steps", "1", "--no-progress"]
+    assert main(argv + ["--output", str(out), "--num-tokens", "1"]) == 0
+    assert SoftPrompt.load(out).num_tokens == 1
+    assert "saved 1 soft tokens" in capsys.readouterr().out
+    # continuing a saved prompt with another --num-tokens is refused, not silently ignored
+    rc = main(argv + ["--output", str(tmp_path / "t.safetensors"), "--prompt-tuning", str(out), "--num-tokens", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "--num-tokens 2" in err
+
+
+def test_tune_prompt_help_describes_the_data_formats():
+    r = subprocess.run([sys.executable, "-m", "mtnlg", "tune-prompt", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0
+    assert "see above" not in r.stdout
+    assert "input<TAB>target" in r.stdout and "plain line" in r.stdout and '{"input": ..., "target": ...}' in r.stdout

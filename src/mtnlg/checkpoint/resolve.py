@@ -11,6 +11,7 @@ aside into ``checkpoints/abandoned/`` (kept, never deleted), so that neither ``r
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -27,6 +28,7 @@ STEP_RE = re.compile(r"^step_(\d+)$")
 ABANDONED = "abandoned"
 CONFIG_JSON = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+MODEL_TYPE = "mtnlg"  # the model_type of an mtnlg config.json
 
 
 def step_dir_name(step: int) -> str:
@@ -105,6 +107,22 @@ def find_checkpoint(path: str | Path, fallback: bool = False, hint: str = LOAD_H
                           "directory or a run directory with checkpoints")
 
 
+def check_not_hf(directory: Path) -> None:
+    """A one-line CheckpointError when ``directory`` holds a Hugging Face model (its ``config.json`` has
+    ``architectures`` or a ``model_type`` other than mtnlg's), which ``mtnlg convert --from hf`` imports."""
+    try:
+        cfg = json.loads((directory / CONFIG_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # missing or unreadable: the loader says so
+    if not isinstance(cfg, dict):
+        return
+    model_type = cfg.get("model_type", MODEL_TYPE)
+    if "architectures" in cfg or model_type != MODEL_TYPE:
+        raise CheckpointError(f"{directory} is a Hugging Face model (model_type '{model_type}'), not an mtnlg "
+                              f"checkpoint; import it first with `mtnlg convert --from hf --input {directory} "
+                              "--output OUT` and load OUT")
+
+
 def resolve_checkpoint(path: str | Path | Resolved) -> Resolved:
     """What every command and ``from_pretrained`` load from ``path`` (see the module doc). A
     :class:`Resolved` is returned as it is (so a command resolves and verifies once)."""
@@ -119,6 +137,7 @@ def resolve_checkpoint(path: str | Path | Resolved) -> Resolved:
         raise CheckpointError(f"{p} is a file; give the directory holding the model (a run dir, checkpoint dir "
                               "or saved model)")
     if (p / WEIGHTS_FILE).is_file() or ((p / CONFIG_JSON).is_file() and not (p / ".metadata").is_file()):
+        check_not_hf(p)
         if not (p / WEIGHTS_FILE).is_file() or not (p / CONFIG_JSON).is_file():
             missing = WEIGHTS_FILE if not (p / WEIGHTS_FILE).is_file() else CONFIG_JSON
             raise CheckpointError(f"{p} is not a complete saved model: {missing} is missing")

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--split", choices=("valid", "test"), default=None, help="held-out split (default: test)")
     source.add_argument("--data", metavar="PREFIX", help="preprocessed token files PREFIX.bin/.idx")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    parser.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many samples")
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="evaluate at most this many sequences (>= 1; default: all)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--install-lm-eval-hook", action="store_true",
@@ -68,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("mtnlg eval needs --checkpoint PATH (a run dir, checkpoint dir or save_pretrained dir)")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ConfigError(f"--max-samples must be >= 1, got {args.max_samples} (leave it out to evaluate the whole "
+                          "split)")
     return _perplexity(args)
 
 
@@ -84,7 +88,7 @@ def _perplexity(args: argparse.Namespace) -> int:
     resolved = resolve_checkpoint(args.checkpoint)  # once: the same directory for the config and the weights
     config_path = args.config or find_run_config(resolved)
     cfg = Config.load(config_path, args.overrides)
-    device = pick_device(args.device)
+    device = pick_device(args.device, "--device")
     model = MegatronLmModel.from_pretrained(resolved, device=device, dtype=torch.float32)
     tok = model.tokenizer
     seq_len = min(cfg.train.seq_len, model.config.max_position_embeddings)

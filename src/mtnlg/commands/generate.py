@@ -79,7 +79,7 @@ def load_model(args: argparse.Namespace):
     from mtnlg.device import compute_dtype, pick_device
 
     cfg = load_config(args)
-    device = pick_device(args.device)
+    device = pick_device(args.device, "--device")
     rank = 0
     tp = cfg.parallel.tp
     if args.quantize and tp > 1:

@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         if step % 10 == 0 or step == cfg.sft.steps:
             print(f"sft step {step}/{cfg.sft.steps} loss {loss:.4f}", file=sys.stderr, flush=True)
 
-    result = finetune(args.checkpoint, args.output, cfg.sft, device=pick_device(args.device), on_step=progress)
+    result = finetune(args.checkpoint, args.output, cfg.sft, device=pick_device(args.device, "--device"),
+                      on_step=progress)
     print(f"fine-tuned on {result.conversations} conversations in {result.seconds:.0f}s: assistant loss "
           f"{result.loss_before:.4f} -> {result.loss_after:.4f}; checkpoint {result.checkpoint}", file=sys.stderr)
     return 0

@@ -13,19 +13,31 @@ the int8 model (less memory; the prompt is then best used with ``--quantize`` to
 from __future__ import annotations
 
 import argparse
+import math
+
+from mtnlg.errors import ConfigError
+
+DATA_FORMATS = """--data formats (one example a line; blank lines skipped):
+  input<TAB>target     the loss is on the target, given the input
+  target               a plain line: an empty input
+  FILE.jsonl           one JSON object a line: {"input": ..., "target": ...} (or {"text": ...})"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mtnlg.commands.generate import add_model_arguments
 
+    parser.epilog = DATA_FORMATS
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(parser)
-    parser.add_argument("--data", required=True, metavar="FILE", help="training examples (see above)")
+    parser.add_argument("--data", required=True, metavar="FILE",
+                        help="training examples (formats below: TAB-separated pairs, plain lines or JSONL)")
     parser.add_argument("--output", required=True, metavar="FILE", help="where to save the soft prompt (.safetensors)")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=0.05, help="base lr (times prompt_tuning_lr_multiplier)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=100, help="training steps (>= 1)")
+    parser.add_argument("--lr", type=float, default=0.05, help="base lr, > 0 (times prompt_tuning_lr_multiplier)")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per step (>= 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-tokens", type=int, help="prompt_tuning_num_tokens (default 8)")
+    parser.add_argument("--num-tokens", type=int, help="prompt_tuning_num_tokens, >= 1 (default: the "
+                        "checkpoint's, else 8)")
     parser.add_argument("--init-text", help="prompt_tuning_init_text")
     parser.add_argument("--style", choices=["prepend", "prefix_suffix"], help="prompt_tuning_prompt_style")
     parser.add_argument("--prefix", help="prefix text (before the input; after the soft tokens with prepend)")
@@ -35,17 +47,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """One-line ConfigErrors, naming the option, for values that would crash or silently do nothing."""
+    for option, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                          ("--num-tokens", args.num_tokens), ("--update-every", args.update_every)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} must be >= 1, got {value}")
+    for option, value in (("--lr", args.lr), ("--lr-multiplier", args.lr_multiplier)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{option} must be a finite number > 0, got {value}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     from mtnlg.api import MegatronLmModel
     from mtnlg.device import pick_device
     from mtnlg.model.prompt_tuning import SoftPrompt, load_soft_prompt, read_examples, tune_prompt
 
     examples = read_examples(args.data)
-    lm = MegatronLmModel.from_pretrained(args.checkpoint, device=pick_device(args.device),
+    lm = MegatronLmModel.from_pretrained(args.checkpoint, device=pick_device(args.device, "--device"),
                                          quantize=True if args.quantize else None)
     c = lm.config
     c.prompt_tuning = True
-    c.prompt_tuning_num_tokens = args.num_tokens or c.prompt_tuning_num_tokens or 8
+    if args.num_tokens is not None:
+        c.prompt_tuning_num_tokens = args.num_tokens
+    else:
+        c.prompt_tuning_num_tokens = c.prompt_tuning_num_tokens or 8
     if args.init_text is not None:
         c.prompt_tuning_init_text = args.init_text
     if args.style:
@@ -64,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     c.validate()
     if args.prompt_tuning:  # continue from a saved soft prompt
         soft = load_soft_prompt(lm, args.prompt_tuning)
+        if args.num_tokens is not None and args.num_tokens != soft.num_tokens:
+            raise ConfigError(f"--num-tokens {args.num_tokens} differs from the {soft.num_tokens} tokens of "
+                              f"--prompt-tuning {args.prompt_tuning}; drop --num-tokens to continue tuning it")
     else:
         soft = SoftPrompt.from_config(lm, args.seed).to(lm.model.tok_embeddings.weight.device)
     bar = None
