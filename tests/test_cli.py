@@ -37,6 +37,22 @@ def test_bad_override_is_one_line_exit_2():
     assert r.returncode == 2 and "train.lr: expected float" in r.stderr
 
 
+def test_overrides_that_cannot_act_are_refused_in_one_line(capsys):
+    """A dotted option on a command that reads no config was silently ignored (plan planned at seq 512
+    after --seq.len=4096), and so were model.* overrides next to --checkpoint."""
+    for argv, words in [(["plan", "--model", "seed-6b", "--gpus", "8", "--seq.len=4096"],
+                         ["--seq.len", "no --section.key=value", "did you mean '--seq-len'"]),
+                        (["tokenizer", "train", "--corpus", "poems", "--vocab.size=600", "--output", "x"],
+                         ["did you mean '--vocab-size'"]),
+                        (["generate", "--checkpoint", "nowhere", "--prompt", "a", "--model.num_layers=2"],
+                         ["--model.num_layers", "architecture comes from --checkpoint"])]:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and all(w in err for w in words), err
+    assert main(["config", "--json", "--model.num_layers=2"]) == 0  # where a config is read, they act
+
+
 def test_denormals_are_flushed_for_every_intra_op_thread():
     """FTZ/DAZ set before the first parallel op reaches every intra-op thread: a denormal operand of a
     multi-threaded matmul counts as zero (mtnlg.device.flush_denormals). In a fresh process, as the

@@ -72,6 +72,35 @@ def split_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
     return overrides, other
 
 
+def check_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """Why the ``--section.key=value`` overrides cannot act (None when they can): a command that reads
+    no config takes none, and ``model.*`` cannot change the architecture of a model loaded from
+    ``--checkpoint``."""
+    if not args.overrides:
+        return None
+    first = args.overrides[0].split("=", 1)[0]
+    options = _long_options(parser)
+    if "--config" not in options:
+        flag = "--" + first[2:].replace(".", "-").replace("_", "-")
+        return f"{first}: this command takes no --section.key=value config overrides" + did_you_mean(flag, options)
+    fixed = [o.split("=", 1)[0] for o in args.overrides if o.startswith("--model.")]
+    if fixed and getattr(args, "checkpoint", None):
+        return (f"{fixed[0]}: the model's architecture comes from --checkpoint; model.* overrides apply when "
+                f"training (mtnlg train)")
+    return None
+
+
+def _long_options(parser: argparse.ArgumentParser) -> list[str]:
+    """Every ``--option`` of ``parser`` and of its sub-commands' parsers."""
+    out = []
+    for action in parser._actions:
+        out += [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += _long_options(sub)
+    return out
+
+
 def _usage() -> str:
     from mtnlg import __version__
 
@@ -105,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides, other = split_overrides(rest)
     if other:
         parser.error(f"unrecognized arguments: {' '.join(other)}")
+    problem = check_overrides(parser, args)
+    if problem:
+        print(f"mtnlg {name}: error: {problem}", file=sys.stderr)
+        return 2
     level = os.environ.get("MTNLG_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from mtnlg.device import denormals_flushed, reuse_freed_memory

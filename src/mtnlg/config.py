@@ -121,6 +121,10 @@ class DataConfig:
             raise ConfigError(f"data.split='{self.split}' must be three comma-separated numbers, e.g. 98,1,1") from None
         if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ConfigError(f"data.split='{self.split}' must be three non-negative numbers, e.g. 98,1,1")
+        if not self.paths:  # the names and weights of data.corpus, checked before anything runs
+            from mtnlg.data.corpora import corpus_weights
+
+            corpus_weights(self.corpus)
 
 
 @dataclass

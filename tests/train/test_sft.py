@@ -178,6 +178,12 @@ def test_tiny_sft_lowers_the_assistant_loss_and_writes_a_loadable_run(tuned):
     assert assistant_loss(lm.model, examples, lm.tokenizer.pad_id, torch.device("cpu")) < result.loss_before - 0.5
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         finetune(run, out, SftConfig(steps=1), conversations=_conversations(1))
+    # a fine-tuning that fails (bad data, too few conversations) leaves no output directory behind
+    with pytest.raises(DataError, match="no such file"):
+        finetune(run, out.parent / "bad", SftConfig(steps=1, data=str(out.parent / "missing.jsonl")))
+    with pytest.raises(DataError, match="SFT needs at least 2"):
+        finetune(run, out.parent / "bad", SftConfig(steps=1), conversations=_conversations(1)[:1])
+    assert not (out.parent / "bad").exists()
 
 
 def test_mtnlg_chat_answers_from_the_sft_run(tuned, monkeypatch, capsys):

@@ -180,19 +180,22 @@ def _resume_state(checkpoint: Path) -> dict[str, Any]:
     return {k: state[k] for k in ("sampler", "schedulers", "bad_in_a_row", "skipped_steps") if k in state}
 
 
-def _prepare_output(output: Path, source_run: Path, run_cfg: Config, tok_dir: Path) -> tuple[Path, bool]:
-    """The checkpoints root to write into, and whether it is the source run itself."""
+def _check_output(output: Path, source_run: Path, run_cfg: Config) -> tuple[Path, bool]:
+    """The checkpoints root to write into, and whether it is the source run itself (nothing is written
+    yet: a run that fails before its checkpoint leaves no directory behind)."""
     same = output.resolve() == source_run.resolve()
     root = (Path(run_cfg.checkpoint.dir) if run_cfg.checkpoint.dir else output / "checkpoints") if same \
         else output / "checkpoints"
-    if not same:
-        if ckpt.list_checkpoints(root):
-            raise ConfigError(f"--output {output} already holds checkpoints; choose a new directory (or the source "
-                              f"run itself, {source_run}, to add the SFT checkpoint to it)")
-        output.mkdir(parents=True, exist_ok=True)
-        if not (output / "tokenizer").is_dir():
-            shutil.copytree(tok_dir, output / "tokenizer")
+    if not same and ckpt.list_checkpoints(root):
+        raise ConfigError(f"--output {output} already holds checkpoints; choose a new directory (or the source "
+                          f"run itself, {source_run}, to add the SFT checkpoint to it)")
     return root, same
+
+
+def _create_output(output: Path, tok_dir: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    if not (output / "tokenizer").is_dir():
+        shutil.copytree(tok_dir, output / "tokenizer")
 
 
 def finetune(source: str | Path, output: str | Path, sft: SftConfig,
@@ -207,15 +210,15 @@ def finetune(source: str | Path, output: str | Path, sft: SftConfig,
     run_cfg = Config.load(cfg_file)
     source_step = int(ckpt.verify_checkpoint(source_ckpt)["step"])
     source_run = source_ckpt.parent.parent
+    if conversations is None:  # read (and checked) before anything is written
+        conversations = load_conversations(sft.data) if sft.data else poem_conversations(seed=sft.seed)
     out = Path(output)
-    root, same_run = _prepare_output(out, source_run, run_cfg, tok_dir)
+    root, same_run = _check_output(out, source_run, run_cfg)
 
     random.seed(sft.seed)
     torch.manual_seed(sft.seed)
     model, tokenizer = _load_model(source_ckpt, device)
     template = ChatTemplate(tokenizer)
-    if conversations is None:
-        conversations = load_conversations(sft.data) if sft.data else poem_conversations(seed=sft.seed)
     max_len = min(sft.seq_len, model.cfg.max_seq_len) + 1  # + 1: inputs and targets are shifted by one
     examples = encode_examples(conversations, template, max_len)
     if len(examples) < 2:
@@ -268,6 +271,7 @@ def finetune(source: str | Path, output: str | Path, sft: SftConfig,
 
     save_cfg = dataclasses.replace(run_cfg, sft=dataclasses.replace(sft, enabled=False))
     if not same_run:
+        _create_output(out, tok_dir)
         save_cfg.save(out / "config.yaml")
     # after every checkpoint of the output run, so that the SFT model is the one a run resolves to
     newest = ckpt.list_checkpoints(root)
