@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from mtnlg.config_types import check_type
+from mtnlg.data.corpora import corpus_weights
 from mtnlg.errors import ConfigError, did_you_mean
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
@@ -69,7 +70,7 @@ class ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}; "
-                f"pick num_heads among {[d for d in range(1, 65) if self.hidden_size % d == 0][-6:]}")
+                f"pick num_heads among {sorted(sorted((d for d in range(1, 129) if self.hidden_size % d == 0), key=lambda d: abs(d - self.num_heads))[:6])}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"model.activation='{self.activation}' is not supported; use one of {list(ACTIVATIONS)}"
                               + did_you_mean(self.activation, ACTIVATIONS))
@@ -122,8 +123,6 @@ class DataConfig:
         if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ConfigError(f"data.split='{self.split}' must be three non-negative numbers, e.g. 98,1,1")
         if not self.paths:  # the names and weights of data.corpus, checked before anything runs
-            from mtnlg.data.corpora import corpus_weights
-
             corpus_weights(self.corpus)
 
 

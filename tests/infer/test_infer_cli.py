@@ -111,3 +111,15 @@ def test_an_over_long_request_is_one_line_and_prints_nothing_else(ckpt, capsys):
     assert main(["generate", "--checkpoint", str(path), "--prompt", "床前", "--max-new-tokens", "100000"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "maximum context length is 128 tokens" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_stop_token_id_outside_the_vocabulary_is_one_line(ckpt, capsys):
+    from mtnlg.cli import main
+
+    lm, path = ckpt
+    for bad in ("999999", "-1"):
+        assert main(["generate", "--checkpoint", str(path), "--prompt", "床前", "--max-new-tokens", "4",
+                     "--stop-token-id", bad]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "stop" in err and bad.lstrip("-") in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("mtnlg generate: error:")

@@ -46,6 +46,21 @@ def test_logit_bias_is_added_first_and_checked():
         SamplingParams(logit_bias={4: 1.0}).clamped(4)
 
 
+def test_stop_token_ids_are_checked_like_logit_bias_keys():
+    import pytest
+
+    from mtnlg.errors import ConfigError
+
+    for bad in ([-1], [True], ["3"], [1.0]):
+        with pytest.raises(ConfigError, match="stop_token_ids must be token ids"):
+            SamplingParams(stop_token_ids=bad).validate()
+    with pytest.raises(ConfigError, match=r"stop token id 300 is outside the vocabulary \[0, 300\)"):
+        SamplingParams(stop_token_ids=[0, 300], vocab_limit=300).validate()  # the tokenizer's vocabulary
+    with pytest.raises(ConfigError, match=r"stop token id 999999 is outside the vocabulary \[0, 4\)"):
+        SamplingParams(stop_token_ids=[999999]).validate().clamped(4)  # the model's
+    assert SamplingParams(stop_token_ids=[0, 3], vocab_limit=4).validate().clamped(4).stop_token_ids == [0, 3]
+
+
 def test_min_p_and_penalties_exact():
     logits = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)]])
     out = process_logits(logits, [SamplingParams(temperature=1.0, min_p=0.2)])

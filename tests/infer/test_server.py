@@ -211,6 +211,60 @@ def test_openai_fields_it_does_not_implement_are_refused_by_name(http):
     assert http.post("/v1/chat/completions", json={**chat, "response_format": {"type": "text"}}).status_code == 200
 
 
+def test_stop_token_ids_are_token_ids_of_the_vocabulary(http, lm):
+    """Like logit_bias keys: an id outside [0, vocabulary) is a 400 naming the field; one inside stops."""
+    body = {"prompt": "the moon", "max_tokens": 4, "temperature": 0, "logit_bias": {"7": 100}}  # token 7, 4 times
+    forced = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert forced["finish_reason"] == "length" and forced["text"] == lm.tokenizer.decode([7]) * 4
+    tok = 7
+    stopped = http.post("/v1/completions", json={**body, "stop_token_ids": [tok]}).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stopped["text"] == ""
+    for ids in ([99999], [-1], [tok, 320]):
+        e = err(http.post("/v1/completions", json={**body, "stop_token_ids": ids}), 400)
+        assert e["param"] == "stop_token_ids" and "[0, 320)" in e["message"] and str(ids[-1]) in e["message"], e
+    e = err(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                    "stop_token_ids": [320]}), 400)
+    assert e["param"] == "stop_token_ids"
+
+
+def test_a_misspelled_field_is_a_400_that_suggests_the_right_one(http, client):
+    """OpenAI answers an unknown argument with 400, vLLM ignores it; here a near miss of a field the route
+    reads is a 400 naming it and the field meant, and any other unknown field is accepted unused."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for path, body, wrong, meant in (
+            ("/v1/completions", {"prompt": "春", "max_token": 4}, "max_token", "max_tokens"),
+            ("/v1/completions", {"prompt": "春", "maxTokens": 4}, "maxTokens", "max_tokens"),
+            ("/v1/completions", {"prompt": "春", "top-p": 0.5}, "top-p", "top_p"),
+            ("/v1/completions", {"prompt": "春", "stop_sequences": ["。"]}, "stop_sequences", "stop"),
+            ("/v1/completions", {"prompt": "春", "max_completion_tokens": 4}, "max_completion_tokens", "max_tokens"),
+            ("/v1/completions", {"prompt": "春", "modle": "tiny"}, "modle", "model"),
+            ("/v1/chat/completions", {**chat, "temprature": 0.5}, "temprature", "temperature"),
+            ("/v1/chat/completions", {**chat, "presense_penalty": 1}, "presense_penalty", "presence_penalty"),
+            ("/v1/chat/completions", {**chat, "repeat_penalty": 1.1}, "repeat_penalty", "repetition_penalty"),
+            ("/v1/chat/completions", {**chat, "top_logprob": 2}, "top_logprob", "top_logprobs"),
+            ("/v1/chat/completions", {**chat, "forms": "poem"}, "forms", "form"),
+            ("/v1/chat/completions", {"message": chat["messages"]}, "message", "messages")):
+        e = err(http.post(path, json=body), 400)
+        assert e["param"] == wrong and f"did you mean '{meant}'?" in e["message"], (path, body, e)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="春", extra_body={"max_token": 4})
+    assert info.value.param == "max_token" and "max_tokens" in info.value.message
+    # what real clients send and this server does not use is accepted, as are names near nothing it reads
+    r = client.chat.completions.create(
+        model="tiny", messages=chat["messages"], max_tokens=2, user="u1", metadata={"k": "v"}, store=False,
+        service_tier="auto", parallel_tool_calls=False, stream_options=None,
+        extra_body={"min_tokens": 1, "top_a": 0, "skip_special_tokens": True, "vendor_trace": "x"})
+    assert r.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.completions.create(model="tiny", prompt="春", max_tokens=2, user="u1", stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"store": True, "request_id": "r1", "lines": 3}))
+    assert chunks[-1].usage.completion_tokens <= 2
+    from mtnlg.infer.fields import ACCEPTED_UNUSED
+
+    both = {**chat, **{name: None for name in ACCEPTED_UNUSED}, "prompt": "x"}  # none taken for a misspelling
+    assert http.post("/v1/chat/completions", json=both).status_code == 200
+
+
 def test_context_overflow_names_both_numbers(http):
     e = err(http.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 500}), 400)
     assert "128" in e["message"] and "500" in e["message"] and e["param"] == "max_tokens"
@@ -349,8 +403,7 @@ def test_extreme_numbers_are_clamped_or_rejected_and_the_engine_lives(http):
                                                 "ignore_eos": True}).json()["choices"][0]["text"]
     for extra in ({"top_k": 10**20}, {"top_k": 10**20, "top_p": 1e-300}, {"temperature": 1e-320},
                   {"temperature": 5e-324, "top_k": 1}, {"min_p": 1.0}, {"presence_penalty": 2, "frequency_penalty": -2},
-                  {"repetition_penalty": 100}, {"repetition_penalty": 0.01}, {"seed": 2**63 - 1},
-                  {"stop_token_ids": [10**30, -5]}):
+                  {"repetition_penalty": 100}, {"repetition_penalty": 0.01}, {"seed": 2**63 - 1}):
         r = http.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 6, "temperature": 1,
                                                "ignore_eos": True, **extra})
         assert r.status_code == 200, (extra, r.text)
@@ -358,7 +411,8 @@ def test_extreme_numbers_are_clamped_or_rejected_and_the_engine_lives(http):
             assert r.json()["choices"][0]["text"] == greedy
     for field, value in (("repetition_penalty", 1e-300), ("repetition_penalty", 0), ("temperature", 1e300),
                          ("top_k", -2), ("top_p", 0), ("max_tokens", 10**30), ("seed", 2**64),
-                         ("stop", ["x" * 1000]), ("stop_token_ids", list(range(100)))):
+                         ("stop", ["x" * 1000]), ("stop_token_ids", list(range(100))), ("stop_token_ids", [99999]),
+                         ("stop_token_ids", [-1]), ("stop_token_ids", [10**30, 3]), ("stop_token_ids", [3, 320])):
         e = err(http.post("/v1/completions", json={"prompt": "x", "temperature": 1, field: value}), 400)
         assert e["param"] == field, (field, e)
     assert http.get("/health").json() == {"status": "ok"}
@@ -436,7 +490,24 @@ def test_poem_route_keeps_the_form(http):
     assert all("\u4e00" <= ch <= "\u9fff" for x in lines for ch in x[:-1])
     e = err(http.post("/v1/poem", json={"prompt": "hello"}), 400)
     assert e["param"] == "prompt"
-    err(http.post("/v1/poem", json={"prompt": "床前明月光，疑是地上霜。", "lines": 100}), 400)
+    for lines in (100, 9, 0):
+        e = err(http.post("/v1/poem", json={"prompt": "床前明月光，疑是地上霜。", "lines": lines}), 400)
+        assert e["param"] == "lines" and ("<= 8" in e["message"] or ">= 1" in e["message"]), e
+
+
+def test_the_poem_route_refuses_every_field_it_does_not_take(http):
+    """/v1/poem is mtnlg's own: no client sends it fields it does not read, so each one is a 400 naming it."""
+    poem = {"prompt": "床前明月光，疑是地上霜。"}
+    for extra, wrong, hint in (({"line": 3}, "line", "lines"), ({"temprature": 1}, "temprature", "temperature"),
+                               ({"max_tokens": 5}, "max_tokens", None), ({"stop": ["。"]}, "stop", None),
+                               ({"user": "u1"}, "user", None), ({"stream": True}, "stream", None)):
+        e = err(http.post("/v1/poem", json={**poem, **extra}), 400)
+        assert e["param"] == wrong and "/v1/poem" in e["message"] and "lines" in e["message"], e
+        assert (f"did you mean '{hint}'?" in e["message"]) == (hint is not None), e
+    every = {"prompt": poem["prompt"], "lines": 1, "temperature": 0.8, "top_p": 0.9, "top_k": 50, "min_p": 0.01,
+             "seed": 3, "model": "tiny"}
+    r = http.post("/v1/poem", json=every)
+    assert r.status_code == 200 and len(r.json()["lines"]) == 1, r.text
 
 
 def test_404_and_405_are_json(http):
@@ -494,7 +565,7 @@ def _json_values():
 FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n", "stop",
           "seed", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
           "repetition_penalty", "echo", "model", "min_p", "stop_token_ids", "ignore_eos", "tokens", "lines",
-          "logit_bias", "best_of", "suffix", "tools", "tool_choice", "response_format"]
+          "logit_bias", "best_of", "suffix", "tools", "tool_choice", "response_format", "max_token", "line"]
 SMALL = {"max_tokens": 2, "max_completion_tokens": 2, "n": 1}  # keep generation short unless the fuzzer overrides
 
 
@@ -519,10 +590,15 @@ def fuzz_never_5xx(url: str, headers: dict[str, str]) -> None:
     fields = st.dictionaries(st.sampled_from(FIELDS), field_value, min_size=1, max_size=3)
     wrap = st.sampled_from([lambda v: v, lambda v: [v], lambda v: {"role": "user", "content": v},
                             lambda v: [{"role": "user", "content": v}]])
-    valid_then_junk = st.builds(lambda route, d: (route[0], json.dumps({**SMALL, **route[1], **d}).encode()),
-                                routes, fields)
-    junk_prompt = st.builds(lambda route, v, w: (route[0], json.dumps({**SMALL, **route[1],
-                                                                         "prompt": w(v), "messages": w(v)}).encode()),
+
+    def small(path: str, junk: dict) -> bytes:  # /v1/poem refuses the fields it does not take
+        if path == "/v1/poem":
+            junk = {k: v for k, v in junk.items() if k != "messages"}
+        return json.dumps({**({} if path == "/v1/poem" else SMALL), **junk}).encode()
+
+    valid_then_junk = st.builds(lambda route, d: (route[0], small(route[0], {**route[1], **d})), routes, fields)
+    junk_prompt = st.builds(lambda route, v, w: (route[0], small(route[0], {**route[1], "prompt": w(v),
+                                                                             "messages": w(v)})),
                             routes, field_value, wrap)
     whole = st.builds(lambda route, content: (route[0], content), routes,
                       st.binary(max_size=64) | _json_values().map(lambda v: json.dumps(v).encode()))

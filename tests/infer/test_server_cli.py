@@ -80,7 +80,31 @@ def test_serve_answers_and_drains_on_sigint(saved):
 def test_serve_reports_bad_input(tmp_path, saved, capsys):
     from mtnlg.cli import main
 
-    assert main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
-    assert main(["serve", "--checkpoint", str(saved), "--serve.max_model_len=99999"]) == 2
+    port = str(free_port())  # not the default 8000, which something else may hold (that is the next test)
+    assert main(["serve", "--checkpoint", str(tmp_path / "nope"), "--port", port]) == 2
+    assert main(["serve", "--checkpoint", str(saved), "--serve.max_model_len=99999", "--port", port]) == 2
     err = capsys.readouterr().err
     assert "mtnlg serve: error:" in err and "max_model_len" in err and "Traceback" not in err
+
+
+def test_a_port_in_use_is_one_line_naming_port_before_the_model_loads(tmp_path):
+    from mtnlg.errors import ConfigError
+    from mtnlg.infer.httpd import run_app
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # no checkpoint there: the answer names the port, so it was checked before anything was loaded
+        r = subprocess.run([sys.executable, "-m", "mtnlg", "serve", "--checkpoint", str(tmp_path / "nope"),
+                            "--port", str(port)], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 2, r.stderr
+        assert r.stdout == "" and r.stderr.strip().splitlines() == [
+            f"mtnlg serve: error: --port {port}: 127.0.0.1:{port} is already in use (another server?); choose "
+            f"another port with --port"]
+        # taken while the model loads (after that check): the server's own bind says the same, uvicorn never runs
+        with pytest.raises(ConfigError, match=f"^--port {port}: 127.0.0.1:{port} is already in use"):
+            run_app(lambda scope, receive, send: None, "127.0.0.1", port)
+    with pytest.raises(ConfigError, match="^--host 203.0.113.7: not an address of this machine"):
+        run_app(lambda scope, receive, send: None, "203.0.113.7", port)

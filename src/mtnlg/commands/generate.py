@@ -27,21 +27,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float = 0.0,
                            max_new_tokens: int = 64) -> None:
     g = parser.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most (default %(default)s)")
     g.add_argument("--max-length", type=int, help="prompt + new tokens at most")
-    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy (default %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (default 0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default %(default)s = off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's presence penalty (default 0)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's frequency penalty (default 0)")
     g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
-    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (no streaming)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (no streaming; default 1 = off)")
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length^this")
     g.add_argument("--seed", type=int, help="seed of the sampler (same seed, same text)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    g.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID")
+    g.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
+                   help="stop at this token id (repeatable; end-of-text always stops)")
     g.add_argument("--compile", action="store_true", help="decode steps through torch.compile (faster for long "
                    "outputs at batch 1; the first step compiles, ~10-30 s on a CPU)")
 
@@ -102,8 +103,14 @@ def load_model(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from mtnlg.errors import ConfigError
     from mtnlg.infer.generate import generate, stream
 
+    if args.logprobs is not None and not args.json:
+        raise ConfigError("--logprobs goes with --json (the streamed text has no place for them); add --json")
+    if args.compile and args.num_beams > 1:
+        raise ConfigError("--compile compiles the one-sequence decode step; beam search (--num-beams > 1) does not "
+                          "use it: drop one of them")
     lm, rank = load_model(args)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     prompt, soft = lm.encode_prompt(text)

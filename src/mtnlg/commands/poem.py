@@ -22,11 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the one its place calls for)")
     parser.add_argument("--lines", type=int, default=2,
                         help=f"how many new lines, 1 to {MAX_POEM_LINES} (default 2: one couplet)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=40)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default %(default)s)")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely (default %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.1, help="> 1 discourages repeats "
+                        "(default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same lines (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mtnlg.device import compute_dtype, pick_device
+    from mtnlg.infer.httpd import check_address
     from mtnlg.infer.server import serve
 
     cfg = load_config(args)
@@ -31,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
         serve_cfg.port = args.port
     api_key = args.api_key or serve_cfg.api_key or os.environ.get("MTNLG_API_KEY") or None
     serve_cfg.validate()
-    device = pick_device(args.device)
+    # a port in use (or a host not of this machine) is one line now, not after the model has loaded
+    check_address(serve_cfg.host, serve_cfg.port)
+    device = pick_device(args.device, "--device")
     serve(args.checkpoint, serve_cfg, device, compute_dtype(device), api_key=api_key)
     return 0

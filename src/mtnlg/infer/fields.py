@@ -2,12 +2,14 @@
 names the field (:class:`ApiError`), or clamped to what the math can take (``top_k`` above the
 vocabulary means the vocabulary, a temperature below :data:`TEMPERATURE_FLOOR` is greedy), so no
 request reaches the engine with a value that could make it fail. OpenAI fields this server does not
-implement are refused by name (:func:`unsupported`), never silently ignored. Plain synchronous
+implement are refused by name (:func:`unsupported`), never silently ignored, and so is a misspelled
+field (:func:`check_names`: ``max_token`` is a 400 suggesting ``max_tokens``). Plain synchronous
 Python: the app may run it in a worker thread (:mod:`mtnlg.infer.protocol` builds requests from it).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import replace
@@ -25,6 +27,25 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS_KEYS = 1024
 TEMPERATURE_FLOOR = MIN_TEMPERATURE  # the one greedy floor (mtnlg.infer.sampling): generate, CLI and server agree
 REPETITION_PENALTY_RANGE = (0.01, 100.0)  # logits scaled by at most 100x either way
+
+# the fields sampling_from_body reads, and the OpenAI fields unsupported() refuses (when set)
+SAMPLING_FIELDS = frozenset({"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                             "repetition_penalty", "seed", "stop", "stop_token_ids", "logit_bias", "ignore_eos"})
+UNSUPPORTED_FIELDS = frozenset({"best_of", "suffix", "tools", "functions", "tool_choice", "response_format"})
+# real fields of OpenAI's API and vLLM's extras that clients send and this server accepts unused: never
+# taken for a misspelling, whatever fields are added later
+ACCEPTED_UNUSED = frozenset({
+    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "audio", "prediction",
+    "reasoning_effort", "web_search_options", "function_call", "verbosity", "prompt_cache_key", "safety_identifier",
+    "min_tokens", "use_beam_search", "length_penalty", "include_stop_str_in_output", "skip_special_tokens",
+    "spaces_between_special_tokens", "truncate_prompt_tokens", "allowed_token_ids", "prompt_logprobs", "bad_words",
+    "add_generation_prompt", "continue_final_message", "add_special_tokens", "chat_template", "chat_template_kwargs",
+    "priority", "request_id", "top_a", "typical_p"})
+# other APIs' names for a field of ours (Anthropic, Hugging Face / TGI, the Responses API, llama.cpp)
+FIELD_ALIASES = {"stop_sequences": "stop", "max_new_tokens": "max_tokens", "max_output_tokens": "max_tokens",
+                 "max_completion_tokens": "max_tokens", "repeat_penalty": "repetition_penalty"}
+NEAR_MISS_CUTOFF = 0.85  # difflib ratio: max_token, temprature, presense_penalty; not min_tokens (0.8), store (0.73)
+MAX_NAMES_CHECKED = 64  # unknown names looked at per body (a 1 MiB body can hold 100k names; difflib ~40 us each)
 
 
 class ApiError(Exception):
@@ -52,6 +73,53 @@ def bad(param: str, message: str) -> ApiError:
 def too_large(detail: str) -> ApiError:
     return ApiError(413, f"the request body {detail}; the limit is {MAX_BODY_BYTES} bytes (1 MiB)",
                     code="request_too_large")
+
+
+# -- field names -----------------------------------------------------------------------------------------
+def _squash(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "").replace(" ", "")
+
+
+def near_miss(name: str, known: frozenset[str] | tuple[str, ...]) -> str | None:
+    """The field of ``known`` that ``name`` most likely misspells: another API's name for it, the same
+    letters but for case, ``_`` and ``-`` (``maxTokens``, ``top-p``), two neighbours swapped (``modle``),
+    or a difflib ratio of at least :data:`NEAR_MISS_CUTOFF`; None when nothing is that close."""
+    if len(name) > 64:
+        return None
+    if FIELD_ALIASES.get(name) in known:
+        return FIELD_ALIASES[name]
+    ordered = sorted(known)
+    for k in ordered:
+        if _squash(k) == _squash(name):
+            return k
+        if len(k) == len(name):
+            diff = [i for i, (a, b) in enumerate(zip(name, k)) if a != b]
+            i = diff[0] if len(diff) == 2 and diff[1] == diff[0] + 1 else None
+            if i is not None and name[i] == k[i + 1] and name[i + 1] == k[i]:
+                return k
+    hits = difflib.get_close_matches(name, ordered, 1, NEAR_MISS_CUTOFF)
+    return hits[0] if hits else None
+
+
+def check_names(body: dict[str, Any], known: frozenset[str] | tuple[str, ...], route: str | None = None) -> None:
+    """400 naming the first field of ``body`` that is not in ``known`` and misspells one of them (with the
+    suggestion); other unknown fields are accepted unused, as OpenAI clients send fields this server has no
+    use for. With ``route`` (an mtnlg route: no client sends it anything else) every unknown field is a 400."""
+    looked = 0
+    for name in body:
+        if name in known or (route is None and name in ACCEPTED_UNUSED):
+            continue
+        hint = near_miss(name, known)
+        suggestion = f"; did you mean '{hint}'?" if hint else ""
+        if route is not None:
+            takes = f"{' It' if hint else '; it'} takes: {', '.join(known)}"
+            raise bad(name, f"{route} has no field {_short(name)!r}{suggestion}{takes}")
+        if hint:
+            raise bad(name, f"unknown field {_short(name)!r}{suggestion} (a misspelled field is refused, "
+                            f"not ignored)")
+        looked += 1
+        if looked >= MAX_NAMES_CHECKED:
+            return
 
 
 # -- bodies and fields -------------------------------------------------------------------------------------
@@ -149,6 +217,15 @@ def int_list(body: dict[str, Any], name: str, limit: int | None = None) -> list[
     return value
 
 
+def token_ids(body: dict[str, Any], name: str, limit: int, vocab_size: int) -> list[int]:
+    """An array of token ids of the vocabulary (as ``logit_bias`` keys are checked)."""
+    ids = int_list(body, name, limit)
+    wrong = [t for t in ids if not 0 <= t < vocab_size]
+    if wrong:
+        raise bad(name, f"'{name}' entry {_short(wrong[0])} is not a token id in [0, {vocab_size})")
+    return ids
+
+
 def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     """(stream, include_usage) from ``stream`` and ``stream_options``."""
     stream = get_field(body, "stream", "bool", False)
@@ -182,7 +259,7 @@ def sampling_from_body(body: dict[str, Any], stop_ids: list[int], top_logprobs: 
         repetition_penalty=rep,
         seed=None if seed is None else seed % (2**63),
         stop=string_list(body, "stop", MAX_STOP),
-        stop_token_ids=list(stop_ids) + int_list(body, "stop_token_ids", MAX_STOP_TOKEN_IDS),
+        stop_token_ids=list(stop_ids) + token_ids(body, "stop_token_ids", MAX_STOP_TOKEN_IDS, vocab_size),
         logprobs=top_logprobs,
         ignore_eos=get_field(body, "ignore_eos", "bool", False),
     ).validate()

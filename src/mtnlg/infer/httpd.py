@@ -6,16 +6,21 @@ three times each on this 2-core box (``benchmarks/serve.py``, 2026-12-01), outpu
 concurrent streams 3,000-3,980 -> 4,270-5,140 (``throughput_ratio_16`` 5.7-6.0 -> 6.4-8.8, six runs),
 since every request's head and every streamed event are parsed and framed on the server's one event
 loop. Two changes to uvicorn's protocol (see :func:`http_protocol`): oversized headers get 431 with a
-JSON body, and a rejected connection is closed gracefully so the client reads the answer.
+JSON body, and a rejected connection is closed gracefully so the client reads the answer. The listening
+sockets are bound here (:func:`bind_sockets`), so an address in use is one line naming ``--port``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import socket
 import threading
 import time
 from typing import Any
 
+from mtnlg.errors import ConfigError
 from mtnlg.infer.fields import error_body
 
 DRAIN_CAP = 64 << 20  # a rejected body up to this size is read and dropped, so the client sees the answer
@@ -110,18 +115,75 @@ def uvicorn_config(app: Any, **kwargs: Any) -> Any:
     return uvicorn.Config(app, http=http_protocol(), loop="auto", timeout_graceful_shutdown=None, **kwargs)
 
 
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of ``host`` on ``port``, as uvicorn (asyncio's ``create_server``)
+    binds them: ``SO_REUSEADDR``, IPv6 sockets IPv6-only. A port in use, a port that needs root, or a host
+    that is not this machine's is a one-line :class:`ConfigError` naming ``--port`` or ``--host``."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {host}: not an address or a known host name ({getattr(e, 'strerror', e)})") \
+            from None
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, addr in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(family, type_, proto)
+            except OSError:  # an address family this machine lacks (asyncio skips it too)
+                continue
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+        if not socks:
+            raise OSError(errno.EAFNOSUPPORT, "no usable address family")
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        where = f"{host}:{port}"
+        if e.errno == errno.EADDRINUSE:
+            msg = f"--port {port}: {where} is already in use (another server?); choose another port with --port"
+        elif e.errno == errno.EACCES:
+            msg = f"--port {port}: permission denied listening on {where} (ports below 1024 need root); choose " \
+                  f"another port with --port"
+        elif e.errno == errno.EADDRNOTAVAIL:
+            msg = f"--host {host}: not an address of this machine (cannot listen on {where})"
+        else:
+            msg = f"--port {port}: cannot listen on {where} ({e.strerror or e})"
+        raise ConfigError(msg) from None
+    return socks
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail now, before a model is loaded, when ``host:port`` cannot be listened on (:func:`bind_sockets`)."""
+    for sock in bind_sockets(host, port):
+        sock.close()
+
+
 def run_app(app: Any, host: str, port: int) -> None:
     """Serve ``app`` on ``host:port`` until interrupted (Ctrl-C drains in-flight requests)."""
-    import logging
-
     import uvicorn
 
     level = logging.getLogger().getEffectiveLevel()  # MTNLG_LOG_LEVEL, set by the CLI
+    socks = bind_sockets(host, port)  # a one-line ConfigError, not uvicorn's multi-line ERROR and exit 3
+    shown = host or "0.0.0.0"
+    url = f"http://{f'[{shown}]' if ':' in shown else shown}:{socks[0].getsockname()[1]}"
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # given sockets, uvicorn leaves its "running on" line out
+                logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", url)
+
     try:  # access lines at INFO and below, as the rest of the log
-        uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=level,
-                                      access_log=level <= logging.INFO)).run()
+        Server(uvicorn_config(app, host=host, port=port, log_level=level,
+                              access_log=level <= logging.INFO)).run(sockets=socks)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after the graceful shutdown
         pass
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 class BackgroundServer:

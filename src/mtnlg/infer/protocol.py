@@ -15,16 +15,22 @@ from typing import Any
 from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.data.tokenizer import END_OF_TURN
 from mtnlg.errors import ConfigError
-from mtnlg.infer.fields import (MAX_BODY_BYTES, MAX_LOGPROBS, MAX_N, MAX_PROMPTS, ApiError, _short, bad, error_body,
-                                get_field, int_list, max_tokens_field, parse_json, sampling_from_body, seeded,
-                                stream_flags, too_large)
-from mtnlg.infer.poem_form import FORMS, form_of_conversation, parse_poem
+from mtnlg.infer.fields import (MAX_BODY_BYTES, MAX_LOGPROBS, MAX_N, MAX_PROMPTS, SAMPLING_FIELDS, UNSUPPORTED_FIELDS,
+                                ApiError, _short, bad, check_names, error_body, get_field, int_list, max_tokens_field,
+                                parse_json, sampling_from_body, seeded, stream_flags, too_large)
+from mtnlg.infer.poem_form import FORMS, MAX_POEM_LINES, form_of_conversation, parse_poem
 from mtnlg.infer.sampling import SamplingParams
 
-MAX_POEM_LINES = 8
 # chat "form" (an mtnlg extension): free text, the poem form when the last user message asks for a poem
 # (as `mtnlg chat` and the web page do), or always a poem of any / 5- / 7-character lines
 CHAT_FORMS = ("free", "auto", *FORMS)
+# the fields each route reads: a near miss of one of them is a 400 (max_token -> max_tokens), other fields
+# are accepted unused on the OpenAI routes; /v1/poem (mtnlg's own) refuses every other field
+COMPLETION_FIELDS = SAMPLING_FIELDS | UNSUPPORTED_FIELDS | {"model", "prompt", "n", "max_tokens", "logprobs", "echo",
+                                                            "stream", "stream_options"}
+CHAT_FIELDS = SAMPLING_FIELDS | UNSUPPORTED_FIELDS | {"model", "messages", "n", "max_tokens", "max_completion_tokens",
+                                                      "logprobs", "top_logprobs", "stream", "stream_options", "form"}
+POEM_FIELDS = ("prompt", "lines", "temperature", "top_p", "top_k", "min_p", "seed", "model")
 
 
 # -- text <-> tokens ---------------------------------------------------------------------------------------
@@ -133,6 +139,7 @@ class GenerationRequest:
 
 
 def parse_completion(body: dict[str, Any], codec: TextCodec) -> GenerationRequest:
+    check_names(body, COMPLETION_FIELDS)
     stream, include_usage = stream_flags(body)
     n = get_field(body, "n", "int", 1, lo=1, hi=MAX_N)
     logprobs = get_field(body, "logprobs", "int", None, lo=0, hi=MAX_LOGPROBS)
@@ -145,6 +152,7 @@ def parse_completion(body: dict[str, Any], codec: TextCodec) -> GenerationReques
 
 
 def parse_chat(body: dict[str, Any], codec: TextCodec) -> GenerationRequest:
+    check_names(body, CHAT_FIELDS)
     if "messages" not in body:
         raise bad("messages", "'messages' is required")
     stream, include_usage = stream_flags(body)
@@ -173,6 +181,7 @@ class PoemRequest:
 
 
 def parse_poem_request(body: dict[str, Any], vocab_size: int) -> PoemRequest:
+    check_names(body, POEM_FIELDS, route="/v1/poem")
     text = get_field(body, "prompt", "str")
     if text is None:
         raise bad("prompt", "'prompt' (the opening lines, e.g. \"床前明月光，疑是地上霜。\") is required")
@@ -278,7 +287,7 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-__all__ = ["ABORTED", "MAX_BODY_BYTES", "ApiError", "Choice", "GenerationRequest", "PoemRequest", "TextCodec", "bad",
-           "error_body", "get_field", "int_list", "parse_chat", "parse_completion", "parse_json", "parse_poem_request",
-           "parse_prompts", "render_choice", "render_delta", "sampling_from_body", "seeded", "sse", "too_large",
-           "usage"]
+__all__ = ["ABORTED", "CHAT_FIELDS", "COMPLETION_FIELDS", "MAX_BODY_BYTES", "MAX_POEM_LINES", "POEM_FIELDS", "ApiError",
+           "Choice", "GenerationRequest", "PoemRequest", "TextCodec", "bad", "error_body", "get_field", "int_list",
+           "parse_chat", "parse_completion", "parse_json", "parse_poem_request", "parse_prompts", "render_choice",
+           "render_delta", "sampling_from_body", "seeded", "sse", "too_large", "usage"]

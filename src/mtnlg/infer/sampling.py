@@ -111,16 +111,24 @@ class SamplingParams:
                     or abs(bias) > MAX_LOGIT_BIAS):
                 raise ConfigError(f"logit_bias[{tok}] must be a number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
                                   f"got {bias!r}")
+        for tok in self.stop_token_ids:
+            if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                raise ConfigError(f"stop_token_ids must be token ids (integers >= 0), got {tok!r}")
+            if self.vocab_limit is not None and tok >= self.vocab_limit:
+                raise ConfigError(f"stop token id {tok} is outside the vocabulary [0, {self.vocab_limit})")
         return self
 
     def clamped(self, vocab_size: int) -> SamplingParams:
-        """Valid values brought into the range the math can take (a ``logit_bias`` id outside the
-        vocabulary is an error): ``top_k`` at or above the vocabulary
+        """Valid values brought into the range the math can take (a ``logit_bias`` or stop token id
+        outside the vocabulary is an error): ``top_k`` at or above the vocabulary
         is off, a temperature below :data:`MIN_TEMPERATURE` is greedy, penalties are bounded (so logits
         stay finite), ``logprobs`` is at most the vocabulary, the seed is taken modulo 2**63."""
         outside = [t for t in self.logit_bias if t >= vocab_size]
         if outside:
             raise ConfigError(f"logit_bias key {outside[0]} is outside the vocabulary [0, {vocab_size})")
+        outside = [t for t in self.stop_token_ids if t >= vocab_size]
+        if outside:
+            raise ConfigError(f"stop token id {outside[0]} is outside the vocabulary [0, {vocab_size})")
         ch: dict = {}
         if self.top_k >= vocab_size:
             ch["top_k"] = 0

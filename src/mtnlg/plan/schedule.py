@@ -94,7 +94,8 @@ def check_schedule(schedule: str, pp: int, microbatches: int, vpp: int) -> None:
         raise ConfigError(f"--pp, --microbatches and --vpp must be >= 1, got {pp}, {microbatches}, {vpp}")
     if schedule in ("1f1b", "interleaved") and microbatches < pp:
         raise ConfigError(f"--schedule {schedule} needs at least as many microbatches as stages "
-                          f"(m={microbatches} < pp={pp}); raise the batch or use gpipe")
+                          f"(m={microbatches} < pp={pp}); raise --microbatches (in a plan: the global batch) or use "
+                          f"--schedule gpipe")
     if schedule == "interleaved":
         if vpp < 2:
             raise ConfigError("--schedule interleaved needs --vpp >= 2 (virtual stages per rank)")
