@@ -23,3 +23,19 @@ def test_a_command_line_option_is_named_as_typed():
     with pytest.raises(ConfigError, match=r"^--device tpu is not one of \['auto', 'cpu', 'cuda'\]$"):
         pick_device("tpu", "--device")
     assert pick_device("auto", "--device") == torch.device("cpu")
+
+
+def test_a_small_model_decodes_on_one_thread_and_a_large_one_keeps_its_threads():
+    from torch import nn
+
+    from mtnlg.device import SMALL_DECODE_BYTES, decode_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert decode_threads(nn.Linear(64, 64)) == 1 == torch.get_num_threads()
+        torch.set_num_threads(2)
+        big = nn.Linear(4096, SMALL_DECODE_BYTES // 4 // 4096 + 1, bias=False)  # just over the limit in fp32
+        assert decode_threads(big) == 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

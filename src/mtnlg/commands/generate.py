@@ -77,7 +77,7 @@ def load_model(args: argparse.Namespace):
     Returns ``(lm, rank)``.
     """
     from mtnlg.api import MegatronLmModel
-    from mtnlg.device import compute_dtype, pick_device
+    from mtnlg.device import compute_dtype, decode_threads, pick_device
 
     cfg = load_config(args)
     device = pick_device(args.device, "--device")
@@ -99,6 +99,7 @@ def load_model(args: argparse.Namespace):
 
         load_soft_prompt(lm, args.prompt_tuning)
     lm.model.eval()
+    decode_threads(lm.model)  # one thread for a small model: as fast, and never held up by a busy core
     return lm, rank
 
 

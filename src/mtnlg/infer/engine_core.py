@@ -221,6 +221,7 @@ def _child_main(conn: Any, checkpoint: str, device: str, dtype: str, engine_kwar
     import sys
 
     from mtnlg.api import MegatronLmModel
+    from mtnlg.device import decode_threads
     from mtnlg.infer.scheduler import Engine
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -255,6 +256,7 @@ def _child_main(conn: Any, checkpoint: str, device: str, dtype: str, engine_kwar
 
     try:
         lm = MegatronLmModel.from_pretrained(checkpoint, device=torch.device(device), dtype=getattr(torch, dtype))
+        decode_threads(lm.model)  # this process only decodes: one thread for a small model
         engine = CoreEngine(lm, **engine_kwargs).start()
     except Exception as e:  # noqa: BLE001 - reported to the server process as one line
         send(("error", f"the engine process could not start: {type(e).__name__}: {e}"))

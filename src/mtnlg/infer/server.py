@@ -482,8 +482,11 @@ def serve(checkpoint: str, cfg: Any, device: torch.device, dtype: torch.dtype, a
         engine: Any = EngineClient(str(resolved.path), device, dtype, pretrained_tokenizer(resolved), **kwargs)
     else:
         from mtnlg.api import MegatronLmModel
+        from mtnlg.device import decode_threads
 
-        engine = Engine(MegatronLmModel.from_pretrained(resolved, device=device, dtype=dtype), **kwargs)
+        lm = MegatronLmModel.from_pretrained(resolved, device=device, dtype=dtype)
+        decode_threads(lm.model)
+        engine = Engine(lm, **kwargs)
     app = create_app(engine, cfg.model_name, api_key if api_key is not None else cfg.api_key)
     run_app(app, host=cfg.host, port=cfg.port)
 
