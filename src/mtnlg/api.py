@@ -21,6 +21,7 @@ from torch import nn
 
 from mtnlg.atomic import atomic_directory
 from mtnlg.checkpoint import Resolved, load_weights, resolve_checkpoint, run_config, run_tokenizer
+from mtnlg.checkpoint.resolve import MODEL_TYPE
 from mtnlg.checkpoint import verify_saved_model, write_manifest
 from mtnlg.config import ACTIVATIONS, OUTPUT_LAYER_INITS, ModelConfig, check_type
 from mtnlg.data.tokenizer import Tokenizer, byte_tokenizer
@@ -370,7 +371,7 @@ class MegatronLmModel(nn.Module):
             state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
                      if k != "output.weight" or self.model.output.weight is not self.model.tok_embeddings.weight}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mtnlg": "1"})
-            (tmp / CONFIG_FILE).write_text(json.dumps({"model_type": "mtnlg", **self.config.to_dict()},
+            (tmp / CONFIG_FILE).write_text(json.dumps({"model_type": MODEL_TYPE, **self.config.to_dict()},
                                                       indent=2, ensure_ascii=False))
             self.tokenizer.save(tmp)
             if getattr(self, "soft_prompt", None) is not None:
