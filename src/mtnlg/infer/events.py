@@ -76,7 +76,11 @@ def deliver(events: list[tuple[Any, Output]]) -> threading.Event | None:
         return None
     done = threading.Event()
     left = [len(by_loop)]
+    here = asyncio._get_running_loop()
     for loop, items in by_loop.values():
+        if loop is here:  # already on that loop (the server reading the engine process's pipe): no hop
+            _dispatch(items, done, left)
+            continue
         try:
             loop.call_soon_threadsafe(_dispatch, items, done, left)
         except RuntimeError:  # the event loop is closed (server gone): nobody is listening

@@ -62,7 +62,9 @@ class TextCodec:
         self.chat_stop_ids = [tokenizer.eod_id] + ([eot] if eot is not None else [])
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.hf.encode_batch([text], add_special_tokens=False)[0].ids
+        if len(text) <= 4096:  # parsed on the event loop: the single call, no thread pool to wake
+            return self.tok.hf.encode(text, add_special_tokens=False).ids
+        return self.tok.hf.encode_batch([text], add_special_tokens=False)[0].ids  # releases the GIL
 
     def encode_text(self, text: str) -> list[int]:
         return self._as_text.encode_batch([text], add_special_tokens=False)[0].ids

@@ -18,7 +18,8 @@ new request's first token does not wait for others' whole prompts. The KV cache 
 owns one slot from admission to finish. A slot keeps its keys and values after its request leaves,
 so a later prompt that starts with the same tokens (a system prompt, a chat history) skips them: the
 prefix cache (hit rate in :class:`~mtnlg.infer.metrics.EngineMetrics`). The loop runs in a background
-thread; an exception while serving one request fails that request only.
+thread (or, in the engine process, :meth:`Engine.run_once` beside the pipe); an exception while serving
+one request fails that request only.
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ from mtnlg.model.decode_linear import decode_head
 from mtnlg.model.kv_cache import SlotKVCache
 
 log = logging.getLogger(__name__)
-
-
 _ids = itertools.count()
 PREFILL_CHUNK = 512  # prompt tokens prefilled per engine step (between two decode steps)
 ADMIT_WAIT = 0.02  # s: the longest an idle engine waits for requests still being parsed (see Engine.incoming)
@@ -239,38 +238,50 @@ class Engine:
         try:
             while True:
                 with self._cv:
-                    while not self._waiting and not self._running and not self._stopping:
+                    while not self.has_work and not self._stopping:
                         self._cv.wait()
-                    if self._stopping and not self._waiting and not self._running:
+                    if self._stopping and not self.has_work:
                         return
                     self._await_arrivals()
-                    while self._waiting and self._free:
-                        req = self._waiting.popleft()
-                        if req.cancelled:
-                            self._deliver([(req, self._final(req, "abort"))])
-                            continue
-                        try:
-                            self._admit(req)
-                        except Exception as e:  # noqa: BLE001 - this request only
-                            log.exception("request %d could not be admitted", req.id)
-                            self._fail([req], e)
-                t0 = time.perf_counter()
-                try:
-                    self._step()
-                except Exception as e:  # noqa: BLE001 - a step failed outside any one request: fail its batch only
-                    log.exception("engine step failed")
-                    self._fail(list(self._running), e)
-                self._last_step = time.perf_counter() - t0
+                self.run_once()
         except BaseException:  # the loop itself broke: fail every request instead of hanging their clients
-            log.exception("engine loop crashed")
-            self._crashed = True
-            with self._cv:
-                pending = list(self._running) + list(self._waiting)
-                self._running.clear()
-                self._waiting.clear()
-                self._stopping = True
-            for req in pending:
-                self._deliver([(req, self._final(req, "abort"))])
+            self.crash()
+
+    has_work = property(lambda self: bool(self._waiting or self._running))
+
+    def run_once(self) -> None:
+        """The loop's body: admit waiting requests into free slots, then one step. The engine process
+        (:mod:`mtnlg.infer.engine_core`) calls it from the thread that also reads its pipe."""
+        with self._cv:
+            while self._waiting and self._free:
+                req = self._waiting.popleft()
+                if req.cancelled:
+                    self._deliver([(req, self._final(req, "abort"))])
+                    continue
+                try:
+                    self._admit(req)
+                except Exception as e:  # noqa: BLE001 - this request only
+                    log.exception("request %d could not be admitted", req.id)
+                    self._fail([req], e)
+        t0 = time.perf_counter()
+        try:
+            self._step()
+        except Exception as e:  # noqa: BLE001 - a step failed outside any one request: fail its batch only
+            log.exception("engine step failed")
+            self._fail(list(self._running), e)
+        self._last_step = time.perf_counter() - t0
+
+    def crash(self) -> None:
+        """The loop broke: abort every request (their clients get an answer) and stop."""
+        log.exception("engine loop crashed")
+        self._crashed = True
+        with self._cv:
+            pending = list(self._running) + list(self._waiting)
+            self._running.clear()
+            self._waiting.clear()
+            self._stopping = True
+        for req in pending:
+            self._deliver([(req, self._final(req, "abort"))])
 
     def _await_arrivals(self) -> None:
         """(Holding the lock.) While requests are still being parsed and a slot is free for them, wait

@@ -8,7 +8,9 @@
     GET /v1/models  GET /metrics  POST /tokenize  POST /detokenize  GET /health  GET / (the web page)
 
 The protocol lives in :mod:`mtnlg.infer.fields` (reading and checking fields) and
-:mod:`mtnlg.infer.protocol` (requests, tokenizing, rendering); this module is the app.
+:mod:`mtnlg.infer.protocol` (requests, tokenizing, rendering); :mod:`mtnlg.infer.guard` is the app's
+outer layer (checks, counting, and the two generation routes answered without FastAPI's layers),
+:mod:`mtnlg.infer.sse` the event stream; this module is the app.
 With an API key set, every route but ``/health`` and the page needs ``Authorization: Bearer KEY``.
 JSON routes need ``Content-Type: application/json`` (so a cross-site form cannot post to them). A body
 over ``INLINE_BODY_BYTES`` is parsed and tokenized in a worker thread, so a long prompt never stalls the
@@ -20,75 +22,41 @@ requests, streamed or not, and frees their KV-cache slots at the engine's next s
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtnlg.checkpoint.inference import pretrained_tokenizer
 from mtnlg.checkpoint.resolve import resolve_checkpoint
 from mtnlg.errors import ConfigError
-from mtnlg.infer.httpd import DRAIN_CAP, BackgroundServer, run_app
+from mtnlg.infer.guard import GuardMiddleware, Slices, error_response, generation_route, read_body
+from mtnlg.infer.httpd import BackgroundServer, run_app
 from mtnlg.infer.metrics import render_metrics
-from mtnlg.infer.scheduler import Engine, EngineStopped, Output, QueueFull, RequestTooLong, merge_outputs
-from mtnlg.infer.protocol import (ABORTED, MAX_BODY_BYTES, ApiError, Choice, GenerationRequest, TextCodec, bad,
-                                  error_body, get_field, int_list, openers, parse_chat, parse_completion,
-                                  parse_json, parse_poem_request, render_choice, render_delta, seeded, sse,
-                                  too_large, usage)
+from mtnlg.infer.sse import event_stream
+from mtnlg.infer.scheduler import Engine, EngineStopped, Output, QueueFull, RequestTooLong
+from mtnlg.infer.protocol import (ABORTED, ApiError, Choice, GenerationRequest, TextCodec, bad, get_field, int_list,
+                                  openers, parse_chat, parse_completion, parse_json, parse_poem_request,
+                                  render_choice, render_delta, seeded, usage)
 
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).parent / "web"
 WEB_FILES = {"chat.css": "text/css", "chat.js": "text/javascript"}
-JSON_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/poem", "/tokenize", "/detokenize")
 INLINE_BODY_BYTES = 8 << 10  # bodies up to this size are parsed and tokenized on the event loop
 MAX_POEMS_WAITING = 8  # poem requests are answered one at a time; more than this waiting get 429
-KNOWN_ROUTES = (*JSON_ROUTES, "/v1/models", "/health", "/metrics", "/")
-
-
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
-
-
-def is_open(path: str) -> bool:
-    """The routes that never need the key: the health check and the static page."""
-    return path in ("/health", "/") or path.startswith("/web/")
-
-
-async def read_body(request: Request) -> bytes:
-    """The body, at most 1 MiB (413 beyond; the rest is read and dropped so the client gets the answer)."""
-    chunks, size = [], 0
-    receive = request.receive
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise ApiError(400, "the client went away", code="client_disconnected")
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            more = msg.get("more_body", False)
-            while more and size <= DRAIN_CAP:
-                msg = await receive()
-                size += len(msg.get("body", b""))
-                more = msg.get("more_body", False) and msg["type"] == "http.request"
-            raise too_large("exceeds the limit")
-        chunks.append(chunk)
-        if not msg.get("more_body", False):
-            return b"".join(chunks)
 
 
 async def _wait_disconnect(receive: Callable) -> None:
@@ -182,7 +150,7 @@ class OpenAIServer:
                 if c.req is not None and c.finish_reason is None:
                     c.req.cancel()
 
-    async def respond(self, request: Request, raw: bytes, parse: Callable[..., GenerationRequest]) -> Any:
+    async def respond(self, receive: Callable, raw: bytes, parse: Callable[..., GenerationRequest]) -> Any:
         with self.engine.incoming():  # the engine holds its next step for this request (bounded)
             if len(raw) <= INLINE_BODY_BYTES:  # ~50 us: a thread hop would cost more than the work
                 req, choices = self.prepare(raw, parse)
@@ -203,142 +171,15 @@ class OpenAIServer:
                 offsets[c.index] += len(o.text)
                 return d
 
-            return _sse_response(choices, queue, chunk, openers(req, choices), render,
+            return event_stream(choices, queue, chunk, openers(req, choices), render,
                                  (lambda: usage(choices, req.prompts)) if req.include_usage else None)
-        if not await self.collect(choices, queue, request.receive):
+        if not await self.collect(choices, queue, receive):
             return Response(status_code=499)  # nobody is listening
         if any(c.finish_reason == "abort" for c in choices):
             raise ApiError(503, ABORTED["error"]["message"], type_="server_error", code="generation_aborted")
         out = [render_choice(req, self.codec, c) for c in sorted(choices, key=lambda c: c.index)]
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out,
                 "usage": usage(choices, req.prompts)}
-
-
-async def _coalesced(queue: asyncio.Queue) -> list[tuple[Choice, Output]]:
-    """Wait for output, then take everything queued so far, merged into one event per choice: when the
-    client side falls behind the engine, several tokens travel in one SSE event instead of many."""
-    items = [await queue.get()]
-    while not queue.empty():
-        items.append(queue.get_nowait())
-    merged: dict[int, tuple[Choice, list[Output]]] = {}
-    for c, outs in items:
-        merged.setdefault(c.index, (c, []))[1].extend(outs)
-    return [(c, merge_outputs(outs)) for c, outs in merged.values()]
-
-
-def _sse_response(choices: list[Choice], queue: asyncio.Queue, chunk: Callable[..., dict], opening: list[dict],
-                  render: Callable[[Choice, Output], dict], use: Callable[[], dict] | None) -> StreamingResponse:
-    """The SSE body: the opening chunks, one chunk per engine output, the usage chunk when asked, then
-    ``[DONE]``. A client that goes away cancels its unfinished requests at once, freeing their slots."""
-
-    async def events() -> AsyncIterator[str]:
-        pending = len(choices)
-        try:
-            for opener in opening:
-                yield sse(chunk([opener], None))
-            while pending:
-                for c, o in await _coalesced(queue):
-                    if o.finish_reason == "abort":
-                        yield sse(ABORTED)
-                        return
-                    if o.finish_reason is not None:
-                        c.finish_reason, c.completion_tokens = o.finish_reason, o.completion_tokens
-                        pending -= 1
-                    yield sse(chunk([render(c, o)], None))
-            if use is not None:
-                yield sse(chunk([], use()))
-            yield "data: [DONE]\n\n"
-        finally:
-            for c in choices:
-                if c.req is not None and c.finish_reason is None:
-                    c.req.cancel()
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-class GuardMiddleware:
-    """Pure ASGI (so streaming and disconnects pass straight through): the Bearer key on every route but
-    /health and the page, ``Content-Type: application/json`` on JSON routes (415), the declared body size
-    (413), HTTP request counting for /metrics, and a JSON 500 instead of a traceback if anything escapes.
-    A rejected body is read and dropped (up to ``DRAIN_CAP``) before answering, so every client sees the
-    answer instead of a connection reset."""
-
-    def __init__(self, app: Any, srv: OpenAIServer, api_key: str | None):
-        self.app, self.srv, self.api_key = app, srv, api_key
-
-    def reject(self, scope: dict) -> tuple[ApiError, int | None] | None:
-        path, headers = scope.get("path", ""), dict(scope.get("headers") or [])
-        if self.api_key and not is_open(path):
-            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-                return ApiError(401, "Incorrect or missing API key: this server needs its API key (sent as "
-                                "'Authorization: Bearer <key>'; on the web page, enter it in the API key box)",
-                                code="invalid_api_key"), None
-        if scope.get("method") != "POST" or path not in JSON_ROUTES:
-            return None
-        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if ctype != b"application/json":
-            shown = ctype.decode("latin-1")[:60] or "none"
-            return ApiError(415, f"the body must be JSON sent with 'Content-Type: application/json' (got {shown})",
-                            param="Content-Type", code="unsupported_media_type"), None
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                return bad("Content-Length", "the Content-Length header is not a number"), None
-            if n > MAX_BODY_BYTES:
-                return too_large(f"is {n} bytes"), n
-        return None
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        started = False
-
-        async def send_wrapper(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                _count(self.srv, path, message["status"])
-            await send(message)
-
-        rejected = self.reject(scope)
-        if rejected is not None:
-            e, declared = rejected
-            headers = dict(e.headers)
-            expects = dict(scope.get("headers") or []).get(b"expect", b"").lower() == b"100-continue"
-            if expects:  # the client waits for our go-ahead before sending the body: answer without it
-                headers["Connection"] = "close"
-            elif declared is None or declared <= DRAIN_CAP:
-                await _drain(receive)
-            else:
-                headers["Connection"] = "close"
-            await error_response(e.status, e.message, e.type, e.param, e.code, headers)(scope, receive, send_wrapper)
-            return
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except Exception:
-            log.exception("unhandled error on %s", path)
-            if not started:
-                await error_response(500, "internal server error", type_="server_error")(scope, receive, send_wrapper)
-
-
-async def _drain(receive: Callable) -> None:
-    size = 0
-    while size <= DRAIN_CAP:
-        msg = await receive()
-        size += len(msg.get("body", b""))
-        if msg["type"] != "http.request" or not msg.get("more_body", False):
-            return
-
-
-def _count(srv: OpenAIServer, path: str, status: int) -> None:
-    key = (path if path in KNOWN_ROUTES else "other", status)
-    srv.http_requests[key] = srv.http_requests.get(key, 0) + 1
 
 
 # -- the app -----------------------------------------------------------------------------------------------
@@ -358,7 +199,10 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
     app = FastAPI(title="mtnlg", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = srv
     app.state.engine = engine
-    app.add_middleware(GuardMiddleware, srv=srv, api_key=api_key)
+    slices = Slices()
+    routes = {"/v1/completions": generation_route(lambda rcv, raw: srv.respond(rcv, raw, parse_completion), slices),
+              "/v1/chat/completions": generation_route(lambda rcv, raw: srv.respond(rcv, raw, parse_chat), slices)}
+    app.add_middleware(GuardMiddleware, srv=srv, api_key=api_key, routes=routes)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError):
@@ -403,7 +247,8 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render_metrics(srv.engine, srv.http_requests), media_type="text/plain; version=0.0.4")
+        text = await run_in_threadpool(render_metrics, srv.engine, srv.http_requests)  # may ask the engine process
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # -- tokenizer (in worker threads: a 1 MiB prompt does not block other requests) ---------------------
     def tokenize_body(raw: bytes) -> dict[str, Any]:
@@ -425,21 +270,14 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        return await run_in_threadpool(tokenize_body, await read_body(request))
+        return await run_in_threadpool(tokenize_body, await read_body(request.receive))
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        return await run_in_threadpool(detokenize_body, await read_body(request))
+        return await run_in_threadpool(detokenize_body, await read_body(request.receive))
 
     # -- generation -------------------------------------------------------------------------------------
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await srv.respond(request, await read_body(request), parse_completion)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await srv.respond(request, await read_body(request), parse_chat)
-
+    # -- generation: POST /v1/completions and /v1/chat/completions are answered by the guard (guard.py) ------
     def poem_body(raw: bytes) -> dict[str, Any]:
         body = parse_json(raw)
         srv.check_model(body)
@@ -460,7 +298,7 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
 
     @app.post("/v1/poem")
     async def poem(request: Request):
-        return await run_in_threadpool(poem_body, await read_body(request))
+        return await run_in_threadpool(poem_body, await read_body(request.receive))
 
     return app
 
