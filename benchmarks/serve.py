@@ -38,6 +38,20 @@ server process and the engine process now share the 2 cores, and a wave's reques
 over ~45 ms (one every ~2.5 ms), each first token 6-13 ms after its submission. Earlier the same day,
 uvicorn's httptools protocol on uvloop instead of h11 on asyncio raised output tokens/s at 16 streams
 from 3,000-3,980 to 4,270-5,140 (``throughput_ratio_16`` 5.7-6.0 -> 6.4-8.8).
+
+Later that day a trace of a burst found the median first token waiting on three things: thread
+hand-overs (the engine process's pipe reader took the GIL from the engine's steps; the server's reader
+thread waited up to 4 ms to be scheduled), FastAPI's layers (~0.7-1 ms of parsing per request on the
+one event loop) and asyncio's order (a burst's parse steps were all ready at once, so first tokens
+the engine had sent 9 ms earlier left only after the whole burst was parsed). After the fix (one
+thread in the engine process, the pipe read on the event loop, the generation routes answered by the
+outer ASGI layer, parsing in 1 ms slices; :mod:`mtnlg.infer.guard`), alternated three times each
+against the commit before: p50 TTFT at 16 streams 16.4-22.9 -> 11.8-15.5 ms with ``--threads 2``
+(``ttft_ratio_16`` 3.8-4.8 -> 2.7-3.4) and 13.0-19.0 -> 9.4-15.0 ms with ``--threads 1`` (2.4-4.8 ->
+2.9-3.3); with ``--requests 160`` (ten bursts instead of three) 12.3-12.5 -> 9.5-10.4 ms, ratio
+2.5-2.9 -> 2.05-2.17. What is left is CPU on 2 cores: per streamed request the server process spends
+~4.8 ms (64 events at ~70 us, ~50 of them the kernel's loopback write), the engine process ~9 ms
+and this client ~2.6 ms, so during a burst three processes queue for two cores.
 """
 
 from __future__ import annotations
