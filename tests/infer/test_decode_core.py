@@ -3,6 +3,7 @@ and beam search follow the same rules; a failing request fails alone; sampling o
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -165,3 +166,27 @@ def test_extreme_sampling_values_are_clamped(lm):
         eng.shutdown()
     with pytest.raises(ConfigError, match="temperature"):
         SamplingParams(temperature=float("nan")).validate()
+
+
+def test_min_new_tokens_holds_the_stop_tokens_back(lm):
+    """vLLM's min_tokens: EOS and the other stop_token_ids cannot be picked before that many tokens, in
+    generate() and in the engine alike; then they stop the row as usual."""
+    tok = lm.tokenizer
+    prompt = tok.encode("hello world")
+    free = generate(lm.model, [prompt], gen_params(lm, max_new_tokens=8), tok)[0].token_ids
+    stop = free[1]  # a token greedy decoding picks second: a stop token from there on
+    stops = SamplingParams(stop_token_ids=[tok.eod_id, stop], vocab_limit=tok.vocab_size, max_new_tokens=8)
+    early = generate(lm.model, [prompt], stops, tok)[0]
+    assert early.token_ids == free[:1] and early.finish_reason == "stop"
+    held = dataclasses.replace(stops, min_new_tokens=4)
+    late = generate(lm.model, [prompt], held, tok)[0]
+    assert len(late.token_ids) >= 4 and stop not in late.token_ids[:4]
+    engine = Engine(lm, max_batch=2).start()
+    try:
+        assert run_engine(engine, [(prompt, held)])[0].token_ids == late.token_ids
+    finally:
+        engine.shutdown()
+    with pytest.raises(ConfigError, match="min_new_tokens=9 is more than the 8 new tokens"):
+        token_budget(len(prompt), gen_params(lm, max_new_tokens=8, min_new_tokens=9), 128)
+    with pytest.raises(ConfigError, match="min_new_tokens"):
+        gen_params(lm, min_new_tokens=2, num_beams=2).validate()

@@ -125,6 +125,10 @@ def test_stop_string_filter_holds_back_prefixes():
     g = StopStringFilter(["END"])
     assert g.push("xE") == ("x", False) and g.finish() == "E"
     assert find_stop("hello world", ["wor", "lo"]) == 3
+    h = StopStringFilter(["END", "E"], include=True)  # vLLM's include_stop_str_in_output: the stop stays
+    assert h.push("abE") == ("abE", True) and h.text == "abE"
+    k = StopStringFilter(["\n\n"], include=True)
+    assert [k.push(x) for x in ["a\n", "\nb"]] == [("a", False), ("\n\n", True)] and k.text == "a\n\n"
 
 
 def test_seeded_rows_draw_what_torch_multinomial_draws():

@@ -211,6 +211,36 @@ def test_openai_fields_it_does_not_implement_are_refused_by_name(http):
     assert http.post("/v1/chat/completions", json={**chat, "response_format": {"type": "text"}}).status_code == 200
 
 
+def test_vllm_extras_work_or_are_refused(http, lm):
+    """vLLM's extra fields do what vLLM documents (min_tokens, include_stop_str_in_output,
+    skip_special_tokens) or, at a value this server cannot honour, are a 400 naming the field."""
+    body = {"prompt": "the moon", "max_tokens": 6, "temperature": 0, "logit_bias": {"7": 100}}  # token 7, 6 times
+    seven = lm.tokenizer.decode([7])
+    held = http.post("/v1/completions", json={**body, "stop_token_ids": [7], "min_tokens": 3, "logprobs": 0})
+    held = held.json()["choices"][0]  # 7 cannot be picked for 3 tokens, then it is (and stops the row)
+    tokens = held["logprobs"]["tokens"]  # the stop token is listed last, as OpenAI lists it
+    assert tokens[3:] == [seven] and seven not in tokens[:3] and held["text"] == "".join(tokens[:3])
+    assert held["finish_reason"] == "stop"
+    e = err(http.post("/v1/completions", json={**body, "min_tokens": 7}), 400)
+    assert e["param"] == "min_tokens" and "max_tokens (6)" in e["message"], e
+    kept = http.post("/v1/completions", json={**body, "stop": [seven * 2], "include_stop_str_in_output": True})
+    assert kept.json()["choices"][0]["text"] == seven * 2
+    cut = http.post("/v1/completions", json={**body, "stop": [seven * 2]}).json()["choices"][0]
+    assert cut["text"] == "" and cut["finish_reason"] == "stop"
+    eod = {**body, "logit_bias": {str(lm.tokenizer.eod_id): 100}, "ignore_eos": True, "max_tokens": 2}
+    assert http.post("/v1/completions", json=eod).json()["choices"][0]["text"] == ""
+    shown = http.post("/v1/completions", json={**eod, "skip_special_tokens": False}).json()["choices"][0]["text"]
+    assert shown == "<|endoftext|>" * 2
+    for extra, param in (({"use_beam_search": True}, "use_beam_search"), ({"bad_words": ["moon"]}, "bad_words"),
+                         ({"allowed_token_ids": [1, 2]}, "allowed_token_ids"), ({"priority": 1}, "priority"),
+                         ({"typical_p": 0.5}, "typical_p"), ({"length_penalty": 2}, "length_penalty")):
+        e = err(http.post("/v1/completions", json={**body, **extra}), 400)
+        assert e["param"] == param and "leave it out" in e["message"], e
+    defaults = {"use_beam_search": False, "bad_words": [], "priority": 0, "skip_special_tokens": True,
+                "spaces_between_special_tokens": True, "truncate_prompt_tokens": None, "length_penalty": 1.0}
+    assert http.post("/v1/completions", json={**body, **defaults}).status_code == 200
+
+
 def test_stop_token_ids_are_token_ids_of_the_vocabulary(http, lm):
     """Like logit_bias keys: an id outside [0, vocabulary) is a 400 naming the field; one inside stops."""
     body = {"prompt": "the moon", "max_tokens": 4, "temperature": 0, "logit_bias": {"7": 100}}  # token 7, 4 times

@@ -29,6 +29,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float =
     g = parser.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most (default %(default)s)")
     g.add_argument("--max-length", type=int, help="prompt + new tokens at most")
+    g.add_argument("--min-new-tokens", type=int, default=0, help="no stop token before this many tokens (default 0)")
     g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy (default %(default)s)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s = off)")
@@ -66,7 +67,7 @@ def sampling_params(args: argparse.Namespace, tokenizer, extra_stop_ids: list[in
         length_penalty=args.length_penalty, seed=args.seed, stop=list(args.stop),
         stop_token_ids=[tokenizer.eod_id, *args.stop_token_id, *(extra_stop_ids or [])],
         logprobs=getattr(args, "logprobs", None), vocab_limit=tokenizer.vocab_size,
-        compile_decode=getattr(args, "compile", False)).validate()
+        compile_decode=getattr(args, "compile", False), min_new_tokens=args.min_new_tokens).validate()
 
 
 def load_model(args: argparse.Namespace):

@@ -48,6 +48,9 @@ def token_budget(prompt_len: int, params: SamplingParams, context: int) -> int:
         if n <= 0:
             raise ConfigError(f"max_length={params.max_length} leaves no room after the {prompt_len}-token prompt; "
                               f"raise max_length or pass max_new_tokens")
+    if params.min_new_tokens > n:
+        raise ConfigError(f"min_new_tokens={params.min_new_tokens} is more than the {n} new tokens this request may "
+                          f"generate; lower min_new_tokens (min_tokens) or raise max_new_tokens (max_tokens)")
     if prompt_len + n > context:
         raise RequestTooLong(
             f"This model's maximum context length is {context} tokens. However, you requested {prompt_len + n} "
@@ -100,8 +103,8 @@ class RowState:
         self.stop_token: int | None = None
         self.stop_logprob: float | None = None
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-        self.detok = StreamDecoder(tokenizer) if tokenizer is not None else None
-        self.stops = StopStringFilter(params.stop) if tokenizer is not None else None
+        self.detok = StreamDecoder(tokenizer, params.skip_special_tokens) if tokenizer is not None else None
+        self.stops = StopStringFilter(params.stop, params.include_stop_str_in_output) if tokenizer is not None else None
         self.guard = guard if tokenizer is not None else None
         self.utf8 = START
         self.form = PoemForm.for_tokenizer(tokenizer) if params.form and tokenizer is not None else None
@@ -123,6 +126,13 @@ class RowState:
 
     def allowed(self, width: int, device: torch.device) -> torch.Tensor | None:
         """Bool [width] of the tokens this row may pick now (None = any)."""
+        mask = self._allowed(width, device)
+        if self.stop_ids and len(self.token_ids) < self.params.min_new_tokens:  # not yet: no stop token
+            mask = torch.ones(width, dtype=torch.bool, device=device) if mask is None else mask.clone()
+            mask[[t for t in self.stop_ids if t < width]] = False
+        return mask
+
+    def _allowed(self, width: int, device: torch.device) -> torch.Tensor | None:
         if self.guard is None:
             return None
         left = self.budget - len(self.token_ids)

@@ -30,17 +30,25 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)  # logits scaled by at most 100x either
 
 # the fields sampling_from_body reads, and the OpenAI fields unsupported() refuses (when set)
 SAMPLING_FIELDS = frozenset({"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                             "repetition_penalty", "seed", "stop", "stop_token_ids", "logit_bias", "ignore_eos"})
+                             "repetition_penalty", "seed", "stop", "stop_token_ids", "logit_bias", "ignore_eos",
+                             "min_tokens", "skip_special_tokens", "include_stop_str_in_output"})
 UNSUPPORTED_FIELDS = frozenset({"best_of", "suffix", "tools", "functions", "tool_choice", "response_format"})
 # real fields of OpenAI's API and vLLM's extras that clients send and this server accepts unused: never
 # taken for a misspelling, whatever fields are added later
 ACCEPTED_UNUSED = frozenset({
     "user", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "audio", "prediction",
     "reasoning_effort", "web_search_options", "function_call", "verbosity", "prompt_cache_key", "safety_identifier",
-    "min_tokens", "use_beam_search", "length_penalty", "include_stop_str_in_output", "skip_special_tokens",
-    "spaces_between_special_tokens", "truncate_prompt_tokens", "allowed_token_ids", "prompt_logprobs", "bad_words",
+    "use_beam_search", "length_penalty", "spaces_between_special_tokens", "truncate_prompt_tokens", "allowed_token_ids", "prompt_logprobs", "bad_words",
     "add_generation_prompt", "continue_final_message", "add_special_tokens", "chat_template", "chat_template_kwargs",
     "priority", "request_id", "top_a", "typical_p"})
+# vLLM's extra fields that this server takes only at the value that asks for what it does anyway (vLLM's
+# default): anything else is a 400 naming the field, never a setting silently ignored
+VLLM_DEFAULTS: dict[str, tuple[Any, ...]] = {  # (null is "not set", as for every field)
+    "use_beam_search": (False,), "length_penalty": (1, 1.0), "spaces_between_special_tokens": (True,),
+    "truncate_prompt_tokens": (), "allowed_token_ids": (), "prompt_logprobs": (), "bad_words": ([],),
+    "add_generation_prompt": (True,), "continue_final_message": (False,), "add_special_tokens": (False, True),
+    "chat_template": (), "chat_template_kwargs": ({},), "priority": (0,), "top_a": (0, 0.0), "typical_p": (1, 1.0),
+    "modalities": (["text"],), "audio": (), "function_call": ("none", "auto"), "web_search_options": ()}
 # other APIs' names for a field of ours (Anthropic, Hugging Face / TGI, the Responses API, llama.cpp)
 FIELD_ALIASES = {"stop_sequences": "stop", "max_new_tokens": "max_tokens", "max_output_tokens": "max_tokens",
                  "max_completion_tokens": "max_tokens", "repeat_penalty": "repetition_penalty"}
@@ -262,6 +270,9 @@ def sampling_from_body(body: dict[str, Any], stop_ids: list[int], top_logprobs: 
         stop_token_ids=list(stop_ids) + token_ids(body, "stop_token_ids", MAX_STOP_TOKEN_IDS, vocab_size),
         logprobs=top_logprobs,
         ignore_eos=get_field(body, "ignore_eos", "bool", False),
+        min_new_tokens=get_field(body, "min_tokens", "int", 0, lo=0),
+        skip_special_tokens=get_field(body, "skip_special_tokens", "bool", True),
+        include_stop_str_in_output=get_field(body, "include_stop_str_in_output", "bool", False),
     ).validate()
 
 
@@ -303,6 +314,11 @@ def unsupported(body: dict[str, Any]) -> None:
             raise bad(name, f"'{name}' (tool calling) is not supported by this model")
     if body.get("tool_choice") not in (None, "none"):
         raise bad("tool_choice", "'tool_choice' is not supported by this model (no tools)")
+    for name, takes in VLLM_DEFAULTS.items():
+        value = body.get(name)
+        if value is not None and not any(type(value) is type(t) and value == t for t in takes):
+            shown = f"only as {' or '.join(json.dumps(t) for t in takes)} (what this server does)" if takes else "only as null"
+            raise bad(name, f"'{name}' is taken {shown}: this server does not support other values, so leave it out")
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise bad("response_format", "this 'response_format' is not supported (structured output); only "

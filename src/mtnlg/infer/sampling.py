@@ -65,6 +65,9 @@ class SamplingParams:
     vocab_limit: int | None = None  # never emit ids >= this (the tokenizer may be smaller than the embedding)
     form: str | None = None  # "poem" | "poem5" | "poem7": the output is a whole regular poem (mtnlg.infer.poem_form)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
+    min_new_tokens: int = 0  # stop_token_ids (EOS included) cannot be picked before this many tokens (vLLM min_tokens)
+    skip_special_tokens: bool = True  # the text leaves out special tokens (<|endoftext|>, role tokens)
+    include_stop_str_in_output: bool = False  # a stop string that ends the text stays in it (vLLM)
 
     def validate(self) -> SamplingParams:
         def bad(name: str, rule: str) -> ConfigError:
@@ -102,6 +105,10 @@ class SamplingParams:
         if self.compile_decode and (self.num_beams > 1 or not self.use_cache):
             raise bad("compile_decode", "needs the KV cache and num_beams=1 (the compiled step is one cached "
                       "decode step); set compile_decode=False")
+        if self.min_new_tokens < 0:
+            raise bad("min_new_tokens", "must be >= 0")
+        if self.min_new_tokens and self.num_beams > 1:
+            raise bad("min_new_tokens", "works with sampling and greedy decoding, not beam search; use num_beams=1")
         if self.form is not None and self.num_beams > 1:
             raise bad("form", "works with sampling and greedy decoding, not beam search; use num_beams=1")
         for tok, bias in self.logit_bias.items():

@@ -94,6 +94,9 @@ class OpenAIServer:
             self.engine.check_length(longest, req.max_tokens)
         except RequestTooLong as e:
             raise bad(req.max_tokens_name, str(e)) from None
+        if req.params.min_new_tokens > req.max_tokens:
+            raise bad("min_tokens", f"'min_tokens' ({req.params.min_new_tokens}) is more than {req.max_tokens_name} "
+                                    f"({req.max_tokens}); lower min_tokens or raise {req.max_tokens_name}")
         if req.num_choices > self.engine.max_queue:
             raise bad("n", f"this request asks for {req.num_choices} generations ({len(req.prompts)} prompts x "
                            f"n={req.n}); this server takes at most {self.engine.max_queue} at once "

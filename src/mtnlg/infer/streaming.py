@@ -80,12 +80,14 @@ def held_back(text: str, stops: Sequence[str]) -> int:
 class StopStringFilter:
     """Accumulate streamed text; release only what can no longer become part of a stop string.
 
-    ``push(delta) -> (safe_delta, stopped)``; after a stop, ``text`` ends just before the stop string.
-    ``finish()`` releases the held-back tail when generation ends for another reason.
+    ``push(delta) -> (safe_delta, stopped)``; after a stop, ``text`` ends just before the stop string
+    (with ``include``: just after it). ``finish()`` releases the held-back tail when generation ends
+    for another reason.
     """
 
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: Sequence[str], include: bool = False):
         self.stops = [s for s in stops if s]
+        self.include = include
         self.text = ""
         self.emitted = 0
         self.stopped = False
@@ -97,7 +99,9 @@ class StopStringFilter:
         self.text += delta
         hit = find_stop(self.text, self.stops, start) if self.stops else None
         if hit is not None:
-            self.text = self.text[:hit]
+            # the stop string that completed first (the shortest of those starting at the hit)
+            end = hit + min(len(x) for x in self.stops if self.text.startswith(x, hit)) if self.include else hit
+            self.text = self.text[:end]
             self.stopped = True
             end = len(self.text)
         else:
