@@ -37,6 +37,7 @@ class Tokenizer:
         # padded positions are masked, so the id only has to exist.
         pad = hf.token_to_id(PAD)
         self.pad_id: int = pad if pad is not None else self.eod_id
+        self._bytes: dict[int, bytes] = {}  # token_bytes, filled as tokens are met (every decode step asks)
 
     @property
     def vocab_size(self) -> int:
@@ -59,12 +60,17 @@ class Tokenizer:
 
     def token_bytes(self, idx: int) -> bytes:
         """The raw bytes of one token (byte-level tokens map 1:1 onto bytes; specials onto their UTF-8)."""
-        tok = self.hf.id_to_token(idx)
-        if tok is None:
-            return b""
-        if tok in SPECIAL_TOKENS or self.hf.get_added_tokens_decoder().get(idx) is not None:
-            return tok.encode()
-        return bytes(_UNICODE_TO_BYTE[c] for c in tok)
+        b = self._bytes.get(idx)
+        if b is None:
+            tok = self.hf.id_to_token(idx)
+            if tok is None:
+                b = b""
+            elif tok in SPECIAL_TOKENS or self.hf.get_added_tokens_decoder().get(idx) is not None:
+                b = tok.encode()
+            else:
+                b = bytes(_UNICODE_TO_BYTE[c] for c in tok)
+            self._bytes[idx] = b
+        return b
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)

@@ -31,19 +31,14 @@ class StreamDecoder:
         self.skip_special_tokens = skip_special_tokens
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.special = {i for i in (tokenizer.token_to_id(t) for t in SPECIAL_TOKENS) if i is not None}
-        self._bytes_cache: dict[int, bytes] = {}
-
-    def _bytes(self, tok: int) -> bytes:
-        b = self._bytes_cache.get(tok)
-        if b is None:
-            b = self._bytes_cache[tok] = self.tokenizer.token_bytes(tok)
-        return b
 
     def feed(self, tokens: int | Iterable[int]) -> str:
         """Add one token id or several; return the text they complete."""
-        if isinstance(tokens, int):
-            tokens = (tokens,)
-        data = b"".join(self._bytes(t) for t in tokens if not (self.skip_special_tokens and t in self.special))
+        skip = self.special if self.skip_special_tokens else ()
+        if isinstance(tokens, int):  # one token a step while decoding: no generator, no join
+            data = self.tokenizer.token_bytes(tokens) if tokens not in skip else b""
+        else:
+            data = b"".join(self.tokenizer.token_bytes(t) for t in tokens if t not in skip)
         return self._dec.decode(data) if data else ""
 
     push = feed  # the serving engine's name
