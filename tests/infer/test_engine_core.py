@@ -130,3 +130,32 @@ def test_an_engine_process_that_cannot_load_says_why_in_one_line(tmp_path):
 
     with pytest.raises(ConfigError, match=r"engine process could not start: CheckpointError: .*missing"):
         EngineClient(str(tmp_path / "missing"), torch.device("cpu"), torch.float32, None, **KW)
+
+
+def test_the_engine_process_pipe_through_the_writer_thread_and_concurrent_metrics(saved, monkeypatch):
+    """Every message from the event loop through the writer thread (as a big submit goes: the loop, which
+    also reads the pipe, never blocks sending), in order: the same answers; a client that goes away
+    cancels its request; two /metrics at once each get the engine's answer; a trailing slash redirects."""
+    import concurrent.futures
+
+    from mtnlg.infer import engine_core
+
+    lm, path = saved
+    body = {"prompt": "the moon", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    client = EngineClient(path, torch.device("cpu"), torch.float32, lm.tokenizer, **KW)
+    with BackgroundServer(create_app(client, "tiny")) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        inline = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        monkeypatch.setattr(engine_core, "INLINE_SEND_BYTES", 0)
+        assert [c.post("/v1/completions", json=body).json()["choices"][0]["text"] for _ in range(3)] == [inline] * 3
+        assert client._writer is not None and not client._backlog
+        with c.stream("POST", "/v1/completions", json={**body, "max_tokens": 80, "stream": True}) as s:
+            next(s.iter_lines())  # one event, then go away
+        deadline = time.monotonic() + 10
+        while client._requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not client._requests  # cancelled in the engine, which answered with its abort
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            pages = list(pool.map(lambda _: c.get("/metrics"), range(4)))
+        assert all(p.status_code == 200 and "mtnlg_generation_tokens_total" in p.text for p in pages)
+        moved = c.post("/v1/completions/", json=body)
+        assert moved.status_code == 307 and moved.headers["location"].endswith("/v1/completions")

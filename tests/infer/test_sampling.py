@@ -127,6 +127,9 @@ def test_stop_string_filter_holds_back_prefixes():
     assert find_stop("hello world", ["wor", "lo"]) == 3
     h = StopStringFilter(["END", "E"], include=True)  # vLLM's include_stop_str_in_output: the stop stays
     assert h.push("abE") == ("abE", True) and h.text == "abE"
+    m = StopStringFilter(["END"])  # min_tokens: a stop inside text added without detection does not count,
+    assert m.push("xEND", detect=False) == ("xEND", False) and m.push("yEN", detect=True) == ("y", False)
+    assert m.push("D") == ("", True) and m.text == "xENDy"  # one that ends after it does
     k = StopStringFilter(["\n\n"], include=True)
     assert [k.push(x) for x in ["a\n", "\nb"]] == [("a", False), ("\n\n", True)] and k.text == "a\n\n"
 

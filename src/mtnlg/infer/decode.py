@@ -130,6 +130,9 @@ class RowState:
         if self.stop_ids and len(self.token_ids) < self.params.min_new_tokens:  # not yet: no stop token
             mask = torch.ones(width, dtype=torch.bool, device=device) if mask is None else mask.clone()
             mask[[t for t in self.stop_ids if t < width]] = False
+            if self.form_state is not None and not bool(mask.any()):  # a whole poem is shorter: text goes on
+                self.form_state = None
+                return self.allowed(width, device)
         return mask
 
     def _allowed(self, width: int, device: torch.device) -> torch.Tensor | None:
@@ -165,7 +168,8 @@ class RowState:
                 nxt = self.guard.next_state(self.utf8, token)
                 self.utf8 = nxt if nxt is not None else START
             if self.detok is not None:
-                delta, hit = self.stops.push(self.detok.feed(token))
+                # vLLM's min_tokens holds stop strings back too: none counts before that many tokens
+                delta, hit = self.stops.push(self.detok.feed(token), len(self.token_ids) >= self.params.min_new_tokens)
                 if hit:
                     self.finish_reason = "stop"
             if self.finish_reason is None and len(self.token_ids) >= self.budget:

@@ -23,12 +23,14 @@ tokenizer thread pools) and loads the model with ``from_pretrained`` (safetensor
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
 import multiprocessing as mp
 import threading
 from collections.abc import Callable, Iterator
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 600.0  # s: loading a large checkpoint in the child
 REPLY_TIMEOUT = 10.0  # s: a metrics snapshot
+INLINE_SEND_BYTES = 32 << 10  # bigger messages from the event loop go through the writer thread
 
 
 class RemoteRequest:
@@ -55,7 +58,8 @@ class RemoteRequest:
 
     def cancel(self) -> None:
         if not self.finished:
-            self.client._send(("cancel", self.id))
+            with contextlib.suppress(OSError):  # the engine process is gone: nothing left to cancel
+                self.client._send(("cancel", self.id))
 
 
 class EngineClient:
@@ -67,6 +71,10 @@ class EngineClient:
                  **engine_kwargs: Any):
         self.tokenizer = tokenizer
         self._lock = threading.Lock()  # one sender at a time on the pipe
+        self._backlog: collections.deque[bytes] = collections.deque()  # messages for the writer thread
+        self._writing = False
+        self._writer: threading.Thread | None = None
+        self._wake = threading.Event()
         self._ids = itertools.count()
         self._requests: dict[int, RemoteRequest] = {}
         self._reply: dict[str, Any] = {}
@@ -104,7 +112,8 @@ class EngineClient:
         to hand over, and outputs reach their streams in the loop's own I/O turn; a reader thread lost
         up to 4 ms to the OS scheduler in a traced burst on 2 cores), or, with no loop, on a thread."""
         with self._start_lock:
-            if self._reader is not None:
+            gone = isinstance(self._reader, asyncio.AbstractEventLoop) and self._reader.is_closed()
+            if self._reader is not None and not gone:
                 return self
             try:
                 loop = asyncio.get_running_loop()
@@ -161,10 +170,10 @@ class EngineClient:
         """As :meth:`Engine.poem`, written in the engine process (so this process needs no weights)."""
         self.start()
         key = ("poem", next(self._ids))
+        if self._stopped or not self.healthy:
+            raise EngineStopped("the server is shutting down")
+        self._send(("poem", (key[1], text, lines, params)))  # never while holding _replied: the reader needs it
         with self._replied:
-            if self._stopped or not self.healthy:
-                raise EngineStopped("the server is shutting down")
-            self._send(("poem", (key[1], text, lines, params)))
             while key not in self._reply:
                 if not self.healthy:
                     raise EngineStopped("the engine process stopped while writing the poem; restart the server")
@@ -188,18 +197,52 @@ class EngineClient:
 
     # -- the pipe ---------------------------------------------------------------------------------------
     def _send(self, msg: tuple[str, Any]) -> None:
+        """Send ``msg`` to the engine process, in order. A big message sent from the event loop (a submit
+        of long prompts) goes through a writer thread, as does everything after it until that thread is
+        idle again: the loop is also the pipe's reader, and blocked in a send it could not drain the
+        engine's outputs while the engine, blocked sending them, does not read its pipe."""
+        data = bytes(ForkingPickler.dumps(msg))
         with self._lock:
-            self._conn.send(msg)
+            if self._backlog or self._writing or (len(data) > INLINE_SEND_BYTES and self._on_reader_loop()):
+                self._backlog.append(data)
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write, name="mtnlg-engine-writer", daemon=True)
+                    self._writer.start()
+                self._wake.set()
+                return
+            self._conn.send_bytes(data)
+
+    def _on_reader_loop(self) -> bool:
+        return isinstance(self._reader, asyncio.AbstractEventLoop) and asyncio._get_running_loop() is self._reader
+
+    def _write(self) -> None:
+        """The writer thread: the backlog, in order, without holding the lock while a send blocks."""
+        while True:
+            self._wake.wait()
+            with self._lock:
+                if not self._backlog:
+                    self._wake.clear()
+                    continue
+                data = self._backlog.popleft()
+                self._writing = True
+            try:
+                self._conn.send_bytes(data)
+            except OSError:  # the engine process is gone: the reader answers the requests
+                pass
+            finally:
+                with self._lock:
+                    self._writing = False
 
     def _ask(self, what: str) -> Any:
-        """A blocking question to the engine process: never from the event loop that reads the pipe."""
+        """A blocking question to the engine process (never from the event loop that reads the pipe); each
+        question has its own key, so concurrent askers (two /metrics scrapers) each get their answer."""
         self.start()
+        key = (what, next(self._ids))
+        self._send(("ask", key))
         with self._replied:
-            self._reply.pop(what, None)
-            self._send(("ask", what))
-            if not self._replied.wait_for(lambda: what in self._reply, REPLY_TIMEOUT):
+            if not self._replied.wait_for(lambda: key in self._reply, REPLY_TIMEOUT):
                 raise RuntimeError(f"the engine process did not answer ({what})")
-            return self._reply.pop(what)
+            return self._reply.pop(key)
 
     def _read(self) -> None:
         """The reader thread: every message, until the engine process stops or goes away."""
@@ -247,6 +290,8 @@ class EngineClient:
             self._crashed = True
         pending = [(req, Output("", [], finish_reason="abort")) for req in list(self._requests.values())]
         self._requests.clear()
+        for req, _ in pending:
+            req.finished = True
         deliver(pending)
         with self._replied:  # a poem waiting for its reply sees the process gone
             self._replied.notify_all()

@@ -33,12 +33,13 @@ SAMPLING_FIELDS = frozenset({"temperature", "top_p", "top_k", "min_p", "presence
                              "repetition_penalty", "seed", "stop", "stop_token_ids", "logit_bias", "ignore_eos",
                              "min_tokens", "skip_special_tokens", "include_stop_str_in_output"})
 UNSUPPORTED_FIELDS = frozenset({"best_of", "suffix", "tools", "functions", "tool_choice", "response_format"})
-# real fields of OpenAI's API and vLLM's extras that clients send and this server accepts unused: never
-# taken for a misspelling, whatever fields are added later
+# real fields of OpenAI's API and vLLM's extras that clients send and this server does not read: never
+# taken for a misspelling, whatever fields are added later (those in VLLM_DEFAULTS only at those values)
 ACCEPTED_UNUSED = frozenset({
     "user", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "audio", "prediction",
     "reasoning_effort", "web_search_options", "function_call", "verbosity", "prompt_cache_key", "safety_identifier",
-    "use_beam_search", "length_penalty", "spaces_between_special_tokens", "truncate_prompt_tokens", "allowed_token_ids", "prompt_logprobs", "bad_words",
+    "use_beam_search", "length_penalty", "spaces_between_special_tokens", "truncate_prompt_tokens",
+    "allowed_token_ids", "prompt_logprobs", "bad_words",
     "add_generation_prompt", "continue_final_message", "add_special_tokens", "chat_template", "chat_template_kwargs",
     "priority", "request_id", "top_a", "typical_p"})
 # vLLM's extra fields that this server takes only at the value that asks for what it does anyway (vLLM's
@@ -317,7 +318,8 @@ def unsupported(body: dict[str, Any]) -> None:
     for name, takes in VLLM_DEFAULTS.items():
         value = body.get(name)
         if value is not None and not any(type(value) is type(t) and value == t for t in takes):
-            shown = f"only as {' or '.join(json.dumps(t) for t in takes)} (what this server does)" if takes else "only as null"
+            shown = (f"only as {' or '.join(json.dumps(t) for t in takes)} (what this server does)" if takes
+                     else "only as null")
             raise bad(name, f"'{name}' is taken {shown}: this server does not support other values, so leave it out")
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):

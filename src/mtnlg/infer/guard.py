@@ -1,9 +1,10 @@
 """The server's front door, in pure ASGI: checks every request, counts every answer, and runs the
 generation routes directly.
 
-:class:`GuardMiddleware` is the outermost layer of the app: the Bearer key on every route but /health and
-the page, ``Content-Type: application/json`` on JSON routes (415), the declared body size (413), HTTP
-request counting for /metrics, a JSON 500 instead of a traceback. ``POST /v1/completions`` and
+:class:`GuardMiddleware` is the app's outer layer (only Starlette's error handler is outside it): the
+Bearer key on every route but /health and the page, ``Content-Type: application/json`` on JSON routes
+(415), the declared body size (413), HTTP request counting for /metrics, a JSON 500 instead of a
+traceback. ``POST /v1/completions`` and
 ``POST /v1/chat/completions`` (given as ``routes``) are then answered here by :func:`generation_route`
 instead of through FastAPI's middleware stack, router and dependency solver: those layers cost ~0.2 ms
 of the event loop per request, and a burst of 16 requests is parsed one after another on that one
@@ -19,7 +20,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.datastructures import URL
 
 from mtnlg.errors import ConfigError
 from mtnlg.infer.fields import MAX_BODY_BYTES, ApiError, bad, error_body, too_large
@@ -173,6 +175,10 @@ class GuardMiddleware:
             await error_response(e.status, e.message, e.type, e.param, e.code, headers)(scope, receive, send_wrapper)
             return
         route = self.routes.get(path)
+        if route is None and path.endswith("/") and path.rstrip("/") in self.routes:  # as FastAPI's redirect_slashes
+            url = URL(scope=scope).replace(path=path.rstrip("/"))
+            await RedirectResponse(str(url), status_code=307)(scope, receive, send_wrapper)
+            return
         try:
             if route is None:
                 await self.app(scope, receive, send_wrapper)

@@ -87,12 +87,14 @@ class StopStringFilter:
         self.emitted = 0
         self.stopped = False
 
-    def push(self, delta: str) -> tuple[str, bool]:
+    def push(self, delta: str, detect: bool = True) -> tuple[str, bool]:
+        """``detect=False``: add ``delta`` without looking for stop strings in it (vLLM's ``min_tokens``:
+        no stop before that many tokens); a stop that begins there and ends later still counts."""
         if self.stopped:
             return "", True
         start = len(self.text)
         self.text += delta
-        hit = find_stop(self.text, self.stops, start) if self.stops else None
+        hit = find_stop(self.text, self.stops, start) if self.stops and detect else None
         if hit is not None:
             # the stop string that completed first (the shortest of those starting at the hit)
             end = hit + min(len(x) for x in self.stops if self.text.startswith(x, hit)) if self.include else hit
