@@ -77,7 +77,7 @@ class EngineClient:
         self._wake = threading.Event()
         self._ids = itertools.count()
         self._requests: dict[int, RemoteRequest] = {}
-        self._reply: dict[str, Any] = {}
+        self._reply: dict[tuple[str, int], Any] = {}  # (what, question id) -> the answer
         self._replied = threading.Condition()
         self._stopped = False
         self._crashed = False
