@@ -71,7 +71,7 @@ class EngineClient:
                  **engine_kwargs: Any):
         self.tokenizer = tokenizer
         self._lock = threading.Lock()  # one sender at a time on the pipe
-        self._backlog: collections.deque[bytes] = collections.deque()  # messages for the writer thread
+        self._backlog: collections.deque[memoryview] = collections.deque()  # messages for the writer thread
         self._writing = False
         self._writer: threading.Thread | None = None
         self._wake = threading.Event()
@@ -201,7 +201,7 @@ class EngineClient:
         of long prompts) goes through a writer thread, as does everything after it until that thread is
         idle again: the loop is also the pipe's reader, and blocked in a send it could not drain the
         engine's outputs while the engine, blocked sending them, does not read its pipe."""
-        data = bytes(ForkingPickler.dumps(msg))
+        data = ForkingPickler.dumps(msg)  # what Connection.send pickles; sent with send_bytes
         with self._lock:
             if self._backlog or self._writing or (len(data) > INLINE_SEND_BYTES and self._on_reader_loop()):
                 self._backlog.append(data)

@@ -33,15 +33,6 @@ SAMPLING_FIELDS = frozenset({"temperature", "top_p", "top_k", "min_p", "presence
                              "repetition_penalty", "seed", "stop", "stop_token_ids", "logit_bias", "ignore_eos",
                              "min_tokens", "skip_special_tokens", "include_stop_str_in_output"})
 UNSUPPORTED_FIELDS = frozenset({"best_of", "suffix", "tools", "functions", "tool_choice", "response_format"})
-# real fields of OpenAI's API and vLLM's extras that clients send and this server does not read: never
-# taken for a misspelling, whatever fields are added later (those in VLLM_DEFAULTS only at those values)
-ACCEPTED_UNUSED = frozenset({
-    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "audio", "prediction",
-    "reasoning_effort", "web_search_options", "function_call", "verbosity", "prompt_cache_key", "safety_identifier",
-    "use_beam_search", "length_penalty", "spaces_between_special_tokens", "truncate_prompt_tokens",
-    "allowed_token_ids", "prompt_logprobs", "bad_words",
-    "add_generation_prompt", "continue_final_message", "add_special_tokens", "chat_template", "chat_template_kwargs",
-    "priority", "request_id", "top_a", "typical_p"})
 # vLLM's extra fields that this server takes only at the value that asks for what it does anyway (vLLM's
 # default): anything else is a 400 naming the field, never a setting silently ignored
 VLLM_DEFAULTS: dict[str, tuple[Any, ...]] = {  # (null is "not set", as for every field)
@@ -50,6 +41,11 @@ VLLM_DEFAULTS: dict[str, tuple[Any, ...]] = {  # (null is "not set", as for ever
     "add_generation_prompt": (True,), "continue_final_message": (False,), "add_special_tokens": (False, True),
     "chat_template": (), "chat_template_kwargs": ({},), "priority": (0,), "top_a": (0, 0.0), "typical_p": (1, 1.0),
     "modalities": (["text"],), "audio": (), "function_call": ("none", "auto"), "web_search_options": ()}
+# real fields of OpenAI's API and vLLM's extras that clients send and this server does not read: never
+# taken for a misspelling, whatever fields are added later (those in VLLM_DEFAULTS only at those values)
+ACCEPTED_UNUSED = frozenset({
+    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "reasoning_effort",
+    "verbosity", "prompt_cache_key", "safety_identifier", "request_id", *VLLM_DEFAULTS})
 # other APIs' names for a field of ours (Anthropic, Hugging Face / TGI, the Responses API, llama.cpp)
 FIELD_ALIASES = {"stop_sequences": "stop", "max_new_tokens": "max_tokens", "max_output_tokens": "max_tokens",
                  "max_completion_tokens": "max_tokens", "repeat_penalty": "repetition_penalty"}

@@ -45,7 +45,7 @@ from mtnlg.errors import ConfigError
 from mtnlg.infer.guard import GuardMiddleware, Slices, error_response, generation_route, read_body
 from mtnlg.infer.httpd import BackgroundServer, run_app
 from mtnlg.infer.metrics import render_metrics
-from mtnlg.infer.sse import event_stream
+from mtnlg.infer.sse import event_stream, wait_disconnect
 from mtnlg.infer.scheduler import Engine, EngineStopped, Output, QueueFull, RequestTooLong
 from mtnlg.infer.protocol import (ABORTED, ApiError, Choice, GenerationRequest, TextCodec, bad, get_field, int_list,
                                   openers, parse_chat, parse_completion, parse_json, parse_poem_request,
@@ -57,11 +57,6 @@ WEB_DIR = Path(__file__).parent / "web"
 WEB_FILES = {"chat.css": "text/css", "chat.js": "text/javascript"}
 INLINE_BODY_BYTES = 8 << 10  # bodies up to this size are parsed and tokenized on the event loop
 MAX_POEMS_WAITING = 8  # poem requests are answered one at a time; more than this waiting get 429
-
-
-async def _wait_disconnect(receive: Callable) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 class OpenAIServer:
@@ -136,7 +131,7 @@ class OpenAIServer:
     async def collect(choices: list[Choice], queue: asyncio.Queue, receive: Callable) -> bool:
         """Wait for every choice to finish; False (and everything cancelled) if the client goes away first."""
         pending = len(choices)
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        watcher = asyncio.ensure_future(wait_disconnect(receive))
         try:
             while pending:
                 getter = asyncio.ensure_future(queue.get())
@@ -279,7 +274,6 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
     async def detokenize(request: Request):
         return await run_in_threadpool(detokenize_body, await read_body(request.receive))
 
-    # -- generation -------------------------------------------------------------------------------------
     # -- generation: POST /v1/completions and /v1/chat/completions are answered by the guard (guard.py) ------
     def poem_body(raw: bytes) -> dict[str, Any]:
         body = parse_json(raw)

@@ -52,9 +52,14 @@ class EventStream(StreamingResponse):
             await self.body_iterator.aclose()  # its cleanup (cancelling what is unfinished) runs now
 
     async def _watch(self, receive: Any) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        await wait_disconnect(receive)
         self.on_disconnect()
+
+
+async def wait_disconnect(receive: Callable) -> None:
+    """Return once the client has gone away (``http.disconnect``)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def event_stream(choices: list[Choice], queue: asyncio.Queue, chunk: Callable[..., dict], opening: list[dict],
@@ -90,4 +95,4 @@ def event_stream(choices: list[Choice], queue: asyncio.Queue, chunk: Callable[..
     return EventStream(events(), cancel_open)
 
 
-__all__ = ["EventStream", "coalesced", "event_stream"]
+__all__ = ["EventStream", "coalesced", "event_stream", "wait_disconnect"]
