@@ -221,6 +221,9 @@ def test_vllm_extras_work_or_are_refused(http, lm):
     tokens = held["logprobs"]["tokens"]  # the stop token is listed last, as OpenAI lists it
     assert tokens[3:] == [seven] and seven not in tokens[:3] and held["text"] == "".join(tokens[:3])
     assert held["finish_reason"] == "stop"
+    kept_id = http.post("/v1/completions", json={**body, "stop_token_ids": [7], "min_tokens": 3,
+                                                 "include_stop_str_in_output": True}).json()["choices"][0]
+    assert kept_id["text"] == held["text"] + seven and kept_id["finish_reason"] == "stop"  # as vLLM keeps it
     text = http.post("/v1/completions", json={**body, "stop": [seven], "min_tokens": 2}).json()["choices"][0]
     assert text["text"] == seven and text["finish_reason"] == "stop"  # token 1 is not a stop; token 2 is
     e = err(http.post("/v1/completions", json={**body, "min_tokens": 7}), 400)

@@ -156,6 +156,10 @@ class RowState:
         if token in self.stop_ids:
             self.stop_token, self.stop_logprob = token, logprob
             self.finish_reason = "stop"
+            if self.params.include_stop_str_in_output and self.detok is not None:
+                # vLLM keeps a stop token's text when asked (EOS and other special tokens have none
+                # while skip_special_tokens is on); no stop string is looked for in it
+                delta, _ = self.stops.push(self.detok.feed(token), False)
         else:
             self.token_ids.append(token)
             if logprob is not None and self.params.logprobs is not None:
