@@ -6,7 +6,7 @@ from mtnlg.errors import ConfigError
 
 def test_defaults_validate():
     cfg = Config().validate()
-    assert cfg.model.num_layers == 4 and cfg.data.corpus == "poems:0.25,zh:0.75" and cfg.model.vocab_size is None
+    assert cfg.model.num_layers == 4 and cfg.data.corpus == "poems:0.1,zh:0.9" and cfg.model.vocab_size is None
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -91,3 +91,5 @@ def test_pre_process_first_and_post_process_last_change_the_pipeline_split():
         assert stage_layer_counts(c.model, c.parallel, 16) == want, (pre, post)
     with pytest.raises(ConfigError, match="model.pre_process_first=True"):
         Config.from_dict({"model": {"num_layers": 2, "pre_process_first": True}, "parallel": {"pp": 2}}).validate()
+    with pytest.raises(ConfigError, match="= 4 stages but model.num_layers=2"):  # neither flag is to blame
+        Config.from_dict({"model": {"num_layers": 2}, "parallel": {"pp": 4}}).validate()

@@ -36,8 +36,7 @@ class ModelConfig:
     # The default job's size: on 2 CPU cores a few minutes of training buy 1.5-2.5M tokens, and at that
     # budget the number of steps decides the loss, so a small fast model wins: this 1.1M-parameter
     # one (4 x 96) reached 4.60 nats/token on the valid split, 4 x 128 4.66, 4 x 64 4.62, the 5M
-    # 4 x 256 5.13 and a 13M 6 x 384 5.60 in about the same time; with 2,500 steps 4.43
-    # (docs/train.md, "Choosing the default job").
+    # 4 x 256 5.13 and a 13M 6 x 384 5.60 in about the same time (docs/train.md, "Choosing the default job").
     hidden_size: int = 96
     num_layers: int = 4
     num_heads: int = 4
@@ -106,8 +105,8 @@ class DataConfig:
     """Where training tokens come from."""
 
     # Built-in corpus used when `paths` is empty: a name, or a weighted blend of names (each split by
-    # documents, then mixed by weight). The default: all Chinese text of fortunes-zh, poems weighted up.
-    corpus: str = "poems:0.25,zh:0.75"
+    # documents, then mixed by weight). The default: all Chinese text of fortunes-zh, poems at twice their share.
+    corpus: str = "poems:0.1,zh:0.9"
     # Preprocessed prefixes, optionally weighted: [0.7, "a", 0.3, "b"] or ["a", "b"].
     paths: list[Any] = field(default_factory=list)
     tokenizer: str | None = None  # tokenizer dir; None = train one on the corpus and cache it
@@ -378,6 +377,8 @@ class Config:
         base, rem = divmod(m.num_layers + m.pre_process_first + m.post_process_last, stages)
         first = base - m.pre_process_first
         last = base + (rem > 0) - m.post_process_last
+        if m.num_layers < stages:  # whatever the flags, some stage would hold no transformer layer
+            raise ConfigError(f"parallel.pp x vpp = {stages} stages but model.num_layers={m.num_layers}; use fewer stages")
         if min(first, last, base) < 1:
             field_name = "model.pre_process_first" if first < 1 else "model.post_process_last"
             raise ConfigError(f"{field_name}=True counts a layer's worth on a stage that then has no transformer layer "

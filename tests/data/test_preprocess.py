@@ -149,6 +149,9 @@ def test_preprocess_and_inspect_commands(tmp_path, poem_tok, capsys):
     assert main(["preprocess", "--input", str(src), "--tokenizer", str(tmp_path / "tok"), "--output", prefix + "2",
                  "--on-error", "fail", "--quiet", "--workers", "1"]) == 2
     assert f"{src}:2: invalid JSON" in capsys.readouterr().err
+    assert main(["preprocess", "--input", str(src), "--tokenizer", str(tmp_path / "tok"), "--output", prefix + "3",
+                 "--quiet", "--workers", "100000"]) == 2  # refused before a process starts
+    assert "--workers 100000 is more than" in capsys.readouterr().err
     (tmp_path / "cli.idx").write_bytes(b"garbage")
     assert main(["data", "inspect", prefix]) == 2
     assert "cli.idx" in capsys.readouterr().err

@@ -23,6 +23,12 @@ def test_tokenizer_train_command(tmp_path, capsys):
     assert tok.vocab_size == 400 and tok.eod_id == tok.token_to_id(EOD) and tok.pad_id == tok.token_to_id(PAD)
     assert tok.token_to_id(ROLE_TOKENS["assistant"]) is not None
     assert main(["tokenizer", "train", "--corpus", "poems", "--vocab-size", "100", "--output", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    assert main(["tokenizer", "train", "--input", str(txt), "--min-frequency", "-1", "--output", str(tmp_path / "y")]) == 2
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "empty.txt"), "--output", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert "--min-frequency must be >= 1" in err and "training text is empty" in err and "Traceback" not in err
 
 
 def test_tokenizer_covers_every_character_of_its_corpus_and_sizes_itself():
@@ -55,7 +61,7 @@ def test_default_job_tokenizer_covers_all_of_fortunes_zh(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MTNLG_CACHE", str(tmp_path))
     cfg = Config()
-    assert cfg.model.vocab_size is None and cfg.data.corpus == "poems:0.25,zh:0.75"
+    assert cfg.model.vocab_size is None and cfg.data.corpus == "poems:0.1,zh:0.9"
     tok = prepare_tokenizer(cfg)
     assert cfg.model.vocab_size == tok.vocab_size  # the model's vocabulary follows the tokenizer's
     assert uncovered_characters(tok, load_corpus("poems") + load_corpus("zh")) == set()

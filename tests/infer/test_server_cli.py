@@ -85,6 +85,8 @@ def test_serve_reports_bad_input(tmp_path, saved, capsys):
     assert main(["serve", "--checkpoint", str(saved), "--serve.max_model_len=99999", "--port", port]) == 2
     err = capsys.readouterr().err
     assert "mtnlg serve: error:" in err and "max_model_len" in err and "Traceback" not in err
+    assert main(["serve", "--checkpoint", str(saved), "--api-key", "", "--port", port]) == 2  # "$KEY" with KEY unset
+    assert "--api-key is empty, which would leave the server open" in capsys.readouterr().err
 
 
 def test_a_port_in_use_is_one_line_naming_port_before_the_model_loads(tmp_path):

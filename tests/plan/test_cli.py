@@ -93,6 +93,9 @@ def test_timeline_command(capsys, tmp_path):
     d = json.loads(out)
     assert rc == 0 and out_png.read_bytes()[:4] == b"\x89PNG"
     assert d["bubble_fraction"] == pytest.approx(3 / 15)
+    rc, _, err = run(capsys, "--timeline", "--schedule", "1f1b", "--pp", "4", "--microbatches", "100000",
+                     "--output", str(tmp_path / "big.png"))  # refused at once, not minutes of drawing
+    assert rc == 2 and "lower --microbatches" in err and not (tmp_path / "big.png").exists()
 
 
 def test_schedules_change_bubble_and_memory(capsys):

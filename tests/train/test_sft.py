@@ -209,6 +209,18 @@ def test_sft_cli_and_the_stage_in_the_same_run(tmp_path):
     first = sft_stage(cfg, run)
     assert first is not None and ckpt.find_checkpoint(run) == first.checkpoint == run / "checkpoints" / "step_00000007"
     assert sft_stage(cfg, run) is None
+    # pretraining asked to go on resumes from the SFT model's pretraining source, not from the tuned weights
+    from mtnlg.train.loop import pretraining_checkpoint
+
+    root = run / "checkpoints"
+    assert pretraining_checkpoint(root / "step_00000007", root, steps=5) == root / "step_00000007"  # done: the SFT model
+    assert pretraining_checkpoint(root / "step_00000007", root, steps=10) == root / "step_00000005"
+    assert pretraining_checkpoint(root / "step_00000005", root, steps=10) == root / "step_00000005"
+    import shutil
+
+    shutil.rmtree(root / "step_00000005")
+    with pytest.raises(ConfigError, match="step_00000005 is gone"):
+        pretraining_checkpoint(root / "step_00000007", root, steps=10)
 
 
 def test_replay_rows_are_whole_pieces_of_the_runs_training_split_and_all_learned():

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from mtnlg.cli import add_config_arguments, load_config
+from mtnlg.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +31,12 @@ def run(args: argparse.Namespace) -> int:
         serve_cfg.host = args.host
     if args.port is not None:
         serve_cfg.port = args.port
-    api_key = args.api_key or serve_cfg.api_key or os.environ.get("MTNLG_API_KEY") or None
+    sources = (("--api-key", args.api_key), ("serve.api_key", serve_cfg.api_key),
+               ("MTNLG_API_KEY", os.environ.get("MTNLG_API_KEY")))
+    name, api_key = next(((n, k) for n, k in sources if k is not None), ("", None))
+    if api_key is not None and not api_key.strip():  # e.g. --api-key "$KEY" with KEY unset: not an open server
+        raise ConfigError(f"{name} is empty, which would leave the server open to anyone; give a key, or leave "
+                          f"{name} out to serve without one")
     serve_cfg.validate()
     # a port in use (or a host not of this machine) is one line now, not after the model has loaded
     check_address(serve_cfg.host, serve_cfg.port)

@@ -151,6 +151,10 @@ def train_bpe(texts: Iterable[str] | Iterator[str], vocab_size: int | None = Non
     if vocab_size is not None and vocab_size < min_size:
         raise ConfigError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {min_size} "
                           f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    if min_frequency is not None and min_frequency < 1:
+        raise ConfigError(f"--min-frequency must be >= 1 (the times a pair must occur to be merged), got {min_frequency}")
+    if not docs:
+        raise ConfigError("the tokenizer's training text is empty; give files that hold some text")
     if min_frequency is None:
         min_frequency = max(2, total // 2000) if vocab_size is None else 2
     budget = vocab_size if vocab_size is not None else 1 << 31

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mtnlg.errors import ConfigError
 from mtnlg.plan.schedule import Timeline, bubble_fraction, simulate
 
 COLOURS = {"F": "#4C72B0", "B": "#DD8452", "I": "#DD8452", "W": "#55A868"}
@@ -70,8 +71,14 @@ def draw(timeline: Timeline, output: str | Path) -> Path:
     return output
 
 
+MAX_DRAWN = 8192  # pipeline operations in one picture
+
+
 def draw_schedule(schedule: str, pp: int, microbatches: int, vpp: int, output: str | Path) -> Timeline:
     """Simulate ``schedule`` and draw it; returns the simulated timeline."""
+    if pp * microbatches * vpp > MAX_DRAWN:  # matplotlib draws ~400 boxes a second, and more are unreadable
+        raise ConfigError(f"--pp x --microbatches x --vpp = {pp * microbatches * vpp} is more than the {MAX_DRAWN} "
+                          f"operations one picture draws; lower --microbatches (the bubble fraction's closed form holds for any m)")
     tl = simulate(schedule, pp, microbatches, vpp)
     draw(tl, output)
     return tl

@@ -154,6 +154,8 @@ class Trainer:
             ckpt.remove_stale_temps(self.ckpt_root)
             try:
                 found = ckpt.resolve_resume(self.cfg.checkpoint, self.ckpt_root)
+                if found is not None and self.cfg.checkpoint.resume == "auto":
+                    found = pretraining_checkpoint(Path(found), self.ckpt_root, self.cfg.train.steps)
             except MtnlgError as e:
                 found = e
         found = _broadcast(found)
@@ -422,3 +424,27 @@ def train(cfg: Config, run_dir: str | Path | None = None,
     reuse_freed_memory()
     with denormals_flushed():
         return Trainer(cfg, run_dir, on_record).fit()
+
+
+def pretraining_checkpoint(found: Path, root: Path, steps: int) -> Path:
+    """Where pretraining resumes when the newest checkpoint is ``found``. The SFT stage saves its model as
+    the run's newest checkpoint; a run asked for more ``train.steps`` than that model's pretraining had
+    continues from its pretraining source, not from the fine-tuned weights (the SFT checkpoint, then newer,
+    is moved aside, and the SFT stage runs again at the end)."""
+    from mtnlg.checkpoint.sharded import read_trainer_state
+
+    state = read_trainer_state(found)
+    if state.get("stage") != "sft":
+        return found
+    name = Path(str(state.get("source", ""))).name
+    source = next((p for s, p in ckpt.list_checkpoints(root) if p.name == name), None)
+    source_step = int(ckpt.STEP_RE.match(name).group(1)) if ckpt.STEP_RE.match(name) else 0
+    if steps <= source_step:
+        return found  # pretraining is done: the run's model is the fine-tuned one
+    if source is None:
+        raise ConfigError(f"{found} is the SFT stage's checkpoint and its pretraining checkpoint {name or '?'} is "
+                          f"gone; to pretrain further, resume from a pretraining checkpoint with "
+                          f"--checkpoint.resume=PATH")
+    log.warning("%s is the SFT stage's checkpoint: pretraining continues from its source %s (the SFT stage "
+                "runs again after it)", found.name, source.name)
+    return source
