@@ -121,8 +121,11 @@ def test_a_dead_engine_process_fails_requests_instead_of_hanging(saved):
         assert c.get("/health").status_code == 503
         r = c.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 4})
         assert r.status_code == 503 and "Traceback" not in r.text
+        assert "engine process stopped" in r.json()["error"]["message"]  # not "shutting down": it died
         r = c.post("/v1/poem", json={"prompt": "床前明月光，疑是地上霜。", "lines": 1})
         assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+        r = c.get("/metrics")  # the scrape asks the engine process: a 503 saying so, not a bare 500
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
 
 
 def test_an_engine_process_that_cannot_load_says_why_in_one_line(tmp_path):

@@ -144,6 +144,13 @@ class EngineClient:
     def healthy(self) -> bool:
         return not self._crashed and (self._proc.is_alive() or self._stopped)
 
+    def _check_running(self) -> None:
+        """Raise :class:`EngineStopped` saying why, when the engine process takes no more work."""
+        if self._stopped:
+            raise EngineStopped("the server is shutting down")
+        if not self.healthy:
+            raise EngineStopped("the engine process stopped (killed, or an internal error); restart the server")
+
     @property
     def metrics(self) -> EngineMetrics:
         """The engine's counters and histograms, fetched from the engine process."""
@@ -157,8 +164,7 @@ class EngineClient:
         """As :meth:`Engine.submit`: checked here by the engine's own rules, then sent."""
         self.start()
         params, _ = checked_request(prompt_ids, params, max_tokens, self.vocab_size, self.max_model_len)
-        if self._stopped or not self.healthy:
-            raise EngineStopped("the server is shutting down")
+        self._check_running()
         if self.queue_depth >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
         req = RemoteRequest(next(self._ids), self, sink, loop)
@@ -170,8 +176,7 @@ class EngineClient:
         """As :meth:`Engine.poem`, written in the engine process (so this process needs no weights)."""
         self.start()
         key = ("poem", next(self._ids))
-        if self._stopped or not self.healthy:
-            raise EngineStopped("the server is shutting down")
+        self._check_running()
         self._send(("poem", (key[1], text, lines, params)))  # never while holding _replied: the reader needs it
         with self._replied:
             while key not in self._reply:
@@ -237,6 +242,7 @@ class EngineClient:
         """A blocking question to the engine process (never from the event loop that reads the pipe); each
         question has its own key, so concurrent askers (two /metrics scrapers) each get their answer."""
         self.start()
+        self._check_running()
         key = (what, next(self._ids))
         self._send(("ask", key))
         with self._replied:

@@ -245,7 +245,10 @@ def create_app(engine: Engine, model_name: str = "mtnlg", api_key: str | None = 
 
     @app.get("/metrics")
     async def metrics():
-        text = await run_in_threadpool(render_metrics, srv.engine, srv.http_requests)  # may ask the engine process
+        try:
+            text = await run_in_threadpool(render_metrics, srv.engine, srv.http_requests)  # may ask the engine process
+        except EngineStopped as e:
+            return error_response(503, str(e), type_="server_error", code="engine_dead")
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # -- tokenizer (in worker threads: a 1 MiB prompt does not block other requests) ---------------------
