@@ -124,3 +124,15 @@ def test_cli_profile_changes_the_estimate(capsys, tmp_path):
     assert (h100["profile"], a100["profile"], mine["profile"]) == ("h100-80gb", "a100-80gb", "small")
     assert h100["est_iteration_time_s"] < a100["est_iteration_time_s"]
     assert mine["est_iteration_time_s"] != a100["est_iteration_time_s"]
+
+
+def test_the_profile_example_in_the_docs_loads(tmp_path):
+    """docs/plan.md shows the file format: that block must be a profile this planner reads."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "plan.md").read_text(encoding="utf-8")
+    block = doc.split("```json\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "p.json"
+    path.write_text(block)
+    p = load_profile(path)
+    assert p.peak_flops == 312e12 and set(COLLECTIVES) <= set(p.links["inter"])
