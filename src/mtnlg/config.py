@@ -211,6 +211,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (inductor; on-disk cache, so a second run does not recompile)
     chunked_loss: bool = True  # LM head + cross entropy in token chunks (never all [tokens, vocab] logits); 1 process
     fused_adamw: bool = True  # torch's fused AdamW kernel where it applies (plain tensors)
+    threads: int = 0  # CPU threads: 0 = torch's, fewer while another process slows the steps (train/threads.py); N = N
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
     eval_interval: int = 250
@@ -225,19 +226,16 @@ class TrainConfig:
         for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"train.{name} must be a finite number, got {getattr(self, name)}")
-        if self.eval_batches < 0:
-            raise ConfigError(f"train.eval_batches must be >= 0 (0 = the whole valid split), got {self.eval_batches}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("weight_decay", "grad_clip", "eval_batches", "warmup_steps", "threads"):  # 0: none / all / auto
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not self.eps > 0:
             raise ConfigError(f"train.eps must be > 0, got {self.eps}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"train.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}")
         if self.max_time_s is not None and not self.max_time_s > 0:
             raise ConfigError(f"train.max_time_s must be > 0 (or none), got {self.max_time_s}")
         if not 0 <= self.min_lr_ratio <= 1:

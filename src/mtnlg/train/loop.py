@@ -40,6 +40,7 @@ from mtnlg.errors import ConfigError, MtnlgError
 from mtnlg import checkpoint as ckpt
 from mtnlg.train.metrics import MetricsWriter, flops_per_token, peak_memory_mb, peak_tflops, perplexity
 from mtnlg.train.optim import BatchRamp, build_optimizer, build_scheduler, set_kernel
+from mtnlg.train.threads import governor_for
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +314,12 @@ class Trainer:
         last_saved = self.step if self.resumed_from else None
         tok_rates: list[float] = []
         step_times: list[float] = []
+        governor = governor_for(tc.threads, self.device, self.world)
         try:
             while self.step < tc.steps:
                 record = self.train_step()
+                if governor is not None:
+                    governor.observe(record["step_time_s"])
                 tok_rates.append(record["tokens_per_s"])
                 step_times.append(record["step_time_s"])
                 result.train_loss = record["loss"]
