@@ -65,3 +65,9 @@ def test_default_job_tokenizer_covers_all_of_fortunes_zh(tmp_path, monkeypatch):
     tok = prepare_tokenizer(cfg)
     assert cfg.model.vocab_size == tok.vocab_size  # the model's vocabulary follows the tokenizer's
     assert uncovered_characters(tok, load_corpus("poems") + load_corpus("zh")) == set()
+    import pytest
+
+    from mtnlg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.vocab_size=10 is too small"):  # the field the user set
+        prepare_tokenizer(Config.load(overrides=["--model.vocab_size=10"]))

@@ -166,6 +166,8 @@ def test_extreme_sampling_values_are_clamped(lm):
         eng.shutdown()
     with pytest.raises(ConfigError, match="temperature"):
         SamplingParams(temperature=float("nan")).validate()
+    with pytest.raises(ConfigError, match="presence_penalty"):  # clamping cannot bring NaN into range
+        SamplingParams(presence_penalty=float("nan")).validate()
 
 
 def test_min_new_tokens_holds_the_stop_tokens_back(lm):

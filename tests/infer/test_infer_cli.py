@@ -12,6 +12,7 @@ import pytest
 from mtnlg.api import MegatronLmModel, MegatronModelConfig
 from mtnlg.data.chat_template import Conversation
 from mtnlg.data.tokenizer import END_OF_TURN, ROLE_TOKENS, byte_tokenizer
+from mtnlg.errors import ConfigError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -53,11 +54,13 @@ def test_generate_json_matches_the_api_and_streaming(ckpt, capsys):
 def test_chat_over_piped_stdin(ckpt):
     _, path = ckpt
     r = mtnlg("chat", "--checkpoint", str(path), "--max-new-tokens", "6", "--temperature", "0",
-              stdin="hello\n/reset\nhello\n/exit\nignored\n")
+              stdin="hello\n/reset\nhello\n/foo\n" + "床" * 300 + "\n/EXIT\nignored\n")
     assert r.returncode == 0, r.stderr
     blocks = r.stdout.split("\n\n")  # piped: a blank line after each answer (answers may span lines)
-    assert len(blocks) == 4 and blocks[1] == "(history cleared)" and blocks[3] == ""
+    assert len(blocks) == 5 and blocks[1] == "(history cleared)" and blocks[4] == "", blocks
     assert blocks[0] == blocks[2]  # after /reset the same question gets the same (greedy) answer
+    assert blocks[3].startswith("(unknown command /foo: ")  # a command, not text for the model
+    assert "shorten the message" in r.stderr and "Traceback" not in r.stderr  # too long: said, then forgotten
 
 
 def test_conversation_format_and_truncation():
@@ -72,6 +75,9 @@ def test_conversation_format_and_truncation():
     short = tok.decode(conv.prompt_ids(20))
     assert short.startswith(f"{ROLE_TOKENS['system']}be brief") and "q" not in short and "z" not in short
     assert short.endswith(f"{ROLE_TOKENS['user']}hi{END_OF_TURN}{ROLE_TOKENS['assistant']}")
+    conv.add("user", "w" * 40)  # the last message alone does not fit: an error, never a prompt cut mid-turn
+    with pytest.raises(ConfigError, match="shorten the message"):
+        conv.prompt_ids(20)
 
 
 def test_role_markers_in_content_are_text():

@@ -20,6 +20,7 @@ import sys
 
 from mtnlg.data.chat_template import Conversation
 from mtnlg.data.tokenizer import END_OF_TURN
+from mtnlg.errors import ConfigError
 from mtnlg.infer.poem_form import FORMS, form_of_conversation
 
 
@@ -67,24 +68,32 @@ def run(args: argparse.Namespace) -> int:
         out.write("mtnlg chat: /reset forgets the conversation, /exit quits.\n")
     budget = lm.context_budget(params.max_new_tokens)  # less the soft prompt with --prompt-tuning
     if budget < 8:
-        from mtnlg.errors import ConfigError
-
         raise ConfigError(f"--max-new-tokens {params.max_new_tokens} leaves no room for the conversation in the "
                           f"model's context of {lm.model.cfg.max_seq_len}; lower it")
     while True:
         line = _read("you> " if tty else "", tty)
-        if line is None or line.strip() == "/exit":
+        text = (line or "").strip()
+        if line is None or text.lower() == "/exit":
             break
-        text = line.strip()
         if not text:
             continue
-        if text == "/reset":
+        if text.lower() == "/reset":
             conv.reset()
             out.write("(history cleared)\n" + end)
             out.flush()
             continue
+        if text.startswith("/") and " " not in text:  # a command, not a message to the model
+            known = "" if text.lower() in ("/help", "/?") else f"unknown command {text}: "
+            out.write(f"({known}/reset forgets the conversation, /exit quits)\n" + end)
+            out.flush()
+            continue
         conv.add("user", text)
-        prompt, soft = lm.with_soft_prompt(conv.prompt_ids(budget))
+        try:
+            prompt, soft = lm.with_soft_prompt(conv.prompt_ids(budget))
+        except ConfigError as e:  # this message alone does not fit: say so, and forget it
+            conv.turns.pop()
+            print(f"mtnlg chat: {e}", file=sys.stderr)
+            continue
         out.write("bot> " if tty else "")
         form = form_of_conversation(conv.messages()) if args.form == "auto" else args.form
         turn = dataclasses.replace(params, form=None if form == "free" else form)

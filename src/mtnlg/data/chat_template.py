@@ -98,7 +98,7 @@ class ChatTemplate:
 
     def prompt_ids(self, messages, budget: int | None = None) -> list[int]:
         """The prompt for the next assistant reply. With ``budget``, drop the oldest non-system turns until it
-        fits (the system message stays); a prompt that still does not fit is cut from the left."""
+        fits (the system message stays); a :class:`ConfigError` when the last message alone does not fit."""
         msgs = as_messages(messages)
         keep_system = msgs[0].role == "system"
         head = [self.encode_message(msgs[0])] if keep_system else []
@@ -108,7 +108,11 @@ class ChatTemplate:
             while len(body) > 1 and sum(map(len, head)) + sum(map(len, body)) + len(tail) > budget:
                 body.pop(0)
         ids = [t for p in head for t in p] + [t for p in body for t in p] + tail
-        return ids if budget is None else ids[-budget:]
+        if budget is not None and len(ids) > budget:
+            raise ConfigError(f"the message makes a {len(ids)}-token prompt{' with the system message' if head else ''}"
+                              f", more than the {budget} tokens the model's context leaves beside the reply; "
+                              f"shorten the message (or lower --max-new-tokens)")
+        return ids
 
 
 class Conversation:
