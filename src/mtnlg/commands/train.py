@@ -112,12 +112,12 @@ def run(args: argparse.Namespace) -> int:
         rc = _relaunch(args, output)
         return _sft(cfg, output) if rc == 0 else rc
 
-    from mtnlg.train.loop import Trainer
+    from mtnlg.train.loop import new_trainer
 
     is_main = int(os.environ.get("RANK", "0")) == 0
     progress = _Progress(cfg.train.steps, enabled=is_main, tty=sys.stderr.isatty() and not args.no_progress,
                          interval=cfg.log.interval)
-    trainer = Trainer(cfg, output, on_record=progress)
+    trainer = new_trainer(cfg, output, on_record=progress)
     if is_main:
         from mtnlg.model.transformer import count_parameters
 

@@ -427,7 +427,22 @@ def train(cfg: Config, run_dir: str | Path | None = None,
     on (:func:`mtnlg.device.reuse_freed_memory`)."""
     reuse_freed_memory()
     with denormals_flushed():
-        return Trainer(cfg, run_dir, on_record).fit()
+        return new_trainer(cfg, run_dir, on_record).fit()
+
+
+def new_trainer(cfg: Config, run_dir: str | Path | None,
+                on_record: Callable[[dict[str, Any]], None] | None = None) -> Trainer:
+    """``Trainer(cfg, run_dir, on_record)``; when it refuses the run (before any step: a batch that does not
+    divide, a vocabulary too small ...), the run directory it created is removed again, not left empty."""
+    fresh = run_dir is not None and not Path(run_dir).exists()
+    try:
+        return Trainer(cfg, run_dir, on_record)
+    except MtnlgError:
+        if fresh and (not _dist() or dist.get_rank() == 0):
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def pretraining_checkpoint(found: Path, root: Path, steps: int) -> Path:
