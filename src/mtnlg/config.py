@@ -376,7 +376,8 @@ class Config:
         first = base - m.pre_process_first
         last = base + (rem > 0) - m.post_process_last
         if m.num_layers < stages:  # whatever the flags, some stage would hold no transformer layer
-            raise ConfigError(f"parallel.pp x vpp = {stages} stages but model.num_layers={m.num_layers}; use fewer stages")
+            raise ConfigError(f"parallel.pp x vpp = {stages} stages but model.num_layers={m.num_layers}; "
+                              f"use fewer stages")
         if min(first, last, base) < 1:
             field_name = "model.pre_process_first" if first < 1 else "model.post_process_last"
             raise ConfigError(f"{field_name}=True counts a layer's worth on a stage that then has no transformer layer "

@@ -78,7 +78,8 @@ def draw_schedule(schedule: str, pp: int, microbatches: int, vpp: int, output: s
     """Simulate ``schedule`` and draw it; returns the simulated timeline."""
     if pp * microbatches * vpp > MAX_DRAWN:  # matplotlib draws ~400 boxes a second, and more are unreadable
         raise ConfigError(f"--pp x --microbatches x --vpp = {pp * microbatches * vpp} is more than the {MAX_DRAWN} "
-                          f"operations one picture draws; lower --microbatches (the bubble fraction's closed form holds for any m)")
+                          f"operations one picture draws; lower --microbatches (the bubble fraction's closed "
+                          f"form holds for any m)")
     tl = simulate(schedule, pp, microbatches, vpp)
     draw(tl, output)
     return tl

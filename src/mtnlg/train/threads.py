@@ -9,8 +9,8 @@ steps run near the fastest seen at it; when they run ``SLOWER`` times that for a
 thread fewer for a few steps and keeps whichever is faster, and at fewer threads it tries one more
 every ``PROBE_EVERY`` steps, so an idle machine gets all its threads back::
 
-    full threads ──(steps > 1.5x the best at full, for PROBE_EVERY steps)──► trial at n-1 ──► keep the faster
-    n < full     ──(every PROBE_EVERY steps)──────────────────────────────► trial at n+1 ──► keep the faster
+    n = full: steps > 1.5x the fastest at full (a look every PROBE_EVERY steps) ─► try n-1 ─► keep the faster
+    n < full: every PROBE_EVERY steps ─────────────────────────────────────────► try n+1 ─► keep the faster
 
 A different thread count sums in a different order, so a run that changed threads differs from an idle
 run's in the last bits of its losses; ``train.threads=N`` fixes the count at N (bit-reproducible under
