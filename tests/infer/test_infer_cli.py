@@ -57,7 +57,7 @@ def test_chat_over_piped_stdin(ckpt):
               stdin="hello\n/reset\nhello\n/foo\n" + "床" * 300 + "\n/EXIT\nignored\n")
     assert r.returncode == 0, r.stderr
     blocks = r.stdout.split("\n\n")  # piped: a blank line after each answer (answers may span lines)
-    assert len(blocks) == 5 and blocks[1] == "(history cleared)" and blocks[4] == "", blocks
+    assert len(blocks) == 6 and blocks[1] == "(history cleared)" and blocks[4:] == ["", ""], blocks
     assert blocks[0] == blocks[2]  # after /reset the same question gets the same (greedy) answer
     assert blocks[3].startswith("(unknown command /foo: ")  # a command, not text for the model
     assert "shorten the message" in r.stderr and "Traceback" not in r.stderr  # too long: said, then forgotten

@@ -219,7 +219,7 @@ def test_sft_cli_and_the_stage_in_the_same_run(tmp_path):
     import shutil
 
     shutil.rmtree(root / "step_00000005")
-    with pytest.raises(ConfigError, match="step_00000005 is gone"):
+    with pytest.raises(ConfigError, match="step_00000005 is not found"):
         pretraining_checkpoint(root / "step_00000007", root, steps=10)
 
 

@@ -36,6 +36,7 @@ def test_a_trial_that_is_not_faster_is_undone():
     slow_everywhere = {2: 0.2, 1: 0.4}  # slower at full threads, but one thread is slower still
     seen = _run(slow_everywhere.get, 4 * T.PROBE_EVERY, gov, now)
     assert 1 in now and seen[-1] == 2 and gov.current == 2  # tried, measured worse, went back
+    assert now.count(1) == 1  # and took the slower steps as the speed now: no trial every 50 steps after
 
 
 def test_short_runs_and_pinned_counts_never_change_threads(monkeypatch):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 
 from mtnlg.data.chat_template import Conversation
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             out.write("(history cleared)\n" + end)
             out.flush()
             continue
-        if text.startswith("/") and " " not in text:  # a command, not a message to the model
+        if re.fullmatch(r"/[A-Za-z?]+", text):  # a command, not a message to the model (a path is text)
             known = "" if text.lower() in ("/help", "/?") else f"unknown command {text}: "
             out.write(f"({known}/reset forgets the conversation, /exit quits)\n" + end)
             out.flush()
@@ -93,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as e:  # this message alone does not fit: say so, and forget it
             conv.turns.pop()
             print(f"mtnlg chat: {e}", file=sys.stderr)
+            out.write("\n" + end)  # an empty answer: a script reading the pipe stays in step
+            out.flush()
             continue
         out.write("bot> " if tty else "")
         form = form_of_conversation(conv.messages()) if args.form == "auto" else args.form

@@ -362,7 +362,7 @@ def preprocess(inputs: list[str], tokenizer: Tokenizer, output: str | Path, *, j
     most = 4 * (os.cpu_count() or 1)  # each worker is a process: more than a few per CPU only swaps
     if workers > most:
         raise ConfigError(f"--workers {workers} is more than {most} (4 per CPU of this machine's "
-                          f"{os.cpu_count() or 1}); each worker is a process: use at most {os.cpu_count() or 1}")
+                          f"{os.cpu_count() or 1}); each worker is a process, and more than one per CPU rarely pays")
     expand_inputs(inputs)  # fail fast on a missing input, before any worker starts
     stats = PreprocessStats(prefix=str(output))
     t0 = time.perf_counter()

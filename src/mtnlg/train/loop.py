@@ -314,12 +314,13 @@ class Trainer:
         last_saved = self.step if self.resumed_from else None
         tok_rates: list[float] = []
         step_times: list[float] = []
+        threads = torch.get_num_threads()
         governor = governor_for(tc.threads, self.device, self.world)
         try:
             while self.step < tc.steps:
                 record = self.train_step()
-                if governor is not None:
-                    governor.observe(record["step_time_s"])
+                if governor is not None and record["tokens_per_s"] > 0:
+                    governor.observe(1.0 / record["tokens_per_s"])
                 tok_rates.append(record["tokens_per_s"])
                 step_times.append(record["step_time_s"])
                 result.train_loss = record["loss"]
@@ -357,6 +358,8 @@ class Trainer:
             if self.is_main and result.checkpoint is not None and result.best_valid_step is not None:
                 _say_which_checkpoint(result, self.step)
         finally:
+            if governor is not None:  # the count this process had (evaluation after, SFT, another run)
+                torch.set_num_threads(threads)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if self.writer is not None:
@@ -434,7 +437,9 @@ def new_trainer(cfg: Config, run_dir: str | Path | None,
                 on_record: Callable[[dict[str, Any]], None] | None = None) -> Trainer:
     """``Trainer(cfg, run_dir, on_record)``; when it refuses the run (before any step: a batch that does not
     divide, a vocabulary too small ...), the run directory it created is removed again, not left empty."""
-    fresh = run_dir is not None and not Path(run_dir).exists()
+    if run_dir is None:
+        run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    fresh = not Path(run_dir).exists()
     try:
         return Trainer(cfg, run_dir, on_record)
     except MtnlgError:
@@ -445,25 +450,26 @@ def new_trainer(cfg: Config, run_dir: str | Path | None,
         raise
 
 
-def pretraining_checkpoint(found: Path, root: Path, steps: int) -> Path:
+def pretraining_checkpoint(found: Path, root: Path, steps: int, depth: int = 0) -> Path:
     """Where pretraining resumes when the newest checkpoint is ``found``. The SFT stage saves its model as
     the run's newest checkpoint; a run asked for more ``train.steps`` than that model's pretraining had
     continues from its pretraining source, not from the fine-tuned weights (the SFT checkpoint, then newer,
-    is moved aside, and the SFT stage runs again at the end)."""
+    is moved aside, and the SFT stage runs again at the end). The source of an SFT of an SFT is followed."""
     from mtnlg.checkpoint.sharded import read_trainer_state
 
     state = read_trainer_state(found)
-    if state.get("stage") != "sft":
+    if state.get("stage") != "sft" or depth > 8:
         return found
-    name = Path(str(state.get("source", ""))).name
-    source = next((p for s, p in ckpt.list_checkpoints(root) if p.name == name), None)
-    source_step = int(ckpt.STEP_RE.match(name).group(1)) if ckpt.STEP_RE.match(name) else 0
-    if steps <= source_step:
+    src = Path(str(state.get("source", "")))
+    match = ckpt.STEP_RE.match(src.name)
+    if steps <= (int(match.group(1)) if match else 0):
         return found  # pretraining is done: the run's model is the fine-tuned one
+    source = next((p for _, p in ckpt.list_checkpoints(root) if p.name == src.name), None)
+    if source is None and src.is_dir():  # fine-tuned from another run (mtnlg sft --output NEW)
+        source = src
     if source is None:
-        raise ConfigError(f"{found} is the SFT stage's checkpoint and its pretraining checkpoint {name or '?'} is "
-                          f"gone; to pretrain further, resume from a pretraining checkpoint with "
-                          f"--checkpoint.resume=PATH")
-    log.warning("%s is the SFT stage's checkpoint: pretraining continues from its source %s (the SFT stage "
-                "runs again after it)", found.name, source.name)
-    return source
+        raise ConfigError(f"{found} is an SFT checkpoint and its pretraining checkpoint {src} is not found; to "
+                          f"pretrain further, resume from a pretraining checkpoint with --checkpoint.resume=PATH")
+    log.warning("%s is an SFT checkpoint: pretraining continues from its source %s (the SFT stage runs again "
+                "after it)", found.name, source)
+    return pretraining_checkpoint(source, root, steps, depth + 1)

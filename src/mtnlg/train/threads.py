@@ -48,7 +48,8 @@ class ThreadGovernor:
         self.since = 0
 
     def observe(self, seconds: float) -> int | None:
-        """Record one step's time; returns the new thread count when this step changed it."""
+        """Record one step's time (per token, so that a batch-size ramp is not a slowdown); returns the new
+        thread count when this step changed it."""
         self.seen += 1
         if self.seen <= WARMUP_STEPS:
             return None
@@ -84,6 +85,8 @@ class ThreadGovernor:
             self.recent.extend(self.trial_times)
             return target
         self._set(self.current)
+        if self.current == self.full:  # fewer threads were not faster: this is the speed now (a longer sequence,
+            self.fastest_full = before  # a larger batch ...), not another process: no new trial until it drops
         return None
 
 
