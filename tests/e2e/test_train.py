@@ -181,6 +181,8 @@ def test_bad_override_is_one_line_error(capsys):
 def test_a_run_refused_before_its_first_step_leaves_no_directory(tmp_path, capsys):
     assert _train(tmp_path / "bad", "--train.global_batch_size=7") == 2  # 7 is not a multiple of the micro-batch
     assert "global_batch_size=7" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert _train(tmp_path / "new" / "run", "--train.global_batch_size=7") == 2  # runs/<time> with runs/ new
+    assert not (tmp_path / "new").exists()
     (tmp_path / "kept").mkdir()  # a directory that was there before is the user's: left as it was
     assert _train(tmp_path / "kept", "--train.global_batch_size=7") == 2 and (tmp_path / "kept").is_dir()
 

@@ -439,14 +439,16 @@ def new_trainer(cfg: Config, run_dir: str | Path | None,
     divide, a vocabulary too small ...), the run directory it created is removed again, not left empty."""
     if run_dir is None:
         run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    fresh = not Path(run_dir).exists()
+    created, missing = None, Path(run_dir).absolute()
+    while not missing.exists():  # the outermost directory this call will create (runs/ too, if it is new)
+        created, missing = missing, missing.parent
     try:
         return Trainer(cfg, run_dir, on_record)
     except MtnlgError:
-        if fresh and (not _dist() or dist.get_rank() == 0):
+        if created is not None and (not _dist() or dist.get_rank() == 0):
             import shutil
 
-            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 
