@@ -35,7 +35,7 @@ GAIN = 0.9  # a trial wins when its median step takes at most this fraction of t
 
 
 class ThreadGovernor:
-    """Chooses the intra-op thread count from observed step times (:meth:`observe` after every step)."""
+    """Chooses the intra-op thread count from observed step times, per token (:meth:`observe` after every step)."""
 
     def __init__(self, full: int, set_threads=torch.set_num_threads):
         self.full = self.current = full
@@ -78,8 +78,8 @@ class ThreadGovernor:
         target, self.trial = self.trial, None
         if tried <= GAIN * before:
             why = "another process is using the cores" if target < self.current else "the cores are free again"
-            log.info("steps took %.0f ms on %d thread(s) and %.0f ms on %d: training on %d (%s; train.threads=N "
-                     "fixes the count)", before * 1e3, self.current, tried * 1e3, target, target, why)
+            log.info("%.3g us a token on %d thread(s), %.3g on %d: training on %d (%s; train.threads=N fixes "
+                     "the count)", before * 1e6, self.current, tried * 1e6, target, target, why)
             self.current = target
             self.recent.clear()
             self.recent.extend(self.trial_times)
