@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from mtnlg.atomic import ordinary_permissions
 from mtnlg.data.corpora import corpus_fingerprint, corpus_weights, load_corpus
 from mtnlg.data.indexed import IndexedDataset, exists, tokenizer_path
-from mtnlg.data.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, train_bpe
+from mtnlg.data.tokenizer import MIN_VOCAB, TOKENIZER_FILE, Tokenizer, train_bpe
 from mtnlg.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,9 @@ def corpus_tokenizer(corpus: str, vocab_size: int | None = None) -> Tokenizer:
     ``"poems:0.3,zh:0.7"``, weights ignored: every document once), trained once and cached under
     ``tokenizers/<hash>/``. ``vocab_size=None``: the size the corpus calls for (see ``train_bpe``)."""
     names = sorted(n for n, _ in corpus_weights(corpus))
-    if vocab_size is not None and vocab_size < 256 + len(SPECIAL_TOKENS):  # the field a user set, named
+    if vocab_size is not None and vocab_size < MIN_VOCAB:  # train_bpe would name its own flag: name the field
         raise ConfigError(f"model.vocab_size={vocab_size} is too small for the built-in corpus's byte-level BPE (at "
-                          f"least {256 + len(SPECIAL_TOKENS)}: 256 bytes and the special tokens); leave it unset")
+                          f"least {MIN_VOCAB}: 256 bytes and the special tokens); leave it unset")
     content = ",".join(f"{n}={corpus_fingerprint(n)}" for n in names)
     key = hashlib.sha256(f"bpe-v3:{content}:{vocab_size}".encode()).hexdigest()[:16]
     target = cache_dir() / "tokenizers" / key

@@ -359,10 +359,10 @@ def preprocess(inputs: list[str], tokenizer: Tokenizer, output: str | Path, *, j
     _check_on_error(on_error)
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
-    most = 4 * (os.cpu_count() or 1)  # each worker is a process: more than a few per CPU only swaps
-    if workers > most:
-        raise ConfigError(f"--workers {workers} is more than {most} (4 per CPU of this machine's "
-                          f"{os.cpu_count() or 1}); each worker is a process, and more than one per CPU rarely pays")
+    cpus = os.cpu_count() or 1
+    if workers > 4 * cpus:  # each worker is a process: more than a few per CPU only swaps
+        raise ConfigError(f"--workers {workers} is more than {4 * cpus} (4 per CPU of this machine's {cpus}); "
+                          f"each worker is a process, and more than one per CPU rarely pays")
     expand_inputs(inputs)  # fail fast on a missing input, before any worker starts
     stats = PreprocessStats(prefix=str(output))
     t0 = time.perf_counter()

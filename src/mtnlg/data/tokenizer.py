@@ -22,6 +22,7 @@ PAD = "<|pad|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_OF_TURN = "<|end|>"
 SPECIAL_TOKENS = [EOD, PAD, *ROLE_TOKENS.values(), END_OF_TURN]
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # a byte-level BPE: every byte and the special tokens
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -147,9 +148,8 @@ def train_bpe(texts: Iterable[str] | Iterator[str], vocab_size: int | None = Non
     for d in docs:
         counts.update(d)
     total = sum(counts.values())
-    min_size = 256 + len(SPECIAL_TOKENS)
-    if vocab_size is not None and vocab_size < min_size:
-        raise ConfigError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {min_size} "
+    if vocab_size is not None and vocab_size < MIN_VOCAB:
+        raise ConfigError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB} "
                           f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     if min_frequency is not None and min_frequency < 1:
         raise ConfigError(f"--min-frequency must be >= 1 (the times a pair must occur to be merged), got {min_frequency}")

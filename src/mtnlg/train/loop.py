@@ -102,7 +102,7 @@ class Trainer:
         self.rank, self.world = init_distributed(self.device)
         self.is_main = self.rank == 0
         if run_dir is None:
-            run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+            run_dir = default_run_dir()
         self.run_dir = Path(_broadcast(str(run_dir)))
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         if self.run_dir.exists() and not self.run_dir.is_dir():
@@ -433,12 +433,17 @@ def train(cfg: Config, run_dir: str | Path | None = None,
         return new_trainer(cfg, run_dir, on_record).fit()
 
 
+def default_run_dir() -> Path:
+    """Where a run goes without ``--output``: ``runs/<date>-<time>``."""
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
 def new_trainer(cfg: Config, run_dir: str | Path | None,
                 on_record: Callable[[dict[str, Any]], None] | None = None) -> Trainer:
     """``Trainer(cfg, run_dir, on_record)``; when it refuses the run (before any step: a batch that does not
     divide, a vocabulary too small ...), the run directory it created is removed again, not left empty."""
     if run_dir is None:
-        run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        run_dir = default_run_dir()
     created, missing = None, Path(run_dir).absolute()
     while not missing.exists():  # the outermost directory this call will create (runs/ too, if it is new)
         created, missing = missing, missing.parent
