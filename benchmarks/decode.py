@@ -16,8 +16,9 @@ bandwidth of a buffer of the same size measured in the same run (``torch.sum`` o
 ``--compile`` adds mtnlg with ``compile_decode=True`` (the decode step through ``torch.compile`` over a
 static KV cache, :mod:`mtnlg.infer.compiled`): ``ratio_b1_compiled``, ``mbu_b1_compiled``, and the
 first call's time (``compile_s_b1``, compilation included) apart from the timed runs; with ``--int8`` too,
-the int8 model compiled (``mbu_b1_int8_compiled``; its activations enter the int8 kernel in bf16, so
-compiled and eager agree to bf16 rounding and may pick different tokens at near-ties).
+the int8 model compiled (``mbu_b1_int8_compiled``; its activations enter PyTorch's int8 kernel in bf16,
+eager decoding's enter mtnlg's in fp32, so the two agree to bf16 rounding and may pick different tokens at
+near-ties).
 ``--llama-cpp`` adds llama.cpp at batch 1 on the same model exported to GGUF (``ratio_llama_cpp``,
 mtnlg tokens/s over llama.cpp's; skipped with the reason when llama-cpp-python is not installed).
 """

@@ -8,10 +8,12 @@ embedding stays in full precision (the head is quantized from a copy, so it is n
 The matmul path was picked by measurement on the 2-core CPU (one 4096 x 15360 layer, batch 1):
 PyTorch's ``_weight_int8pack_mm`` with bf16 activations reads ~9 GB/s of int8 weights (6.9 ms);
 with fp32 activations only 1.3 GB/s; dequantizing to fp32 then a gemv costs the dequantization
-plus a 14 GB/s gemv over 4x the bytes (17.8 ms). So per-channel layers on CPU use
-``_weight_int8pack_mm`` with bf16 activations (output cast back); grouped scales (which that kernel
-cannot express) and other devices dequantize and run ``F.linear``. ``benchmarks/quantized_6b.py``
-re-measures the paths.
+plus a 14 GB/s gemv over 4x the bytes (17.8 ms). Decoding (up to 32 activation rows) takes mtnlg's
+own kernel (:mod:`mtnlg.model.int8_gemv`: fp32 activations, 0.86-0.93 of a buffer read's bandwidth
+against ``_weight_int8pack_mm``'s 0.77-0.80) where it is built; longer inputs (a prefill) and
+machines without a C compiler use ``_weight_int8pack_mm`` with bf16 activations (output cast back);
+grouped scales (which neither kernel expresses) and other devices dequantize and run ``F.linear``.
+``benchmarks/quantized_6b.py`` re-measures the paths.
 
 ``materialize_quantized`` builds the spec's 6B config layer by layer from the meta device: each
 Linear is initialised in fp32, quantized and freed before the next, so the fp32 model never exists
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtnlg.errors import CheckpointError, ConfigError
+from mtnlg.model import int8_gemv
 from mtnlg.model.init import init_value
 from mtnlg.model.transformer import GPT
 
@@ -85,8 +88,8 @@ class Int8Linear(nn.Module):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
+        self.register_buffer("qweight", qweight.contiguous())  # the decode kernel walks rows in memory order
+        self.register_buffer("scales", scales.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.grouped = scales.dim() == 2
         self._scales_bf16 = None if self.grouped else scales.to(torch.bfloat16)
@@ -110,14 +113,19 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scales.unsqueeze(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the int8 kernel has no backward: inputs that need a gradient (prompt tuning over an int8
+        # the int8 kernels have no backward: inputs that need a gradient (prompt tuning over an int8
         # model) take the dequantized path, whose gradient flows to x (the int8 weights stay frozen)
         if not self.grouped and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
             shape = x.shape
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                                   self.qweight, self._scales_bf16)
-            y = y.to(x.dtype).view(*shape[:-1], self.out_features)
-            return y + self.bias if self.bias is not None else y
+            rows = x.numel() // self.in_features
+            if int8_gemv.applies(x, rows):  # decode: the weights streamed by mtnlg's own kernel, fp32 activations
+                y = int8_gemv.int8_gemv(x.reshape(rows, self.in_features), self.qweight, self.scales, self.bias)
+                return y.view(*shape[:-1], self.out_features)
+            if self.in_features % 16 == 0:  # PyTorch's kernel returns wrong sums for other widths (2.13, AVX-512)
+                y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                                       self.qweight, self._scales_bf16)
+                y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+                return y + self.bias if self.bias is not None else y
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
