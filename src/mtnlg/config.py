@@ -192,6 +192,7 @@ class TrainConfig:
     seq_len: int = 128
     global_batch_size: int = 8  # sequences per optimizer step (all data-parallel ranks together)
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    optimizer: str = "muon"  # muon (the blocks' matrices; AdamW for the rest: train/muon.py) | adamw
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -228,6 +229,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("muon", "adamw"):
+            raise ConfigError(f"train.optimizer must be muon or adamw, got {self.optimizer!r}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -311,10 +314,8 @@ class SftConfig:
 
     enabled: bool = True  # `mtnlg train` ends with this stage (the default job's model then answers in chat)
     data: str | None = None  # OpenAI-messages JSONL; None = the built-in poem conversations (mtnlg.train.sft_data)
-    # On the default model the held-out assistant loss falls 5.90 -> 4.79 after 150 steps at lr 1e-3 with
-    # replay (5.11 after 60 at 5e-4), in 48 s, for 0.04 bits per character on the test split. Without
-    # replay, long fine-tuning on poems alone costs the model its other text (measured on the previous
-    # 5M default: 8.1 bits per character after 400 steps at 2e-3 instead of 5.2).
+    # Replay keeps the model's other text: without it, long fine-tuning on poems alone cost the previous 5M
+    # default 8.1 bits per character instead of 5.2 (docs/train.md; 150 steps at 1e-3 with replay: 0.04).
     steps: int = 150
     batch_size: int = 16  # conversations per step
     seq_len: int = 256  # tokens per conversation at most (longer ones are cut)

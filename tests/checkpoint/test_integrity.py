@@ -55,7 +55,12 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         ckpt.save_checkpoint(tmp_path, 3, [model], [opt], {"step": 3}, keep=2)
     assert list(tmp_path.iterdir()) == []  # no step dir, no temp dir
     model, opt = trained(cfg)
-    next(iter(opt.state.values()))["exp_avg_sq"].fill_(math.inf)
+    next(v for v in opt.state.values() if "exp_avg_sq" in v)["exp_avg_sq"].fill_(math.inf)
+    with pytest.raises(CheckpointError, match="not finite"):
+        ckpt.save_checkpoint(tmp_path, 3, [model], [opt], {"step": 3}, keep=2)
+    assert list(tmp_path.iterdir()) == []
+    model, opt = trained(cfg)
+    next(v for v in opt.state.values() if "momentum_buffer" in v)["momentum_buffer"].fill_(math.nan)  # Muon's
     with pytest.raises(CheckpointError, match="not finite"):
         ckpt.save_checkpoint(tmp_path, 3, [model], [opt], {"step": 3}, keep=2)
     assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,8 @@ and a spawner for gloo ranks (each rank runs several layouts in sequence to save
 
 from __future__ import annotations
 
+import dataclasses
+
 import faulthandler
 import os
 import socket
@@ -28,6 +30,7 @@ def tiny_config(**parallel) -> Config:
     cfg.train.seq_len = SEQ
     cfg.train.seed = 7
     cfg.train.device = "cpu"
+    cfg.train.optimizer = "adamw"  # run_steps' AdamW; a layout's "_muon" makes it Muon (train.muon)
     for k, v in parallel.items():
         setattr(cfg.parallel, k, v)
     return cfg.validate()
@@ -58,20 +61,26 @@ def micro_batches(step: int, dp_rank: int, dp_size: int, uneven: bool = True, mi
 
 def run_steps(cfg: Config, steps: int = STEPS, uneven: bool = True, micro: int = MICRO,
               with_engine: bool = False):
-    """Train ``steps`` AdamW steps with the engine; return the per-step losses (and the engine)."""
+    """Train ``steps`` AdamW (or Muon) steps with the engine; return the per-step losses (and the engine)."""
+    from mtnlg.train.optim import build_optimizer
     from mtnlg.train.step import build_train_step as build_engine
 
     torch.manual_seed(0)
     eng = build_engine(cfg, torch.device("cpu"))
-    params = [p for part in eng.model_parts for p in part.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    if cfg.train.optimizer == "muon":  # the trainer's Muon + AdamW, one per model part as the loop builds them
+        tc = dataclasses.replace(cfg.train, lr=1e-2, weight_decay=0.1)
+        opts = [build_optimizer([part], tc) for part in eng.model_parts]
+    else:
+        params = [p for part in eng.model_parts for p in part.parameters()]
+        opts = [torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)]
     losses = []
     for step in range(steps):
         out = eng.train_step(micro_batches(step, eng.dp_rank, eng.dp_size, uneven, micro, cfg.model.vocab_size))
         eng.clip_grad_norm_(1.0)
         assert eng.grads_finite()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         eng.after_optimizer_step(step + 1)
         losses.append(out.loss)
     return (losses, eng) if with_engine else losses

@@ -10,7 +10,8 @@ from tests.parallel.harness import STEPS, micro_batches, run_steps, tiny_config
 
 
 def run_layouts(layouts: list[dict], uneven: bool = True) -> dict[str, object]:
-    """Run each layout (parallel overrides, plus optional "_micro", "_vocab", "_dropout", "_steps") for
+    """Run each layout (parallel overrides, plus optional "_micro", "_vocab", "_dropout", "_steps",
+    "_muon") for
     10 steps (or "_steps"), then the eval loss of a held-out batch."""
     out = {}
     for spec in layouts:
@@ -20,7 +21,10 @@ def run_layouts(layouts: list[dict], uneven: bool = True) -> dict[str, object]:
         vocab = spec.pop("_vocab", None)
         dropout = spec.pop("_dropout", 0.0)
         steps = spec.pop("_steps", STEPS)
+        muon = spec.pop("_muon", False)
         cfg = tiny_config(**spec)
+        if muon:
+            cfg.train.optimizer = "muon"
         if vocab is not None:
             cfg.model.vocab_size = vocab
         cfg.model.dropout = dropout

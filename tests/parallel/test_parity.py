@@ -1,4 +1,4 @@
-"""Loss parity of every layout with one process (CPU, gloo, fp32, tiny model, 10 AdamW steps).
+"""Loss parity of every layout with one process (CPU, gloo, fp32, tiny model, 10 AdamW steps; Muon on three).
 
 Tolerance: 1e-5 relative per step. Measured (this machine): DP/FSDP/HSDP/PP ~1e-7..6e-7;
 TP layouts ~3-4e-6 (the row-parallel matmuls sum partial products in another order; in fp32 that
@@ -32,12 +32,16 @@ LAYOUTS_2 = [
     dict(_name="pp2_layers_1_3", pp=2, pp_layers=[1, 3], **TW),
     dict(_name="pp2_auto_4mb", pp=2, pp_balance="auto", pp_microbatches=4, **TW),
     dict(_name="pp2_profile", pp=2, pp_balance="profile", **TW),
+    # Muon orthogonalizes each matrix whole: gathered from FSDP2's and TP's shards
+    dict(_name="fsdp2_muon", dp_shard=2, _muon=True, **TW),
+    dict(_name="tp2_sp_muon", tp=2, _muon=True, **TW),
 ]
 
 LAYOUTS_4 = [
     dict(_name="tp2_dp2", tp=2, **TW),
     dict(_name="pp2_tp2", pp=2, tp=2, **TW),
     dict(_name="pp2_fsdp2", pp=2, dp_shard=2, **TW),
+    dict(_name="pp2_tp2_muon", pp=2, tp=2, _muon=True, **TW),
     dict(_name="hsdp_2x2", dp_replicate=2, dp_shard=2, **TW),
     dict(_name="tp2_dp2_mean", tp=2, grad_sync="mean"),
     dict(_name="pp2_tp2_dropout", pp=2, tp=2, _dropout=0.1, _steps=DROPOUT_STEPS, **TW),  # masks across stages, SP
@@ -56,8 +60,11 @@ def reference():
     vocab95.model.vocab_size = 95
     dropout = tiny_config(**TW)
     dropout.model.dropout = 0.1
+    muon = tiny_config(**TW)
+    muon.train.optimizer = "muon"
     return {"tw": _reference(tiny_config(**TW)), "mean": _reference(tiny_config(grad_sync="mean")),
-            "vocab95": _reference(vocab95), "dropout": _reference(dropout, DROPOUT_STEPS)}
+            "vocab95": _reference(vocab95), "dropout": _reference(dropout, DROPOUT_STEPS),
+            "muon": _reference(muon)}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +81,7 @@ def _check(results: dict, reference: dict) -> dict[str, float]:
     report = {}
     for name, r in results.items():
         ref = reference["vocab95"] if "padded_vocab" in name else reference["dropout"] if "dropout" in name \
-            else reference["tw"]
+            else reference["muon"] if "muon" in name else reference["tw"]
         # the training losses (10, or the layout's _steps), then the eval loss on a held-out batch after training
         report[name] = max_rel(r["losses"] + [r["eval"]], ref["losses"] + [ref["eval"]])
     print("max relative loss difference vs 1 process:", {k: f"{v:.1e}" for k, v in report.items()})

@@ -44,9 +44,19 @@ def test_round_trip_is_exact(tmp_path):
     for (k, a), b in zip(model.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(a, b), k
     s1, s2 = opt.state_dict()["state"], o2.state_dict()["state"]
+    assert {k for v in s1.values() for k in v} == {"momentum_buffer", "exp_avg", "exp_avg_sq", "step"}  # Muon + AdamW
     for i in s1:
-        for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert s1[i].keys() == s2[i].keys()
+        for key in s1[i]:
             assert torch.equal(s1[i][key], s2[i][key])
+
+
+def test_resume_with_the_other_optimizer_is_one_line(tmp_path):
+    path, _, _ = _save(tmp_path, 2)  # Muon (the default)
+    m2 = materialize(build_model(CFG), seed=1)
+    with pytest.raises(CheckpointError, match=r"trained with train.optimizer=muon but this run uses adamw; resume "
+                                              r"with --train.optimizer=muon"):
+        ckpt.load_checkpoint(path, [m2], [build_optimizer([m2], TrainConfig(lr=1e-2, optimizer="adamw"))])
 
 
 def test_keep_and_auto_resume(tmp_path):

@@ -1,4 +1,4 @@
-"""AdamW groups, the LR schedule and the MT-NLG batch ramp at chosen steps; activation checkpointing parity."""
+"""AdamW and Muon groups, the LR schedule and the MT-NLG batch ramp at chosen steps; activation checkpointing parity."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import torch
 from mtnlg.config import TrainConfig
 from mtnlg.errors import ConfigError
 from mtnlg.parallel.parallelize import apply_activation_checkpointing
+from mtnlg.train.muon import MuonAdamW, orthogonalize
 from mtnlg.train.optim import BatchRamp, build_optimizer, build_scheduler, lr_at
 
 
 def test_adamw_hyperparameters_and_no_decay_groups(tiny_model):
-    opt = build_optimizer([tiny_model], TrainConfig())
+    opt = build_optimizer([tiny_model], TrainConfig(optimizer="adamw"))
     decay, plain = opt.param_groups
     assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert decay["betas"] == (0.9, 0.95) and decay["eps"] == 1e-8
@@ -26,6 +27,43 @@ def test_adamw_hyperparameters_and_no_decay_groups(tiny_model):
     # The tied LM head is one parameter, optimized once.
     n_params = len({id(p) for p in tiny_model.parameters()})
     assert len(decay["params"]) + len(plain["params"]) == n_params
+
+
+def test_muon_takes_the_block_matrices_adamw_the_rest(tiny_model):
+    opt = build_optimizer([tiny_model], TrainConfig())  # the default
+    assert isinstance(opt, MuonAdamW) and TrainConfig().optimizer == "muon"
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    muon, decay, plain = opt.param_groups
+    assert muon["muon"] and not decay["muon"] and not plain["muon"]
+    assert sorted(names[id(p)].split(".", 2)[2] for p in muon["params"] if ".0." in names[id(p)]) == [
+        "attn.proj.weight", "attn.qkv.weight", "mlp.fc1.weight", "mlp.fc2.weight"]
+    assert {names[id(p)] for p in decay["params"]} >= {"tok_embeddings.weight"}  # the tied head stays AdamW
+    assert len(muon["params"]) + len(decay["params"]) + len(plain["params"]) == len({id(p) for p in
+                                                                                     tiny_model.parameters()})
+    with pytest.raises(ConfigError, match="train.optimizer must be muon or adamw"):
+        TrainConfig(optimizer="sgd").validate()
+
+
+def test_muon_step_is_torch_muons_in_fp32():
+    """One step on a matrix equals ``torch.optim.Muon`` (Moonshot's RMS rule) up to its bf16 orthogonalization,
+    and the orthogonalized update has singular values in the quintic iteration's band around 1."""
+    torch.manual_seed(0)
+    w, g = torch.randn(48, 96), torch.randn(48, 96)
+    assert bool(((s := torch.linalg.svdvals(orthogonalize(g))) > 0.6).all() and (s < 1.2).all())
+    ref = torch.nn.Parameter(w.clone())
+    ref.grad = g.clone()
+    torch.optim.Muon([ref], lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw").step()
+    p, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(torch.zeros(3))
+    p.grad, b.grad = g.clone(), torch.ones(3)
+    opt = MuonAdamW([p], [{"params": [b], "weight_decay": 0.0}], lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    opt.step()
+    step, ours = (ref.detach() - w), (p.detach() - w)
+    assert float((step - ours).norm() / step.norm()) < 0.03
+    torch.testing.assert_close(b.detach(), torch.full((3,), -0.01))  # AdamW's first step: -lr * sign(g)
+    again = MuonAdamW([p], [{"params": [b], "weight_decay": 0.0}], lr=0.01, weight_decay=0.1, betas=(0.9, 0.95),
+                      eps=1e-8)
+    again.load_state_dict(opt.state_dict())  # the inner AdamW reads the loaded state, not a stale copy
+    assert again._adamw.state is again.state and again.state[b]["step"] == 1
 
 
 def test_lr_warmup_cosine_values():

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -322,6 +322,19 @@ def check_model_config(path: Path, model_parts: Sequence[nn.Module]) -> None:
                                   "--checkpoint.resume=none")
 
 
+def check_optimizer(path: Path, meta_keys: Iterable[str], optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """One line when the checkpoint's optimizer state is the other ``train.optimizer``'s (Muon keeps a
+    momentum buffer per block matrix, AdamW two moments)."""
+    keys = [k for k in meta_keys if k.startswith("optim.state.")]
+    if not keys or not optimizers:
+        return
+    saved = "muon" if any(k.endswith(".momentum_buffer") for k in keys) else "adamw"
+    mine = "muon" if type(optimizers[0]).__name__ == "MuonAdamW" else "adamw"
+    if saved != mine:
+        raise CheckpointError(f"{path}: trained with train.optimizer={saved} but this run uses {mine}; resume with "
+                              f"--train.optimizer={saved}, or start over with --checkpoint.resume=none")
+
+
 def load_checkpoint(path: str | Path, model_parts: Sequence[nn.Module],
                     optimizers: Sequence[torch.optim.Optimizer], outer: Any = None) -> dict[str, Any]:
     """Collective: load model + optimizer (resharding onto this layout, re-padding the vocabulary) and
@@ -347,6 +360,7 @@ def load_checkpoint(path: str | Path, model_parts: Sequence[nn.Module],
     aliases: dict[str, dict[str, tuple[str, bool]]] = {}
     try:
         check_model_config(path, model_parts)
+        check_optimizer(path, meta, optimizers)
         for group in list(state):
             # per-replica round starts are saved only stacked (below); their shapes are the weights'
             src = "model" if group == "outer_start" and stacks_ok else group

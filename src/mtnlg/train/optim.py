@@ -1,9 +1,11 @@
-"""Optimisation pieces of the training loop: AdamW, the LR schedule and the MT-NLG batch-size ramp.
+"""Optimisation pieces of the training loop: AdamW or Muon (:mod:`mtnlg.train.muon`), the LR schedule and
+the MT-NLG batch-size ramp.
 (Activation checkpointing and torch.compile are applied with the layout, in
 :mod:`mtnlg.parallel.parallelize`; precision is set by the step, :mod:`mtnlg.train.step`.)
 
 Everything here works on a list of model parts (one per pipeline stage held by this rank) whose
-parameters may be plain tensors or DTensors (FSDP2 / TP); nothing here talks to other ranks.
+parameters may be plain tensors or DTensors (FSDP2 / TP); only Muon's step talks to other ranks (it
+gathers each sharded matrix to orthogonalize it whole).
 
 LR schedule (Megatron / MT-NLG)::
 
@@ -26,8 +28,9 @@ from torch import nn
 
 from mtnlg.config import TrainConfig
 from mtnlg.errors import ConfigError
+from mtnlg.train.muon import build_muon
 
-# -- AdamW -----------------------------------------------------------------------------------------
+# -- AdamW / Muon --------------------------------------------------------------------------------------
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
@@ -49,22 +52,33 @@ def no_decay(name: str, p: torch.Tensor) -> bool:
     return p.dim() < 2 or name.endswith(".bias")
 
 
-def build_optimizer(model_parts: Iterable[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW(beta1, beta2, eps, weight_decay) with two groups: decayed matrices, undecayed biases/norms.
+def _adam_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    decay = [p for n, p in named if not no_decay(n, p)]
+    plain = [p for n, p in named if no_decay(n, p)]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": plain, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model_parts: Iterable[nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``train.optimizer``: ``adamw`` (AdamW(beta1, beta2, eps, weight_decay) with two groups: decayed
+    matrices, undecayed biases/norms) or ``muon`` (:mod:`mtnlg.train.muon`: the blocks' matrices take
+    Muon's orthogonalized update, the rest that AdamW).
 
     Torch's fused AdamW kernel (``train.fused_adamw``, one pass over each parameter's state instead of
     a dozen element-wise ops) for plain tensors and for DTensors (FSDP2 / TP) that share one mesh;
     see :func:`set_kernel`.
     """
-    decay, plain = [], []
-    for name, p in unique_parameters(model_parts):
-        (plain if no_decay(name, p) else decay).append(p)
-    if not decay and not plain:
+    named = list(unique_parameters(model_parts))
+    if not named:
         raise ConfigError("the model has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
-              {"params": plain, "weight_decay": 0.0, "name": "no_decay"}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "muon":
+        opt: torch.optim.Optimizer = build_muon(named, lambda rest: _adam_groups(rest, cfg.weight_decay), cfg.lr,
+                                                cfg.weight_decay, betas, cfg.eps)
+    else:
+        opt = torch.optim.AdamW(_adam_groups(named, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=cfg.eps,
+                                weight_decay=cfg.weight_decay, foreach=False)
     set_kernel(opt, cfg.fused_adamw)
     return opt
 
