@@ -33,10 +33,8 @@ class ModelConfig:
     # None = the tokenizer's size: for a built-in corpus, a token for every character it holds plus
     # its frequent merges (see data/tokenizer.py); a number trains a BPE of exactly that size.
     vocab_size: int | None = None
-    # The default job's size: on 2 CPU cores a few minutes of training buy 1.5-2.5M tokens, and at that
-    # budget the number of steps decides the loss, so a small fast model wins: this 1.1M-parameter
-    # one (4 x 96) reached 4.60 nats/token on the valid split, 4 x 128 4.66, 4 x 64 4.62, the 5M
-    # 4 x 256 5.13 and a 13M 6 x 384 5.60 in about the same time (docs/train.md, "Choosing the default job").
+    # The default job's size: at the few minutes' budget of 2 CPU cores the number of steps decides the loss,
+    # so this small fast model wins (docs/train.md, "Choosing the default job": 0.7M to 13M measured).
     hidden_size: int = 96
     num_layers: int = 4
     num_heads: int = 4
@@ -194,6 +192,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     optimizer: str = "muon"  # muon (the blocks' matrices; AdamW for the rest: train/muon.py) | adamw
     lr: float = 2e-3
+    muon_lr: float | None = None  # Muon's peak lr (its matrices); None = lr
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     lr_decay_steps: int | None = None  # None = steps
@@ -229,6 +228,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.muon_lr is not None and not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
+            raise ConfigError(f"train.muon_lr must be a number > 0 (or none for train.lr), got {self.muon_lr}")
         if self.optimizer not in ("muon", "adamw"):
             raise ConfigError(f"train.optimizer must be muon or adamw, got {self.optimizer!r}")
         for name in ("beta1", "beta2"):
@@ -293,10 +294,9 @@ class ServeConfig:
     max_queue: int = 64
     kv_cache_mb: float = 256.0  # memory budget for KV-cache slots
     model_name: str = "mtnlg"
-    # The engine in its own process (vLLM's engine core, mtnlg.infer.engine_core), so that parsing a burst
-    # of requests never holds the model's steps back on the GIL (only it loads the weights): "true";
-    # "false" = a thread of the server process; "auto" = a process on the CPU, a thread on a GPU (where a
-    # second CUDA context would take GPU memory).
+    # The engine in its own process (vLLM's engine core, mtnlg.infer.engine_core: parsing a burst of requests
+    # never holds the model's steps back on the GIL): "true"; "false" = a thread of the server process;
+    # "auto" = a process on the CPU, a thread on a GPU (where a second CUDA context would take GPU memory).
     engine_process: str = "auto"
 
     def validate(self) -> None:

@@ -42,6 +42,16 @@ def test_muon_takes_the_block_matrices_adamw_the_rest(tiny_model):
                                                                                      tiny_model.parameters()})
     with pytest.raises(ConfigError, match="train.optimizer must be muon or adamw"):
         TrainConfig(optimizer="sgd").validate()
+    with pytest.raises(ConfigError, match="train.muon_lr must be a number > 0"):
+        TrainConfig(muon_lr=0.0).validate()
+    cfg = TrainConfig(lr=1e-3, muon_lr=4e-3, warmup_steps=0, steps=10)
+    opt = build_optimizer([tiny_model], cfg)
+    sched = build_scheduler(opt, cfg)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    muon_lr, adam_lr = opt.param_groups[0]["lr"], opt.param_groups[-1]["lr"]
+    assert muon_lr == pytest.approx(4 * adam_lr) and adam_lr == pytest.approx(lr_at(5, cfg))
 
 
 def test_muon_step_is_torch_muons_in_fp32():

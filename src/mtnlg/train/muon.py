@@ -61,9 +61,9 @@ class MuonAdamW(torch.optim.Optimizer):
     """Param groups flagged ``muon`` take the Muon update; the others are a ``torch.optim.AdamW``'s."""
 
     def __init__(self, muon_params: list[nn.Parameter], adam_groups: list[dict], lr: float, weight_decay: float,
-                 betas: tuple[float, float], eps: float):
-        groups = ([{"params": muon_params, "weight_decay": weight_decay, "muon": True, "name": "muon"}]
-                  if muon_params else [])
+                 betas: tuple[float, float], eps: float, muon_lr: float | None = None):
+        groups = ([{"params": muon_params, "weight_decay": weight_decay, "muon": True, "name": "muon",
+                    "lr": lr if muon_lr is None else muon_lr}] if muon_params else [])
         groups += [dict(g, muon=False) for g in adam_groups]
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay, "momentum": MOMENTUM})
         self._adamw = torch.optim.AdamW([p for g in adam_groups for p in g["params"]] or [torch.zeros(1)],
@@ -119,10 +119,10 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def build_muon(named_params: Iterable[tuple[str, nn.Parameter]], adam_groups_of, lr: float, weight_decay: float,
-               betas: tuple[float, float], eps: float) -> MuonAdamW:
+               betas: tuple[float, float], eps: float, muon_lr: float | None = None) -> MuonAdamW:
     """Split ``named_params`` into the block matrices (Muon) and the rest, which ``adam_groups_of(list)`` turns
     into AdamW parameter groups (decayed matrices, undecayed biases and norms)."""
     muon, rest = [], []
     for name, p in named_params:
         (muon if is_muon_matrix(name, p) else rest).append((name, p))
-    return MuonAdamW([p for _, p in muon], adam_groups_of(rest), lr, weight_decay, betas, eps)
+    return MuonAdamW([p for _, p in muon], adam_groups_of(rest), lr, weight_decay, betas, eps, muon_lr)

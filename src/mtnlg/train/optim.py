@@ -75,7 +75,7 @@ def build_optimizer(model_parts: Iterable[nn.Module], cfg: TrainConfig) -> torch
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon":
         opt: torch.optim.Optimizer = build_muon(named, lambda rest: _adam_groups(rest, cfg.weight_decay), cfg.lr,
-                                                cfg.weight_decay, betas, cfg.eps)
+                                                cfg.weight_decay, betas, cfg.eps, muon_lr=cfg.muon_lr)
     else:
         opt = torch.optim.AdamW(_adam_groups(named, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=cfg.eps,
                                 weight_decay=cfg.weight_decay, foreach=False)

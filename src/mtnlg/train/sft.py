@@ -235,7 +235,9 @@ def finetune(source: str | Path, output: str | Path, sft: SftConfig,
         log.info("SFT: each batch adds %d rows of the run's pre-training text (sft.replay=%g)", n_replay, sft.replay)
 
     tc = dataclasses.replace(run_cfg.train, steps=sft.steps, lr=sft.lr, warmup_steps=min(sft.warmup_steps, sft.steps),
-                             lr_decay_steps=None, min_lr_ratio=sft.min_lr_ratio, weight_decay=sft.weight_decay)
+                             lr_decay_steps=None, min_lr_ratio=sft.min_lr_ratio, weight_decay=sft.weight_decay,
+                             muon_lr=None if run_cfg.train.muon_lr is None  # Muon's lr keeps its ratio to lr
+                             else sft.lr * run_cfg.train.muon_lr / run_cfg.train.lr)
     optimizer = build_optimizer([model], tc)
     scheduler = build_scheduler(optimizer, tc)
     loss_before = assistant_loss(model, held_out, pad, device)
