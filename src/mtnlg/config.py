@@ -192,7 +192,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     optimizer: str = "muon"  # muon (the blocks' matrices; AdamW for the rest: train/muon.py) | adamw
     lr: float = 2e-3
-    muon_lr: float | None = None  # Muon's peak lr (its matrices); None = lr
+    muon_lr: float | None = None  # Muon's peak lr; None = 4 x lr (measured best: docs/train.md, "Optimizer")
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     lr_decay_steps: int | None = None  # None = steps
@@ -229,7 +229,7 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.muon_lr is not None and not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
-            raise ConfigError(f"train.muon_lr must be a number > 0 (or none for train.lr), got {self.muon_lr}")
+            raise ConfigError(f"train.muon_lr must be a number > 0 (or none for 4 x train.lr), got {self.muon_lr}")
         if self.optimizer not in ("muon", "adamw"):
             raise ConfigError(f"train.optimizer must be muon or adamw, got {self.optimizer!r}")
         for name in ("beta1", "beta2"):

@@ -32,6 +32,7 @@ def test_adamw_hyperparameters_and_no_decay_groups(tiny_model):
 def test_muon_takes_the_block_matrices_adamw_the_rest(tiny_model):
     opt = build_optimizer([tiny_model], TrainConfig())  # the default
     assert isinstance(opt, MuonAdamW) and TrainConfig().optimizer == "muon"
+    assert opt.param_groups[0]["lr"] == 4 * opt.param_groups[-1]["lr"] == 4 * TrainConfig().lr  # muon_lr unset
     names = {id(p): n for n, p in tiny_model.named_parameters()}
     muon, decay, plain = opt.param_groups
     assert muon["muon"] and not decay["muon"] and not plain["muon"]
@@ -65,7 +66,8 @@ def test_muon_step_is_torch_muons_in_fp32():
     torch.optim.Muon([ref], lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw").step()
     p, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(torch.zeros(3))
     p.grad, b.grad = g.clone(), torch.ones(3)
-    opt = MuonAdamW([p], [{"params": [b], "weight_decay": 0.0}], lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    opt = MuonAdamW([p], [{"params": [b], "weight_decay": 0.0}], lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                    muon_lr=0.01)
     opt.step()
     step, ours = (ref.detach() - w), (p.detach() - w)
     assert float((step - ours).norm() / step.norm()) < 0.03
@@ -95,7 +97,8 @@ def test_scheduler_follows_lr_at(tiny_model):
     opt = build_optimizer([tiny_model], cfg)
     sched = build_scheduler(opt, cfg)
     for step in range(20):
-        assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(step, cfg))
+        assert opt.param_groups[-1]["lr"] == pytest.approx(lr_at(step, cfg))  # AdamW's
+        assert opt.param_groups[0]["lr"] == pytest.approx(4 * lr_at(step, cfg))  # Muon's
         opt.step()
         sched.step()
 

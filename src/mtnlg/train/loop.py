@@ -211,7 +211,7 @@ class Trainer:
         grad_norm = float(self.engine.clip_grad_norm_(tc.grad_clip if tc.grad_clip > 0 else float("inf")))
         bad = not (math.isfinite(loss) and math.isfinite(grad_norm) and self.engine.grads_finite())
         bad, stop = self._agree(bad)
-        lr = self.optimizers[0].param_groups[-1]["lr"]  # AdamW's (train.lr); Muon's is train.muon_lr
+        lr = self.optimizers[0].param_groups[-1]["lr"]  # AdamW's (train.lr); Muon's: train.muon_lr or 4x
         if bad:
             self.bad_in_a_row += 1
             self.skipped_steps += 1
