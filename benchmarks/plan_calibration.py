@@ -72,10 +72,11 @@ def write_config(size: str, steps: int, where: Path) -> Path:
     m = model_of(size)
     cfg = {"model": {k: v for k, v in SIZES[size].items() if k != "seq_len"} | {"max_seq_len": m.seq_len},
            "data": {"corpus": "poems"},
-           "train": {"steps": steps, "seq_len": m.seq_len, "global_batch_size": GLOBAL_BATCH,
+           "train": {"steps": steps, "optimizer": "adamw", "seq_len": m.seq_len, "global_batch_size": GLOBAL_BATCH,
                      "micro_batch_size": MICRO_BATCH, "eval_interval": 10_000, "eval_batches": 1, "warmup_steps": 1},
            "checkpoint": {"interval": 0}, "log": {"interval": 1, "tensorboard": False},
            "sft": {"enabled": False}}  # the step times are pre-training's; the chat stage would only add minutes
+    # (AdamW: the time model prices Adam's optimizer step, not Muon's orthogonalization)
     path = where / f"{size}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

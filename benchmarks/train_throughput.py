@@ -43,6 +43,7 @@ def mtnlg_config(args, parallel: dict | None = None):
     m.ffn_hidden_size, m.max_seq_len = 4 * args.hidden, args.seq
     t.seq_len, t.global_batch_size, t.micro_batch_size, t.device, t.precision = args.seq, args.batch, args.batch, \
         "cpu", "fp32"
+    t.optimizer = "adamw"  # like for like with Hugging Face's AdamW (the default job's Muon is another optimizer)
     if args.compile is not None:
         t.compile = args.compile
     for k, v in (parallel or {}).items():

@@ -1,7 +1,7 @@
 """A decode-time int8 matmul that reads weights at the memory's pace: ``y = (x @ q.T) * scales + bias``.
 
 At batch 1 a weight-only int8 layer is a matrix-vector product bound by how fast the int8 weights
-stream from memory. PyTorch's ``_weight_int8pack_mm`` (bf16 activations) reads them at 0.75-0.80 of
+stream from memory. PyTorch's ``_weight_int8pack_mm`` (bf16 activations) reads them at 0.73-0.80 of
 an fp32 buffer sum's bandwidth here: its inner loop widens each int8 to fp32 on one accumulator chain
 per row, so a core computes slower than memory delivers, and at batch 2-32 it widens every weight
 again for each row of activations. This kernel takes four weight rows at a time, each on its own
@@ -9,7 +9,7 @@ accumulators (two chains a row at batch 1), widens each weight vector once for u
 rows, prefetches ahead, keeps the activations in fp32 (no bf16 rounding of ``x``) and hands the rows
 to PyTorch's own OpenMP threads as they free up (a core slowed by a neighbour takes fewer). AVX-512,
 AVX2+FMA, or a plain loop the compiler vectorizes. Measured on this 2-core VM: the spec's 6B layers
-at 0.86-0.93 of the sum's bandwidth, 1.1-1.15x PyTorch's tokens/s on the whole 6B decode, 1.3-1.8x
+at 0.85-0.93 of the sum's bandwidth, 1.02-1.15x PyTorch's tokens/s on the whole 6B decode, 1.3-1.8x
 its speed at 2-32 rows (``benchmarks/quantized_6b.py`` times both paths, alternating).
 
 PyTorch ships no such kernel for the CPU, so this module compiles ~150 lines of C with the system C

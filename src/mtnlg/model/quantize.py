@@ -9,8 +9,8 @@ The matmul path was picked by measurement on the 2-core CPU (one 4096 x 15360 la
 PyTorch's ``_weight_int8pack_mm`` with bf16 activations reads ~9 GB/s of int8 weights (6.9 ms);
 with fp32 activations only 1.3 GB/s; dequantizing to fp32 then a gemv costs the dequantization
 plus a 14 GB/s gemv over 4x the bytes (17.8 ms). Decoding (up to 32 activation rows) takes mtnlg's
-own kernel (:mod:`mtnlg.model.int8_gemv`: fp32 activations, 0.86-0.93 of a buffer read's bandwidth
-against ``_weight_int8pack_mm``'s 0.77-0.80) where it is built; longer inputs (a prefill) and
+own kernel (:mod:`mtnlg.model.int8_gemv`: fp32 activations, 0.85-0.93 of a buffer read's bandwidth
+against ``_weight_int8pack_mm``'s 0.73-0.80) where it is built; longer inputs (a prefill) and
 machines without a C compiler use ``_weight_int8pack_mm`` with bf16 activations (output cast back);
 grouped scales (which neither kernel expresses) and other devices dequantize and run ``F.linear``.
 ``benchmarks/quantized_6b.py`` re-measures the paths.
