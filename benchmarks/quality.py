@@ -53,10 +53,12 @@ def main() -> int:
     print(f"run {report['run']} (corpus {report['corpus']}); n-gram order {report['ngram_order']} "
           f"(chosen on valid: {', '.join(f'{k}: {v:.3f}' for k, v in report['ngram_valid_bpc_by_order'].items())})")
     print("\nbits per character  (last column: the model's bits relative to the n-gram's; the goal is <= -10%)")
-    print(f"{'test split':<12}{'chars':>8}{'model':>9}{'KN n-gram':>11}{'unigram':>9}{'vs n-gram':>11}")
+    print(f"(model: windows of seq_len overlapping by {report['eval_context']} tokens, each character with context "
+          f"as the n-gram has; disjoint: the training loop's disjoint windows)")
+    print(f"{'test split':<12}{'chars':>8}{'model':>9}{'disjoint':>10}{'KN n-gram':>11}{'unigram':>9}{'vs n-gram':>11}")
     for name, r in bpc.items():
-        print(f"{name:<12}{r['chars']:>8}{r['model']:>9.3f}{r['ngram']:>11.3f}{r['unigram']:>9.3f}"
-              f"{-100 * r['gain_vs_ngram']:>+10.1f}%")
+        print(f"{name:<12}{r['chars']:>8}{r['model']:>9.3f}{r['model_disjoint']:>10.3f}{r['ngram']:>11.3f}"
+              f"{r['unigram']:>9.3f}{-100 * r['gain_vs_ngram']:>+10.1f}%")
     p = report["poems"]
     print(f"\n{p['n']} continuations of {report['prompt']}: right form {p['right_form']}/{p['n']}, characters from "
           f"the corpus {100 * p['chars_in_corpus_fraction']:.1f}%, distinct first lines {p['distinct_first_lines']}/{p['n']}")

@@ -64,6 +64,41 @@ def test_perplexity_of_a_prefix_equals_exp_mean_loss(tmp_path, model_dir, capsys
     assert got["bits_per_byte"] == pytest.approx(sum(losses) / math.log(2) / text_bytes, rel=1e-6)
 
 
+def test_overlapping_eval_scores_every_token_once_with_its_context(tmp_path, model_dir, capsys):
+    """--context C: windows of seq_len advance by seq_len - C; each target is scored once, in the window
+    where it has the most text before it (at least C tokens, but for the first C targets)."""
+    from mtnlg.data.preprocess import preprocess
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    tok = byte_tokenizer()
+    preprocess([str(tmp_path / "docs.jsonl")], tok, tmp_path / "tokens")
+    seq_len, context = 16, 6
+    args = ["eval", "--checkpoint", str(model_dir), "--data", str(tmp_path / "tokens"), "--json", "--batch-size", "3",
+            f"--train.seq_len={seq_len}"]
+    assert main([*args, "--context", str(context)]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    model = MegatronLmModel.from_pretrained(model_dir)
+    stream = [t for d in DOCS for t in [*tok.encode(d), tok.eod_id]]
+    losses = []
+    for i in range(1, len(stream)):  # target i, predicted from the window that gives it the most context
+        k = ((i - 1) // (seq_len - context)) * (seq_len - context)  # first target index (0-based) of its window
+        start = max(0, k - context)
+        assert i - 1 - start >= min(context, i - 1) and i - start <= seq_len
+        x = torch.tensor(stream[start:i + 1])
+        with torch.no_grad():
+            logp = F.log_softmax(model(x[:-1])[0], dim=-1)
+        losses.append(-float(logp[-1, stream[i]]))
+    assert got["tokens"] == len(stream) - 1 and got["context"] == context
+    assert got["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    assert main([*args]) == 0
+    disjoint = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert disjoint["tokens"] == got["tokens"] and disjoint["loss"] != pytest.approx(got["loss"], rel=1e-6)
+    assert main([*args, "--context", str(seq_len)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--context must be in [0, 16)" in err
+
+
 def test_split_eval_scores_every_token_of_the_split_once(tmp_path, model_dir, monkeypatch, capsys):
     """--split valid evaluates build_datasets(cfg)[split] whole: each target token exactly once."""
     monkeypatch.setenv("MTNLG_CACHE", str(tmp_path / "cache"))

@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--split", choices=("valid", "test"), default=None, help="held-out split (default: test)")
     source.add_argument("--data", metavar="PREFIX", help="preprocessed token files PREFIX.bin/.idx")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--context", type=int, default=0, metavar="N",
+                        help="overlapping evaluation: every target after the first N sees at least N tokens before "
+                             "it (windows of seq_len advance by seq_len - N; e.g. seq_len/2, twice the work); "
+                             "0 = disjoint windows, as the training loop scores a split")
     parser.add_argument("--max-samples", type=int, default=None,
                         help="evaluate at most this many sequences (>= 1; default: all)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -100,18 +104,21 @@ def _perplexity(args: argparse.Namespace) -> int:
         cfg.train.seq_len = seq_len
         split = args.split or "test"
         dataset, source = build_datasets(cfg, tok)[split], {"split": split}
-    pieces = eval_pieces(dataset)  # every target token once, as the training loop scores a split
+    if not 0 <= args.context < seq_len:
+        raise ConfigError(f"--context must be in [0, {seq_len}) (the evaluation's seq_len), got {args.context}; "
+                          f"e.g. {seq_len // 2}")
+    pieces = eval_pieces(dataset, args.context)  # every target token once (context 0: as the training loop does)
     if args.max_samples is not None:
         pieces = pieces[:args.max_samples]
     with tqdm(total=len(pieces), desc="eval", unit="seq", disable=args.json, leave=False) as bar:
         result = evaluate(model.model, pieces, token_byte_lengths(tok), batch_size=args.batch_size,
                           progress=lambda done: bar.update(done - bar.n), char_lengths=token_char_lengths(tok))
-    out = {"checkpoint": args.checkpoint, **source, "seq_len": seq_len, **result.to_dict()}
+    out = {"checkpoint": args.checkpoint, **source, "seq_len": seq_len, "context": args.context, **result.to_dict()}
     if args.json:
         print(json.dumps(out))
     else:
         where = f"split {source['split']}" if "split" in source else f"data {source['data']}"
         print(f"{where}: loss {result.loss:.4f}  perplexity {result.perplexity:.3f}  bits/byte "
               f"{result.bits_per_byte:.4f}  bits/char {result.bits_per_char:.4f}  ({result.tokens:,} tokens, "
-              f"{result.samples} sequences of <= {seq_len + 1})")
+              f"{result.samples} sequences of <= {seq_len + 1}{f', {args.context} of context' if args.context else ''})")
     return 0

@@ -206,13 +206,24 @@ class GPTDataset(Dataset):
         parts = [self.indexed.get(int(d)) for d in self.documents]
         return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
-    def whole(self) -> list[torch.Tensor]:
-        """The stream cut into pieces of at most ``seq_len + 1`` tokens that overlap by one token, so
-        every token after the first is a target exactly once (the last piece may be shorter)."""
+    def whole(self, context: int = 0) -> list[torch.Tensor] | list[tuple[torch.Tensor, int]]:
+        """The stream cut into pieces of at most ``seq_len + 1`` tokens so that every token after the first is
+        a target exactly once (the last piece may be shorter). ``context=0``: the pieces overlap by one token.
+        ``context=C`` (Megatron's overlapping evaluation): each piece after the first starts C tokens before
+        its first scored target, so every target but the first C sees at least C tokens of the text before
+        it; the pieces are ``(tokens, skip)``, the first ``skip`` targets context only (not scored)."""
         tokens = torch.from_numpy(self.stream())
         L = self.seq_len
-        return [tokens[k:k + L + 1] for k in range(0, max(0, tokens.numel() - 1), L)]
-
+        if not context:
+            return [tokens[k:k + L + 1] for k in range(0, max(0, tokens.numel() - 1), L)]
+        if not 0 < context < L:
+            raise ConfigError(f"evaluation context {context} must be in [0, seq_len={L}); e.g. {L // 2}")
+        stride = L - context
+        out = []
+        for k in range(0, max(0, tokens.numel() - 1), stride):
+            start = max(0, k - context)
+            out.append((tokens[start:k + stride + 1], k - start))
+        return out
 
 
 def corpus_splits(corpus: str, split: str, seed: int) -> dict[str, dict[str, list[str]]]:
@@ -226,24 +237,28 @@ def corpus_splits(corpus: str, split: str, seed: int) -> dict[str, dict[str, lis
         out[name] = {s: [docs[i] for i in ids[s]] for s in SPLITS}
     return out
 
-def eval_sequences(dataset: Dataset) -> list[torch.Tensor]:
-    """Every target token of a split exactly once, for evaluation: the pieces of :meth:`GPTDataset.whole`,
-    for a blend those of each part with a positive weight in turn (no weighting, no wrap-around)."""
+def eval_sequences(dataset: Dataset, context: int = 0) -> list[torch.Tensor] | list[tuple[torch.Tensor, int]]:
+    """Every target token of a split exactly once, for evaluation: the pieces of :meth:`GPTDataset.whole`
+    (``context``: see there), for a blend those of each part with a positive weight in turn (no
+    weighting, no wrap-around)."""
     if isinstance(dataset, BlendedDataset):
-        return [s for d, w in zip(dataset.datasets, dataset.weights) if w > 0 for s in eval_sequences(d)]
+        return [s for d, w in zip(dataset.datasets, dataset.weights) if w > 0 for s in eval_sequences(d, context)]
     if isinstance(dataset, GPTDataset):
-        return dataset.whole()
+        return dataset.whole(context)
     raise DataError(f"cannot evaluate a {type(dataset).__name__}; expected a GPTDataset or a BlendedDataset")
 
 
-def pad_sequences(seqs: list[torch.Tensor], length: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(seqs: list[torch.Tensor], length: int, pad_id: int = 0,
+                  skips: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, labels)`` of shape ``[len(seqs), length - 1]``: short pieces padded with ``pad_id`` in the
-    inputs and -100 (ignored by the loss) in the labels."""
+    inputs and -100 (ignored by the loss) in the labels; ``skips[i]``: piece i's first targets that are
+    context only, -100 too."""
     x = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     y = torch.full((len(seqs), length), -100, dtype=torch.long)
     for i, s in enumerate(seqs):
         x[i, :s.numel()] = s
-        y[i, :s.numel()] = s
+        skip = skips[i] if skips else 0
+        y[i, 1 + skip:s.numel()] = s[1 + skip:]
     return x[:, :-1], y[:, 1:]
 
 

@@ -77,11 +77,13 @@ def prefix_dataset(prefix: str, tokenizer, seq_len: int) -> Dataset:
     return GPTDataset(ds, np.arange(len(ds)), seq_len, "data")
 
 
-def eval_pieces(dataset: Dataset) -> list[torch.Tensor]:
-    """Every target token of ``dataset`` (a split or a prefix dataset) exactly once."""
+def eval_pieces(dataset: Dataset, context: int = 0) -> list[torch.Tensor] | list[tuple[torch.Tensor, int]]:
+    """Every target token of ``dataset`` (a split or a prefix dataset) exactly once; ``context`` > 0:
+    overlapping windows, every target after the first ``context`` with at least that many tokens before it
+    (:meth:`mtnlg.data.datasets.GPTDataset.whole`)."""
     from mtnlg.data.datasets import eval_sequences
 
-    return eval_sequences(dataset)
+    return eval_sequences(dataset, context)
 
 
 @torch.no_grad()
@@ -91,7 +93,8 @@ def evaluate(model: torch.nn.Module, samples: Iterable[torch.Tensor], byte_lengt
     """Loss/perplexity/bits-per-byte (and per character) of ``model`` (a GPT) over ``samples``.
 
     Each sample is a 1-D tensor of ids whose tokens after the first are the targets (pieces of
-    different lengths are padded and the padding ignored); logits are taken in fp32 over the
+    different lengths are padded and the padding ignored), or ``(ids, skip)`` whose first ``skip``
+    targets are context only (overlapping evaluation); logits are taken in fp32 over the
     model's real vocabulary (``model.vocab_size``, as training masks it), so padded embedding rows
     never leak into the softmax. ``progress(n)`` is called after each batch with the samples done.
     """
@@ -109,12 +112,13 @@ def evaluate(model: torch.nn.Module, samples: Iterable[torch.Tensor], byte_lengt
     blen, clen = table(byte_lengths), table(char_lengths)
     nll_sum, tokens, nbytes, nchars, done = 0.0, 0, 0, 0, 0
     batch: list[torch.Tensor] = []
+    skips: list[int] = []
 
     def run(batch: list[torch.Tensor]) -> None:
         nonlocal nll_sum, tokens, nbytes, nchars, done
         from mtnlg.data.datasets import pad_sequences
 
-        x, target = pad_sequences(batch, max(s.numel() for s in batch))
+        x, target = pad_sequences(batch, max(s.numel() for s in batch), skips=skips)
         x, target = x.to(device), target.to(device)
         if int(x.max()) >= vocab or int(x.min()) < 0:
             raise DataError(f"token id {int(x.max())} is outside the model's vocabulary [0, {vocab}): the data was "
@@ -133,10 +137,12 @@ def evaluate(model: torch.nn.Module, samples: Iterable[torch.Tensor], byte_lengt
 
     try:
         for sample in samples:
+            sample, skip = sample if isinstance(sample, tuple) else (sample, 0)
             batch.append(torch.as_tensor(sample, dtype=torch.long))
+            skips.append(skip)
             if len(batch) == batch_size:
                 run(batch)
-                batch = []
+                batch, skips = [], []
         if batch:
             run(batch)
     finally:

@@ -14,7 +14,11 @@
 Bits per character count the end of each document as one more symbol to predict (the model
 predicts its ``<|endoftext|>`` token too) and divide by the document's characters. Every model
 uses the same closed alphabet: the characters of the whole corpus (which is what the run's
-tokenizer covers), plus the end of a document.
+tokenizer covers), plus the end of a document. The n-gram predicts every character from the n-1
+before it, so the model is scored with context too: overlapping windows of ``seq_len`` tokens advancing
+by ``seq_len/2``, every target after the first ``seq_len/2`` seeing at least that many tokens (Megatron's
+overlapping evaluation; ``mtnlg eval --context``); ``model_disjoint`` is the same model over disjoint
+windows, as the training loop scores a split (the first tokens of each window without context).
 """
 
 from __future__ import annotations
@@ -210,6 +214,7 @@ def quality_report(run: str | Path, prompt: str = "床前明月光，疑是地�
     splits = corpus_splits(cfg.data.corpus, cfg.data.split, cfg.data.seed)
     anchors = fit_anchors(splits, orders)
     rows: dict[str, dict[str, float]] = {}
+    context = cfg.train.seq_len // 2
     totals = {"model": 0.0, "ngram": 0.0, "unigram": 0.0, "chars": 0}
     blen, clen = token_byte_lengths(tok), token_char_lengths(tok)
     for name, parts in splits.items():
@@ -218,20 +223,25 @@ def quality_report(run: str | Path, prompt: str = "床前明月光，疑是地�
             raise DataError(f"the preprocessed corpus '{name}' has {len(indexed)} documents, the corpus "
                             f"{sum(len(p) for p in parts.values())}; clear the cache ({indexed.idx_path})")
         test_ids = split_documents(len(indexed), cfg.data.split, cfg.data.seed)["test"]
-        pieces = eval_sequences(GPTDataset(indexed, np.asarray(test_ids), cfg.train.seq_len, "test"))
-        res = evaluate(lm.model, pieces, blen, batch_size=batch_size, char_lengths=clen)
+        test = GPTDataset(indexed, np.asarray(test_ids), cfg.train.seq_len, "test")
+        # with context, as the n-gram always has its n-1 characters: every target after the first seq_len/2
+        # sees at least seq_len/2 tokens (Megatron's overlapping evaluation); beside it, disjoint windows
+        res = evaluate(lm.model, eval_sequences(test, context), blen, batch_size=batch_size, char_lengths=clen)
+        disjoint = evaluate(lm.model, eval_sequences(test), blen, batch_size=batch_size, char_lengths=clen)
         docs = parts["test"]
         chars = sum(map(len, docs))
         ng, uni = bits_per_char(anchors["ngram"], docs), bits_per_char(anchors["unigram"], docs)
-        rows[name] = {"model": res.bits_per_char, "ngram": ng, "unigram": uni, "chars": chars,
-                      "model_chars": res.chars, "model_loss": res.loss}
+        rows[name] = {"model": res.bits_per_char, "model_disjoint": disjoint.bits_per_char, "ngram": ng,
+                      "unigram": uni, "chars": chars, "model_chars": res.chars, "model_loss": res.loss}
         totals["model"] += res.bits_per_char * res.chars
+        totals["model_disjoint"] = totals.get("model_disjoint", 0.0) + disjoint.bits_per_char * disjoint.chars
         totals["ngram"] += ng * chars
         totals["unigram"] += uni * chars
         totals["chars"] += chars
         model_chars = totals.get("model_chars", 0) + res.chars
         totals["model_chars"] = model_chars
-    rows["all"] = {"model": totals["model"] / totals["model_chars"], "ngram": totals["ngram"] / totals["chars"],
+    rows["all"] = {"model": totals["model"] / totals["model_chars"],
+                   "model_disjoint": totals["model_disjoint"] / totals["model_chars"], "ngram": totals["ngram"] / totals["chars"],
                    "unigram": totals["unigram"] / totals["chars"], "chars": totals["chars"]}
     for r in rows.values():
         r["gain_vs_ngram"] = 1 - r["model"] / r["ngram"]
@@ -247,7 +257,7 @@ def quality_report(run: str | Path, prompt: str = "床前明月光，疑是地�
     poems = poem_figures(sample, prompt, anchors["alphabet"], num_poems)
     if chat is None and (run / "sft.json").is_file():
         chat = lambda: chat_row(lm)  # noqa: E731 - the run ends with the SFT stage: it is meant to chat
-    return {"run": str(run), "corpus": cfg.data.corpus, "ngram_order": anchors["ngram"].order,
+    return {"run": str(run), "corpus": cfg.data.corpus, "eval_context": context, "ngram_order": anchors["ngram"].order,
             "ngram_valid_bpc_by_order": anchors["valid_bpc_by_order"], "bits_per_char": rows,
             "prompt": prompt, "poems": poems.to_dict(), "chat": chat() if chat is not None else None}
 
