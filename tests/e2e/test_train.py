@@ -79,6 +79,24 @@ def test_train_and_eval_report_the_same_test_loss(full_run, capsys):
     assert got["loss"] == pytest.approx(test["loss"], rel=1e-5)
 
 
+def test_quality_report_scores_the_test_split_as_eval_does(full_run, capsys):
+    """benchmarks/quality.py's model figures: disjoint windows = `mtnlg eval --split test`, with context =
+    `mtnlg eval --context seq_len/2`; the n-gram and unigram on the same documents."""
+    from mtnlg.eval.quality import quality_report
+
+    report = quality_report(full_run, num_poems=2, orders=(2,))
+    row = report["bits_per_char"]["all"]
+    context = report["eval_context"]
+    assert context == 32
+    capsys.readouterr()
+    for flag, key in (([], "model_disjoint"), (["--context", str(context)], "model")):
+        assert main(["eval", "--checkpoint", str(full_run), "--split", "test", "--json", *flag]) == 0
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert row[key] == pytest.approx(got["bits_per_char"], rel=1e-6)
+    assert row["model"] != pytest.approx(row["model_disjoint"], rel=1e-6)
+    assert row["unigram"] > row["ngram"] > 0 and report["poems"]["n"] == 2
+
+
 def test_resume_after_sigterm_is_bit_exact(full_run, tmp_path):
     """SIGTERM at step 7 saves a checkpoint and stops; resuming gives exactly the uninterrupted curve."""
     from mtnlg.train.loop import Trainer
