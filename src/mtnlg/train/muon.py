@@ -42,16 +42,24 @@ def is_muon_matrix(name: str, p: torch.Tensor) -> bool:
 
 
 def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
-    """Newton-Schulz orthogonalization of a matrix or a stack of matrices ``[..., A, B]`` in fp32."""
+    """Newton-Schulz orthogonalization of a matrix or a stack of matrices ``[..., A, B]`` in fp32.
+
+    Each iteration is ``x <- a x + (b G + c G G) x`` with ``G = x xᵀ``, written as three fused
+    multiply-adds (``addmm``/``baddbmm``, as ``torch.optim.Muon`` does) instead of separate scalings and sums."""
     a, b, c = NS_COEFFICIENTS
     x = g.float()
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=EPS)
+    batched = x.dim() > 2
+    if x.dim() > 3:
+        x = x.reshape(-1, *x.shape[-2:])
+    fma = torch.baddbmm if batched else torch.addmm
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = fma(x, fma(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x.reshape(*g.shape[:-2], *x.shape[-2:]) if batched else x
     return x.mT if tall else x
 
 
@@ -96,7 +104,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict) -> None:
         lr, wd, m = group["lr"], group["weight_decay"], group["momentum"]
-        by_shape: dict[tuple[int, ...], list[tuple[nn.Parameter, torch.Tensor]]] = {}
+        by_shape: dict[tuple[int, ...], list[tuple[nn.Parameter, bool, torch.Tensor]]] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -107,11 +115,15 @@ class MuonAdamW(torch.optim.Optimizer):
             buf.lerp_(p.grad, 1 - m)
             update = p.grad.lerp(buf, m)  # Nesterov
             full = update.full_tensor() if _is_dtensor(update) else update
-            by_shape.setdefault(tuple(full.shape), []).append((p, full))
+            # one batch per shape up to transposition (FC1's [4h, h] goes with FC2's [h, 4h]): orthogonalizing
+            # the transpose gives the transpose of the result
+            tall = full.size(0) > full.size(1)
+            by_shape.setdefault(tuple(sorted(full.shape)), []).append((p, tall, full.mT if tall else full))
         for shape, items in by_shape.items():
-            ortho = orthogonalize(torch.stack([u for _, u in items]))
+            ortho = orthogonalize(torch.stack([u for _, _, u in items]))
             scale = lr * 0.2 * math.sqrt(max(shape))
-            for (p, _), o in zip(items, ortho, strict=True):
+            for (p, tall, _), o in zip(items, ortho, strict=True):
+                o = o.mT if tall else o
                 if _is_dtensor(p):
                     from torch.distributed.tensor import distribute_tensor
 
