@@ -27,6 +27,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Keller Jordan's quintic iteration)
 NS_STEPS = 5
@@ -61,10 +62,6 @@ def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
         x = fma(x, fma(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     x = x.reshape(*g.shape[:-2], *x.shape[-2:]) if batched else x
     return x.mT if tall else x
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -114,7 +111,7 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - m)
             update = p.grad.lerp(buf, m)  # Nesterov
-            full = update.full_tensor() if _is_dtensor(update) else update
+            full = update.full_tensor() if isinstance(update, DTensor) else update
             # one batch per shape up to transposition (FC1's [4h, h] goes with FC2's [h, 4h]): orthogonalizing
             # the transpose gives the transpose of the result
             tall = full.size(0) > full.size(1)
@@ -124,9 +121,7 @@ class MuonAdamW(torch.optim.Optimizer):
             scale = lr * 0.2 * math.sqrt(max(shape))
             for (p, tall, _), o in zip(items, ortho, strict=True):
                 o = o.mT if tall else o
-                if _is_dtensor(p):
-                    from torch.distributed.tensor import distribute_tensor
-
+                if isinstance(p, DTensor):
                     o = distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None)  # this rank's part
                 p.mul_(1 - lr * wd)
                 p.add_(o.to(p.dtype), alpha=-scale)

@@ -25,16 +25,13 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mtnlg.config import TrainConfig
 from mtnlg.errors import ConfigError
 from mtnlg.train.muon import build_muon
 
 # -- AdamW / Muon --------------------------------------------------------------------------------------
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    return type(p).__name__ == "DTensor"
 
 
 def unique_parameters(model_parts: Iterable[nn.Module]) -> Iterator[tuple[str, nn.Parameter]]:
@@ -90,7 +87,7 @@ def set_kernel(optimizer: torch.optim.Optimizer, fused: bool = True) -> None:
     Call again after loading a state dict saved under another layout (its param groups carry the
     saving layout's choice)."""
     for g in optimizer.param_groups:
-        meshes = {id(p.device_mesh) if _is_dtensor(p) else None for p in g["params"]}
+        meshes = {id(p.device_mesh) if isinstance(p, DTensor) else None for p in g["params"]}
         g["fused"] = bool(fused and len(meshes) <= 1) or None
         g["foreach"] = None if g["fused"] or meshes == {None} else False
 
