@@ -209,7 +209,8 @@ class Trainer:
         out = self.engine.train_step(micro)
         loss = float(out.loss)
         grad_norm = float(self.engine.clip_grad_norm_(tc.grad_clip if tc.grad_clip > 0 else float("inf")))
-        bad = not (math.isfinite(loss) and math.isfinite(grad_norm) and self.engine.grads_finite())
+        # a finite global norm (summed over every rank's gradients) means every gradient is finite: no second pass
+        bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
         bad, stop = self._agree(bad)
         lr = self.optimizers[0].param_groups[-1]["lr"]  # AdamW's (train.lr); Muon's: train.muon_lr or 4x
         if bad:
