@@ -4,7 +4,6 @@ and a spawner for gloo ranks (each rank runs several layouts in sequence to save
 from __future__ import annotations
 
 import dataclasses
-
 import faulthandler
 import os
 import socket

@@ -329,7 +329,7 @@ def check_optimizer(path: Path, meta_keys: Iterable[str], optimizers: Sequence[t
     if not keys or not optimizers:
         return
     saved = "muon" if any(k.endswith(".momentum_buffer") for k in keys) else "adamw"
-    mine = "muon" if type(optimizers[0]).__name__ == "MuonAdamW" else "adamw"
+    mine = "muon" if any(g.get("muon") and g["params"] for opt in optimizers for g in opt.param_groups) else "adamw"
     if saved != mine:
         raise CheckpointError(f"{path}: trained with train.optimizer={saved} but this run uses {mine}; resume with "
                               f"--train.optimizer={saved}, or start over with --checkpoint.resume=none")

@@ -215,7 +215,7 @@ def quality_report(run: str | Path, prompt: str = "床前明月光，疑是地�
     anchors = fit_anchors(splits, orders)
     rows: dict[str, dict[str, float]] = {}
     context = cfg.train.seq_len // 2
-    totals = {"model": 0.0, "ngram": 0.0, "unigram": 0.0, "chars": 0}
+    totals = {"model": 0.0, "model_disjoint": 0.0, "model_chars": 0, "ngram": 0.0, "unigram": 0.0, "chars": 0}
     blen, clen = token_byte_lengths(tok), token_char_lengths(tok)
     for name, parts in splits.items():
         indexed = IndexedDataset(corpus_prefix(name, tok))
@@ -234,15 +234,15 @@ def quality_report(run: str | Path, prompt: str = "床前明月光，疑是地�
         rows[name] = {"model": res.bits_per_char, "model_disjoint": disjoint.bits_per_char, "ngram": ng,
                       "unigram": uni, "chars": chars, "model_chars": res.chars, "model_loss": res.loss}
         totals["model"] += res.bits_per_char * res.chars
-        totals["model_disjoint"] = totals.get("model_disjoint", 0.0) + disjoint.bits_per_char * disjoint.chars
+        totals["model_disjoint"] += disjoint.bits_per_char * disjoint.chars
+        totals["model_chars"] += res.chars
         totals["ngram"] += ng * chars
         totals["unigram"] += uni * chars
         totals["chars"] += chars
-        model_chars = totals.get("model_chars", 0) + res.chars
-        totals["model_chars"] = model_chars
     rows["all"] = {"model": totals["model"] / totals["model_chars"],
-                   "model_disjoint": totals["model_disjoint"] / totals["model_chars"], "ngram": totals["ngram"] / totals["chars"],
-                   "unigram": totals["unigram"] / totals["chars"], "chars": totals["chars"]}
+                   "model_disjoint": totals["model_disjoint"] / totals["model_chars"],
+                   "ngram": totals["ngram"] / totals["chars"], "unigram": totals["unigram"] / totals["chars"],
+                   "chars": totals["chars"]}
     for r in rows.values():
         r["gain_vs_ngram"] = 1 - r["model"] / r["ngram"]
 
