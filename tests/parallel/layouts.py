@@ -11,8 +11,7 @@ from tests.parallel.harness import STEPS, micro_batches, run_steps, tiny_config
 
 def run_layouts(layouts: list[dict], uneven: bool = True) -> dict[str, object]:
     """Run each layout (parallel overrides, plus optional "_micro", "_vocab", "_dropout", "_steps",
-    "_muon") for
-    10 steps (or "_steps"), then the eval loss of a held-out batch."""
+    "_muon") for 10 steps (or "_steps"), then the eval loss of a held-out batch."""
     out = {}
     for spec in layouts:
         spec = dict(spec)
