@@ -31,6 +31,10 @@ def test_yaml_and_overrides(tmp_path):
     ("--parallel.pp_schedule=1f1x", r"did you mean '1f1b'"),
     ("--data.split=1,2", r"data.split"),
     ("--train.seq_len=4096", r"exceeds model.max_seq_len"),
+    ("--train.long_seq_len=1024", r"train.long_seq_len=1024 must be .* at most model.max_seq_len=512"),
+    ("--train.long_seq_len=200", r"train.long_seq_len=200 must be a multiple .* of train.seq_len=128"),
+    ("--train.long_seq_len=128", r"train.long_seq_len=128 must be a multiple \(2x or more\)"),
+    ("--train.long_seq_every=-1", r"train.long_seq_every must be >= 0"),
     ("steps=3", r"must name a section"),
 ])
 def test_override_errors(override, pattern):
@@ -93,3 +97,15 @@ def test_pre_process_first_and_post_process_last_change_the_pipeline_split():
         Config.from_dict({"model": {"num_layers": 2, "pre_process_first": True}, "parallel": {"pp": 2}}).validate()
     with pytest.raises(ConfigError, match="= 4 stages but model.num_layers=2"):  # neither flag is to blame
         Config.from_dict({"model": {"num_layers": 2}, "parallel": {"pp": 4}}).validate()
+
+
+def test_long_steps_resolve_from_the_model_and_turn_off():
+    """train.long_seq_len none = the longest multiple of seq_len within model.max_seq_len (512 / 128: four
+    sequences packed into one); off with long_seq_every=0 or when no two sequences fit."""
+    assert Config.load(None, []).long_span() == 4
+    assert Config.load(None, ["--train.long_seq_len=256"]).long_span() == 2
+    assert Config.load(None, ["--parallel.pp=2", "--model.num_layers=4"]).long_span() == 4
+    assert Config.load(None, ["--train.seq_len=48"]).long_span() == 10  # 480 of the 512 positions: the most
+    assert Config.load(None, ["--model.max_seq_len=200"]).long_span() == 1  # nothing to pack: none
+    for off in (["--train.long_seq_every=0"], ["--model.max_seq_len=128"]):
+        assert Config.load(None, off).long_span() == 1, off

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mtnlg.config_types import check_type
+from mtnlg.config_types import apply_overrides, check_type, choice as _choice, parse_value  # noqa: F401
 from mtnlg.data.corpora import corpus_weights
 from mtnlg.errors import ConfigError, did_you_mean
 
@@ -218,6 +218,11 @@ class TrainConfig:
     eval_batches: int = 0  # valid evaluations: at most this many global batches of sequences; 0 = the whole split
     max_bad_steps: int = 5
     max_time_s: float | None = None  # stop (and checkpoint) after this much wall time
+    # Every long_seq_every-th step trains on long_seq_len-token sequences (a multiple of seq_len; the same tokens a
+    # step where the batch divides): short sequences for speed, long ones so that every learned position is trained.
+    # None = the longest multiple of seq_len within model.max_seq_len.
+    long_seq_len: int | None = None
+    long_seq_every: int = 10  # 0 = no long steps
 
     def validate(self) -> None:
         for name in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_interval", "max_bad_steps"):
@@ -235,7 +240,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "eval_batches", "warmup_steps", "threads"):  # 0: none / all / auto
+        for name in ("weight_decay", "grad_clip", "eval_batches", "warmup_steps", "threads",
+                     "long_seq_every"):  # 0: none / all / auto / off
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not self.eps > 0:
@@ -364,7 +370,24 @@ class Config:
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                               f"lower train.seq_len or raise model.max_seq_len")
+        self._check_long_steps()
         return self
+
+    def long_seq_len(self) -> int:
+        """``train.long_seq_len`` resolved (None: the longest multiple of ``train.seq_len`` in ``model.max_seq_len``)."""
+        t = self.train
+        return t.long_seq_len if t.long_seq_len is not None else self.model.max_seq_len // t.seq_len * t.seq_len
+
+    def long_span(self) -> int:
+        """Sequences of ``train.seq_len`` packed into one on a long step (``train.long_seq_every``); 1 = none."""
+        return max(1, self.long_seq_len() // self.train.seq_len) if self.train.long_seq_every else 1
+
+    def _check_long_steps(self) -> None:
+        t, n = self.train, self.train.long_seq_len
+        if t.long_seq_every and n is not None and (n % t.seq_len or n < 2 * t.seq_len or n > self.model.max_seq_len):
+            raise ConfigError(f"train.long_seq_len={n} must be a multiple (2x or more) of train.seq_len={t.seq_len}, "
+                              f"at most model.max_seq_len={self.model.max_seq_len}: change it, leave it unset (the "
+                              f"longest that fits) or set train.long_seq_every=0")
 
     def _check_pipeline_accounting(self) -> None:
         """With model.pre_process_first / post_process_last the embedding / head count as a layer of the
@@ -425,14 +448,6 @@ class Config:
         return cfg.validate()
 
 
-SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
-
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}='{value}' is not one of {list(choices)}" + did_you_mean(value, choices))
-
-
 def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -450,50 +465,3 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
         else:
             kwargs[key] = check_type(full, value, tp)
     return cls(**kwargs)
-
-
-def all_keys() -> list[str]:
-    """Every valid ``section.key``."""
-    return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(Config(), s))]
-
-
-def parse_value(text: str) -> Any:
-    """Parse a CLI value the way YAML would (``1e-3`` -> float, ``[3,5]`` -> list, ``none`` -> None)."""
-    if text.strip().lower() in ("none", "null", "~"):
-        return None
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-3" as a string
-            return float(value) if any(c.isdigit() for c in value) and value.lower().lstrip("+-") not in ("inf", "nan") else value
-        except ValueError:
-            return value
-    return value
-
-
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``section.key=value`` (or ``--section.key=value``) strings to ``cfg`` in place."""
-    for item in overrides:
-        text = item[2:] if item.startswith("--") else item
-        if "=" not in text:
-            raise ConfigError(f"override '{item}' must look like --section.key=value")
-        key, raw = text.split("=", 1)
-        if "." not in key:
-            raise ConfigError(f"override '{item}' must name a section and a key, e.g. --train.steps=10"
-                              + did_you_mean(key, all_keys()))
-        section, name = key.split(".", 1)
-        if section not in SECTIONS:
-            raise ConfigError(f"unknown key '{key}': no section '{section}' (sections: {', '.join(SECTIONS)})"
-                              + did_you_mean(key, all_keys()))
-        sub = getattr(cfg, section)
-        hints = typing.get_type_hints(type(sub))
-        if name not in hints:
-            raise ConfigError(f"unknown key '{key}'" + did_you_mean(key, all_keys()))
-        try:
-            value = check_type(key, parse_value(raw), hints[name])
-        except ConfigError:
-            value = check_type(key, raw, hints[name])  # e.g. a str field given "12345"
-        setattr(sub, name, value)
-    return cfg

@@ -41,6 +41,29 @@ def test_samples_are_packed_across_document_boundaries(tmp_path):
         np.testing.assert_array_equal(item.numpy(), stream[i * 8:i * 8 + 9])  # EOD between documents
 
 
+def test_a_window_is_consecutive_samples_read_as_one_sequence(tmp_path):
+    """window(i, span): the span * seq_len + 1 tokens from sample i's start (wrapping round the stream),
+    so its inputs and targets are exactly those of samples i .. i + span - 1; a blend reads within the part."""
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(1, 1000, size=n) for n in rng.integers(1, 30, size=20)]
+    ds = IndexedDataset(_prefix(tmp_path / "p", docs))
+    gpt = GPTDataset(ds, np.arange(20), seq_len=8)
+    stream = np.concatenate([np.append(d, 0) for d in docs])
+    n = len(gpt)
+    for i in range(n):
+        w = gpt.window(i, 3)
+        assert w.shape == (25,) and torch.equal(gpt.window(i, 1), gpt[i])
+        np.testing.assert_array_equal(w.numpy(), np.resize(np.roll(stream, -i * 8), 25))  # cyclic
+        if i + 3 <= n:
+            assert torch.equal(w[:-1], torch.cat([gpt[j][:-1] for j in range(i, i + 3)]))
+            assert torch.equal(w[1:], torch.cat([gpt[j][1:] for j in range(i, i + 3)]))
+    other = GPTDataset(IndexedDataset(_prefix(tmp_path / "q", [[7] * 40])), np.arange(1), seq_len=8)
+    blend = BlendedDataset([gpt, other], [0.5, 0.5])
+    for i in range(10):
+        part = blend.datasets[int(blend.dataset_index[i])]
+        assert torch.equal(blend.window(i, 2), part.window(int(blend.sample_index[i]), 2))
+
+
 def test_split_shorter_than_a_sequence_wraps(tmp_path):
     ds = IndexedDataset(_prefix(tmp_path / "s", [[5, 6], [7]]))
     gpt = GPTDataset(ds, np.array([1, 0]), seq_len=8)
@@ -104,6 +127,22 @@ def test_sampler_restored_continues_with_identical_samples():
     assert flat[:50] != list(range(50)) and flat[50:100] != flat[:50]  # shuffled, differently per epoch
     with pytest.raises(DataError, match="num_samples"):
         BatchSampler(51, seed=11).load_state_dict(state)
+
+
+def test_a_packed_batch_draws_one_index_per_long_sequence_and_counts_its_tokens():
+    """next_batch(8, span=4): 2 indices (each the first of 4 samples read as one), the next 2 of the
+    permutation; ``consumed`` grows by 8 samples' worth of tokens; ranks split the 2 long sequences."""
+    ref, packed = BatchSampler(50, seed=3), BatchSampler(50, seed=3)
+    for g, span in [(8, 1), (8, 4), (8, 1), (12, 4), (16, 2)]:
+        before = packed.consumed
+        got = packed.next_batch(g, span)
+        assert got == ref.next_batch(g // span) and packed.consumed == before + g
+    ranks = [BatchSampler(50, seed=3, dp_rank=r, dp_size=2) for r in range(2)]
+    assert [i for r in ranks for i in r.next_batch(8, span=4)] == BatchSampler(50, seed=3).next_batch(8, 4)
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        BatchSampler(50, seed=3).next_batch(6, span=4)
+    with pytest.raises(ConfigError, match="data-parallel size 2"):
+        ranks[0].next_batch(4, span=4)  # one long sequence for two ranks
 
 
 def test_data_parallel_ranks_are_disjoint_and_union_is_the_single_process_batch():

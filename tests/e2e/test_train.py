@@ -51,6 +51,9 @@ def test_run_directory_metrics_and_plots(full_run, tmp_path, capsys):
             assert isinstance(r[key], float) and r[key] > 0, key
         assert isinstance(r["comm_bytes"], dict) and r["skipped"] is False
     assert train[-1]["loss"] < train[0]["loss"] - 0.5  # it learns
+    # every 10th step trains on sequences of model.max_seq_len (128): 4 of them, the same 512 tokens as 8 of 64
+    assert [(r["seq_len"], r["batch_size"]) for r in train] == ([(64, 8)] * 9 + [(128, 4)]) * 2
+    assert [r["tokens"] for r in train] == [512 * s for s in range(1, 21)]
     assert [r["step"] for r in records if r["split"] == "valid"] == [10, 20]
     (test,) = [r for r in records if r["split"] == "test"]
     assert test["step"] == 20 and test["ppl"] == pytest.approx(2.718281828 ** test["loss"], rel=1e-6)
@@ -233,3 +236,14 @@ def test_batch_ramp_in_the_loop(tmp_path):
     train = [r for r in read_metrics(tmp_path / "ramp" / "metrics.jsonl") if r["split"] == "train"]
     assert [r["batch_size"] for r in train] == [4, 4, 4, 4, 8, 8]
     assert [r["tokens"] for r in train] == [256, 512, 768, 1024, 1536, 2048]
+
+
+def test_a_long_step_that_cannot_keep_the_tokens_reads_one_sequence(tmp_path):
+    """One sequence of 64 a step, every 2nd step one of 128 (twice the tokens: a long step packs at least
+    one sequence); the token count and the sampler follow what was read."""
+    args = ["--train.steps=4", "--train.global_batch_size=1", "--train.micro_batch_size=1",
+            "--train.long_seq_every=2", "--log.tensorboard=false", "--checkpoint.interval=0"]
+    assert _train(tmp_path / "one", *args) == 0
+    train = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if r["split"] == "train"]
+    assert [(r["seq_len"], r["batch_size"]) for r in train] == [(64, 1), (128, 1)] * 2
+    assert [r["tokens"] for r in train] == [64, 192, 256, 384]

@@ -186,10 +186,16 @@ class GPTDataset(Dataset):
         return self.num_samples
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        return self.window(i, 1)
+
+    def window(self, i: int, span: int) -> torch.Tensor:
+        """Samples ``i .. i + span - 1`` as one sequence: the ``span * seq_len + 1`` tokens from sample i's start
+        (training's long steps; ``span=1`` is sample ``i``)."""
         if not -self.num_samples <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for the {self.name} split ({self.num_samples} samples)")
         i %= self.num_samples
-        need, out, filled = self.seq_len + 1, np.empty(self.seq_len + 1, np.int64), 0
+        need = span * self.seq_len + 1
+        out, filled = np.empty(need, np.int64), 0
         pos = i * self.seq_len % self.num_tokens
         k = int(np.searchsorted(self._starts, pos, side="right")) - 1
         off = pos - int(self._starts[k])
@@ -296,7 +302,11 @@ class BlendedDataset(Dataset):
         return self.size
 
     def __getitem__(self, i: int):
-        return self.datasets[int(self.dataset_index[i])][int(self.sample_index[i])]
+        return self.window(i, 1)
+
+    def window(self, i: int, span: int) -> torch.Tensor:
+        """Item ``i``'s sample and the ``span - 1`` that follow it in its dataset, as one sequence."""
+        return self.datasets[int(self.dataset_index[i])].window(int(self.sample_index[i]), span)
 
 
 def parse_paths(paths: list[Any]) -> list[tuple[float | None, str]]:
@@ -374,7 +384,7 @@ class BatchSampler:
         self.num_samples, self.seed, self.dp_rank, self.dp_size = int(num_samples), int(seed), dp_rank, dp_size
         self.epoch = 0
         self.position = 0  # samples of the current epoch already handed out
-        self.consumed = 0  # samples handed out in total (all ranks together)
+        self.consumed = 0  # samples' worth of tokens handed out in total, all ranks (a packed sequence: span)
         self._perm: tuple[int, np.ndarray] | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -382,24 +392,29 @@ class BatchSampler:
             self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_samples))
         return self._perm[1]
 
-    def next_batch(self, global_batch_size: int) -> list[int]:
-        """The next global batch's indices for this rank (``global_batch_size // dp_size`` of them)."""
-        if global_batch_size < 1 or global_batch_size % self.dp_size:
-            raise ConfigError(f"train.global_batch_size={global_batch_size} must be a positive multiple of the "
-                              f"data-parallel size {self.dp_size}")
+    def next_batch(self, global_batch_size: int, span: int = 1) -> list[int]:
+        """The next global batch's indices for this rank (``global_batch_size // dp_size`` of them).
+
+        ``span > 1`` (a long step of training): ``global_batch_size // span`` indices, each the first of ``span``
+        samples read as one sequence (:meth:`GPTDataset.window`); ``consumed`` still grows by
+        ``global_batch_size``, so that it counts samples' worth of tokens on every step."""
+        count, rem = divmod(global_batch_size, span)
+        if count < 1 or rem or count % self.dp_size:
+            raise ConfigError(f"train.global_batch_size={global_batch_size} must be a positive multiple of "
+                              f"{span} (sequences packed into one) x the data-parallel size {self.dp_size}")
         if self.num_samples == 0:
             raise DataError("the dataset has no samples; add data or lower train.seq_len")
-        batch, filled = np.empty(global_batch_size, np.int64), 0
-        while filled < global_batch_size:
+        batch, filled = np.empty(count, np.int64), 0
+        while filled < count:
             perm = self._permutation(self.epoch)
-            take = min(global_batch_size - filled, self.num_samples - self.position)
+            take = min(count - filled, self.num_samples - self.position)
             batch[filled:filled + take] = perm[self.position:self.position + take]
             filled += take
             self.position += take
             if self.position == self.num_samples:
                 self.epoch, self.position = self.epoch + 1, 0
         self.consumed += global_batch_size
-        per = global_batch_size // self.dp_size
+        per = count // self.dp_size
         return batch[self.dp_rank * per:(self.dp_rank + 1) * per].tolist()
 
     def state_dict(self) -> dict:

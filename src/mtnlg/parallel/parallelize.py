@@ -141,13 +141,19 @@ def _agreed(costs: tuple[list[float], float, float]) -> tuple[list[float], float
     return vals[:-2], vals[-2], vals[-1]
 
 
-def _setup_pipeline(pm: ParallelModel) -> None:
-    """The schedule's stages, and the group that sums the tied embedding's two copies' gradients."""
+def pipeline_stages(pm: ParallelModel) -> list:
+    """This rank's pipeline stages over its model parts. A stage learns its activations' shapes on its first
+    step, so each sequence length (the loop's long steps: ``train.long_seq_every``) has its own."""
     from torch.distributed.pipelining import PipelineStage
 
     group = pm.mesh["pp"].get_group()
-    pm.stages = [PipelineStage(part, sid, pm.num_stages, pm.device, group=group)
-                 for part, sid in zip(pm.parts, pm.stage_ids)]
+    return [PipelineStage(part, sid, pm.num_stages, pm.device, group=group)
+            for part, sid in zip(pm.parts, pm.stage_ids)]
+
+
+def _setup_pipeline(pm: ParallelModel) -> None:
+    """The schedule's stages, and the group that sums the tied embedding's two copies' gradients."""
+    pm.stages = pipeline_stages(pm)
     for part in pm.parts:
         if part.tok_embeddings is not None:
             pm.emb_params.append(part.tok_embeddings.weight)
@@ -157,7 +163,7 @@ def _setup_pipeline(pm: ParallelModel) -> None:
         return
     pp = pm.layout.pp
     if pp == 2:
-        pm.emb_group = group
+        pm.emb_group = pm.mesh["pp"].get_group()
         return
     grid = pm.mesh.mesh.reshape(pp, -1)
     last_pp = (pm.num_stages - 1) % pp

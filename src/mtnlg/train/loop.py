@@ -130,7 +130,6 @@ class Trainer:
         self.step = 0
         self.bad_in_a_row = 0
         self.skipped_steps = 0
-        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak_tflops: float | None = None
         self.writer: MetricsWriter | None = None
         self._stop_signal: int | None = None
@@ -186,9 +185,21 @@ class Trainer:
         return self.resumed_from
 
     # -- one step ---------------------------------------------------------------------------------
-    def _batch(self, indices: list[int], dataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        tokens = torch.stack([dataset[i] for i in indices]).to(self.device, non_blocking=True)
-        mbs = self.cfg.train.micro_batch_size
+    def span(self, step: int) -> int:
+        """Sequences of ``train.seq_len`` packed into one at 0-based ``step``: ``long_seq_len / seq_len`` on every
+        ``train.long_seq_every``-th step, else 1."""
+        every = self.cfg.train.long_seq_every
+        return self.cfg.long_span() if every and (step + 1) % every == 0 else 1
+
+    def _long_batch(self, batch_size: int, span: int) -> tuple[int, int]:
+        """A step's (global sequences, micro-batch size) with ``span`` short sequences packed into each: the same
+        tokens as ``batch_size`` short ones where they divide evenly, else at least one sequence a micro-batch."""
+        mbs = max(1, self.cfg.train.micro_batch_size // span)
+        per_rank = batch_size // self.engine.dp_size // span // mbs * mbs
+        return max(mbs, per_rank) * self.engine.dp_size, mbs
+
+    def _batch(self, indices: list[int], dataset, span: int, mbs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        tokens = torch.stack([dataset.window(i, span) for i in indices]).to(self.device, non_blocking=True)
         return [(t[:, :-1], t[:, 1:]) for t in tokens.split(mbs)]
 
     def _agree(self, bad: bool) -> tuple[bool, bool]:
@@ -204,8 +215,10 @@ class Trainer:
         """One optimizer step (or a skipped one); returns its metrics record."""
         tc = self.cfg.train
         t0 = time.perf_counter()
-        batch_size = self.ramp.batch_size(self.sampler.consumed)
-        micro = self._batch(self.sampler.next_batch(batch_size), self.datasets["train"])
+        span = self.span(self.step)
+        batch_size, mbs = self._long_batch(self.ramp.batch_size(self.sampler.consumed), span)
+        indices = self.sampler.next_batch(batch_size * span, span)
+        micro = self._batch(indices, self.datasets["train"], span, mbs)
         out = self.engine.train_step(micro)
         loss = float(out.loss)
         grad_norm = float(self.engine.clip_grad_norm_(tc.grad_clip if tc.grad_clip > 0 else float("inf")))
@@ -232,10 +245,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        tokens = batch_size * tc.seq_len
-        tflops = self.flops_per_token * tokens / dt / self.world / 1e12
+        tokens = batch_size * span * tc.seq_len
+        tflops = flops_per_token(self.cfg.model, span * tc.seq_len) * tokens / dt / self.world / 1e12
         record = {"step": self.step, "split": "train", "loss": loss, "ppl": perplexity(loss), "lr": lr,
-                  "grad_norm": grad_norm, "batch_size": batch_size, "tokens": self.sampler.consumed * tc.seq_len,
+                  "grad_norm": grad_norm, "batch_size": batch_size, "seq_len": span * tc.seq_len,
+                  "tokens": self.sampler.consumed * tc.seq_len,
                   "tokens_per_s": tokens / dt, "step_time_s": dt, "tflops": tflops,
                   "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                   "mem_mb": peak_memory_mb(self.device), "comm_bytes": self.engine.comm_bytes(),

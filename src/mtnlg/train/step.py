@@ -37,7 +37,7 @@ from mtnlg.parallel import pipeline as pipe
 from mtnlg.parallel.comm import CommCounter
 from mtnlg.parallel.data import OuterSync, local, local_param_bytes
 from mtnlg.parallel.mesh import build_mesh, sub
-from mtnlg.parallel.parallelize import ParallelModel, parallelize
+from mtnlg.parallel.parallelize import ParallelModel, parallelize, pipeline_stages
 from mtnlg.parallel.tensor import tp_model_config, vocab_mask
 from mtnlg.train.loss import IGNORE, cross_entropy_sum, linear_cross_entropy
 
@@ -84,7 +84,8 @@ class TrainStep:
         self._mask = mask
         # the chunked head + loss needs the plain head weight (not sharded by TP or FSDP, one stage)
         self.chunked = cfg.train.chunked_loss and self.layout.pp == 1 and self.layout.tp == 1 and pm.dp_mesh is None
-        self._schedules: dict[int, object] = {}
+        self._schedules: dict[tuple[int, int], object] = {}  # (micro-batches, sequence length) -> schedule
+        self._stages: dict[int, list] = {}  # sequence length -> pipeline stages (each infers its shapes once)
         self.outer: OuterSync | None = None
         if self.layout.sync_every > 1:
             if self.layout.dp_replicate == 1:
@@ -206,11 +207,17 @@ class TrainStep:
         x = torch.cat([b[0] for b in micro_batches])
         y = torch.cat([b[1] for b in micro_batches])
         n = self.layout.pp_microbatches or len(micro_batches)
+        if x.shape[1] > self.cfg.train.seq_len:  # a long step (train.long_seq_every): fewer, longer sequences
+            n = min(n, x.shape[0])
         if x.shape[0] % n:
             raise ConfigError(f"parallel.pp_microbatches={n} does not divide the {x.shape[0]} sequences of a "
                               f"step on this rank; pick a divisor")
-        if n not in self._schedules:
-            self._schedules[n] = pipe.build_schedule(self.layout.pp_schedule, self.pm.stages, n, self._pipe_loss)
+        key = (n, x.shape[1])
+        if key not in self._schedules:
+            if x.shape[1] not in self._stages:
+                self._stages[x.shape[1]] = self.pm.stages if not self._stages else pipeline_stages(self.pm)
+            stages = self._stages[x.shape[1]]
+            self._schedules[key] = pipe.build_schedule(self.layout.pp_schedule, stages, n, self._pipe_loss)
         self._scale, self._acc = scale, []
         args = (x,) if self.pm.is_first_stage else ()
         kwargs = {"target": y, "losses": []} if self.pm.is_last_stage else {}
@@ -218,7 +225,7 @@ class TrainStep:
             # every stage keys its dropout masks on the rows' tokens (the schedule splits them like x)
             kwargs["row_keys"] = row_keys(x)
         with self._ctx(train=True, micro_batches=micro_batches):
-            self._schedules[n].step(*args, **kwargs)
+            self._schedules[key].step(*args, **kwargs)
         # the first step's shape inference also calls the loss (on placeholder values): keep the last n
         return float(sum(self._acc[-n:])) if self.pm.is_last_stage else 0.0
 
