@@ -35,6 +35,8 @@ def test_yaml_and_overrides(tmp_path):
     ("--train.long_seq_len=200", r"train.long_seq_len=200 must be a multiple .* of train.seq_len=128"),
     ("--train.long_seq_len=128", r"train.long_seq_len=128 must be a multiple \(2x or more\)"),
     ("--train.long_seq_every=-1", r"train.long_seq_every must be >= 0"),
+    ("--sft.multi_turn=1.5", r"sft.multi_turn must be in \[0, 1\], got 1.5"),
+    ("--sft.max_turns=0", r"sft.max_turns must be >= 1, got 0"),
     ("steps=3", r"must name a section"),
 ])
 def test_override_errors(override, pattern):

@@ -324,10 +324,14 @@ class SftConfig:
     # default 8.1 bits per character instead of 5.2 (docs/train.md; 150 steps at 1e-3 with replay: 0.04).
     steps: int = 150
     batch_size: int = 16  # conversations per step
-    seq_len: int = 256  # tokens per conversation at most (longer ones are cut)
+    seq_len: int = 512  # tokens per conversation at most (longer ones are cut)
     # Rows of the run's own pre-training text added to each batch, as a fraction of batch_size (0 =
     # none): they keep the language the model learned (built-in corpora only)
-    replay: float = 0.5
+    replay: float = 0.75
+    # The built-in conversations (sft.data unset) go on to another exchange with probability multi_turn, up to
+    # max_turns exchanges: a chat's later replies come after a history, which the model must learn to read past
+    multi_turn: float = 0.5
+    max_turns: int = 4
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 5
@@ -339,7 +343,9 @@ class SftConfig:
                                ("seq_len", self.seq_len >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
                                ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
                                ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-                               ("replay", 0 <= self.replay <= 8, "in [0, 8]")):
+                               ("replay", 0 <= self.replay <= 8, "in [0, 8]"),
+                               ("multi_turn", 0 <= self.multi_turn <= 1, "in [0, 1]"),
+                               ("max_turns", self.max_turns >= 1, ">= 1")):
             if not ok:
                 raise ConfigError(f"sft.{name} must be {rule}, got {getattr(self, name)}")
 

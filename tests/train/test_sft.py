@@ -91,6 +91,9 @@ def test_built_in_conversations_answer_requests_with_whole_poems():
     convs = poem_conversations(poems, per_poem=3, multi_turn=0.5, system=0.5, seed=0)
     assert len(convs) == 12 and any(len(c) > 3 for c in convs) and any(c[0]["role"] == "system" for c in convs)
     assert convs == poem_conversations(poems, per_poem=3, multi_turn=0.5, system=0.5, seed=0)  # deterministic
+    for most in (1, 3):  # multi_turn=1: every conversation goes on, to exactly max_turns exchanges
+        always = poem_conversations(poems, per_poem=2, multi_turn=1.0, system=0.0, seed=0, max_turns=most)
+        assert {sum(m["role"] == "user" for m in c) for c in always} == {most}
     texts = [p.text() for p in poems]
     for conv in convs:
         roles = [m["role"] for m in conv if m["role"] != "system"]

@@ -30,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         cfg.sft.data = args.data
     if args.write_data:
-        from mtnlg.train.sft_data import poem_conversations, write_conversations
+        from mtnlg.train.sft_data import builtin_conversations, write_conversations
 
-        path = write_conversations(poem_conversations(seed=cfg.sft.seed), args.write_data)
+        path = write_conversations(builtin_conversations(cfg.sft), args.write_data)
         print(f"wrote {path}", file=sys.stderr)
         return 0
     if not args.checkpoint or not args.output:

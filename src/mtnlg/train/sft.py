@@ -31,15 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mtnlg.config import Config, SftConfig
 from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.errors import CheckpointError, ConfigError, DataError
 from mtnlg import checkpoint as ckpt
 from mtnlg.checkpoint.trainer_state import load_trainer_state
+from mtnlg.train.loss import linear_cross_entropy
 from mtnlg.train.optim import build_optimizer, build_scheduler
-from mtnlg.train.sft_data import Conversation, load_conversations, poem_conversations
+from mtnlg.train.sft_data import Conversation, builtin_conversations, load_conversations
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,12 @@ def length_bucketed(examples: Sequence[SftExample], batch_size: int, rng: random
 
 def masked_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                 mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross entropy over the masked (assistant) positions; ``reduction="sum"`` for evaluation sums."""
-    logits = model(inputs)
-    picked = logits[mask].float()
-    return F.cross_entropy(picked, targets[mask], reduction=reduction)
+    """Cross entropy over the masked (assistant) positions; ``reduction="sum"`` for evaluation sums. The LM
+    head runs on those positions only, through the chunked head + loss of pre-training (never the
+    [tokens, vocab] logits of the user's turns and the padding)."""
+    hidden = model.hidden_states(inputs)[mask]
+    loss = linear_cross_entropy(hidden, model.output.weight, targets[mask])
+    return loss if reduction == "sum" else loss / max(1, int(mask.sum()))
 
 
 @torch.no_grad()
@@ -211,7 +213,7 @@ def finetune(source: str | Path, output: str | Path, sft: SftConfig,
     source_step = int(ckpt.verify_checkpoint(source_ckpt)["step"])
     source_run = source_ckpt.parent.parent
     if conversations is None:  # read (and checked) before anything is written
-        conversations = load_conversations(sft.data) if sft.data else poem_conversations(seed=sft.seed)
+        conversations = load_conversations(sft.data) if sft.data else builtin_conversations(sft)
     out = Path(output)
     root, same_run = _check_output(out, source_run, run_cfg)
 

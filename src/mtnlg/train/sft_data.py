@@ -113,10 +113,11 @@ def _ask(poem: Poem, rng: random.Random) -> tuple[str, str | None]:
     return rng.choice(ASK).format(t=topic), topic
 
 
-def poem_conversations(poems: Sequence[Poem] | None = None, per_poem: int = 2, multi_turn: float = 0.25,
-                       system: float = 0.15, seed: int = 0) -> list[Conversation]:
-    """The built-in conversation set: ``per_poem`` requests per poem, a share of them with a second turn
-    (another poem) and a share with a system message. Deterministic for ``seed``."""
+def poem_conversations(poems: Sequence[Poem] | None = None, per_poem: int = 2, multi_turn: float = 0.5,
+                       system: float = 0.15, seed: int = 0, max_turns: int = 4) -> list[Conversation]:
+    """The built-in conversation set: ``per_poem`` requests per poem, each going on to another exchange
+    (another poem) with probability ``multi_turn``, up to ``max_turns`` exchanges, and a share with a system
+    message. Deterministic for ``seed``."""
     poems = list(corpus_poems() if poems is None else poems)
     if not poems:
         raise DataError("no regular 5- or 7-character poems to build conversations from")
@@ -129,7 +130,9 @@ def poem_conversations(poems: Sequence[Poem] | None = None, per_poem: int = 2, m
                 conv.append({"role": "system", "content": rng.choice(SYSTEM)})
             ask, _topic = _ask(poem, rng)
             conv += [{"role": "user", "content": ask}, {"role": "assistant", "content": poem.text()}]
-            if rng.random() < multi_turn:
+            turns = 1
+            while turns < max_turns and rng.random() < multi_turn:
+                turns += 1
                 other = rng.choice(poems)
                 topics = other.topics()
                 more = rng.choice(MORE)
@@ -140,6 +143,11 @@ def poem_conversations(poems: Sequence[Poem] | None = None, per_poem: int = 2, m
             out.append(conv)
     rng.shuffle(out)
     return out
+
+
+def builtin_conversations(sft) -> list[Conversation]:
+    """The built-in set as an :class:`~mtnlg.config.SftConfig` asks for it (``seed``, ``multi_turn``, ``max_turns``)."""
+    return poem_conversations(seed=sft.seed, multi_turn=sft.multi_turn, max_turns=sft.max_turns)
 
 
 def load_conversations(path: str | Path) -> list[Conversation]:
