@@ -80,6 +80,27 @@ def test_chat_streams_and_keeps_the_conversation(server, browser, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+@pytest.fixture(scope="module")
+def short_server(lm):
+    with BackgroundServer(create_app(Engine(lm, max_batch=2, max_model_len=64), "tiny")) as srv:
+        yield srv
+
+
+def test_a_long_chat_leaves_out_its_oldest_turns_instead_of_failing(short_server, browser):
+    """A 64-token context: by the third message the history no longer fits beside 16 new tokens; the page
+    leaves out the oldest exchanges (the server says context_length_exceeded) and every message is answered."""
+    browser.open(f"{short_server.url}/?temperature=1&seed=3&max_tokens=16")
+    browser.wait_for("document.readyState === 'complete'")
+    for n, text in enumerate(["the moon is bright", "and the quiet river?", "spring wind and rain", "green hills",
+                              "one more, please"], start=1):
+        browser.eval(f"document.getElementById('input').value = {json.dumps(text)};"
+                     "document.getElementById('composer').requestSubmit()")
+        browser.wait_for(f"document.body.dataset.done === '{n}'")
+    state = json.loads(browser.eval(STATE))
+    assert not state["errors"] and len(state["assistant"]) == 5 and state["history"] == 10, state
+    assert browser.eval("dropped") >= 2 and "earliest messages left out" in state["stats"], state
+
+
 def test_poem_mode_keeps_the_form_and_chinese_renders_as_glyphs(server, browser, tmp_path):
     q = urllib.parse.quote("床前明月光，\n疑是地上霜。")
     browser.open(f"{server.url}/?mode=poem&q={q}&temperature=1&seed=3")

@@ -303,6 +303,7 @@ def test_a_misspelled_field_is_a_400_that_suggests_the_right_one(http, client):
 def test_context_overflow_names_both_numbers(http):
     e = err(http.post("/v1/completions", json={"prompt": "the moon", "max_tokens": 500}), 400)
     assert "128" in e["message"] and "500" in e["message"] and e["param"] == "max_tokens"
+    assert e["code"] == "context_length_exceeded"  # OpenAI's code: a client (the chat page) drops old turns
     e = err(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "the moon " * 100}]}),
             400)
     assert "128" in e["message"]

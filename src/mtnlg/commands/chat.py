@@ -99,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
             continue
         out.write("bot> " if tty else "")
         form = form_of_conversation(conv.messages()) if args.form == "auto" else args.form
-        turn = dataclasses.replace(params, form=None if form == "free" else form)
+        # --seed: the conversation is reproducible, each reply with a seed of its own (the same seed every turn
+        # would draw the same random numbers for every reply, and the replies would echo one another)
+        seed = None if params.seed is None else params.seed + sum(m.role == "assistant" for m in conv.turns)
+        turn = dataclasses.replace(params, form=None if form == "free" else form, seed=seed)
         s = stream(lm.model, tok, prompt, turn, soft_prompt=soft)
         reply = []
         for delta in s:

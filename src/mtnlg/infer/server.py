@@ -87,8 +87,8 @@ class OpenAIServer:
             req.max_tokens = max(self.engine.max_model_len - longest, 1)
         try:
             self.engine.check_length(longest, req.max_tokens)
-        except RequestTooLong as e:
-            raise bad(req.max_tokens_name, str(e)) from None
+        except RequestTooLong as e:  # OpenAI's code for it: a client can drop earlier turns and retry
+            raise ApiError(400, str(e), param=req.max_tokens_name, code="context_length_exceeded") from None
         if req.params.min_new_tokens > req.max_tokens:
             raise bad("min_tokens", f"'min_tokens' ({req.params.min_new_tokens}) is more than {req.max_tokens_name} "
                                     f"({req.max_tokens}); lower min_tokens or raise {req.max_tokens_name}")

@@ -6,6 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const log = $("log"), input = $("input"), stats = $("stats");
 let history = [];          // [{role, content}] of the chat so far
+let dropped = 0;           // its oldest messages, left out once the model's context no longer holds them
 let busy = false;
 let controller = null;
 let seed = null;           // ?seed=N makes sampling reproducible
@@ -108,9 +109,10 @@ async function send(text) {
     bubble("user", text);
     url = "/v1/chat/completions";
     // form "auto": a request for a poem (写一首关于秋天的诗) is answered in poem form, as `mtnlg chat` does
-    body = { messages: history, max_tokens: maxTokens, temperature, form: "auto" };
+    body = { messages: history.slice(dropped), max_tokens: maxTokens, temperature, form: "auto" };
   }
-  if (seed !== null) body.seed = seed;
+  // ?seed=N: a reproducible chat, each reply with a seed of its own (one seed for all would make them echo)
+  if (seed !== null) body.seed = poem ? seed : seed + history.filter((m) => m.role === "assistant").length;
   if (!poem) {
     body.stream = true;
     body.stream_options = { include_usage: true };
@@ -120,7 +122,18 @@ async function send(text) {
   let first = null, pieces = 0, reply = "";
   controller = new AbortController();
   try {
-    const resp = await fetch(url, { method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal });
+    let resp;
+    for (;;) {
+      resp = await fetch(url, { method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal });
+      // too long for the context: leave out the oldest exchange and ask again (as `mtnlg chat` does), while
+      // more than the new message is left
+      if (poem || resp.status !== 400 || history.length - dropped <= 1) break;
+      let err = null;
+      try { err = (await resp.clone().json()).error; } catch (e) { break; }
+      if (!err || err.code !== "context_length_exceeded") break;
+      dropped = Math.min(dropped + 2, history.length - 1);
+      body.messages = history.slice(dropped);
+    }
     if (!resp.ok) {
       let msg = `HTTP ${resp.status}`;
       try { msg = (await resp.json()).error.message; } catch (e) { /* keep the status */ }
@@ -148,7 +161,8 @@ async function send(text) {
     const tokens = usage ? usage.completion_tokens : pieces;
     const secs = ((performance.now() - (first || t0)) / 1000) || 1e-3;
     const ttft = first ? ((first - t0) / 1000).toFixed(2) : "–";
-    stats.textContent = `${tokens} tokens · ${(tokens / secs).toFixed(1)} tokens/s · first token after ${ttft} s`;
+    const left = dropped ? ` · the ${dropped} earliest messages left out to fit the context` : "";
+    stats.textContent = `${tokens} tokens · ${(tokens / secs).toFixed(1)} tokens/s · first token after ${ttft} s${left}`;
     if (!poem) history.push({ role: "assistant", content: reply });
   } catch (err) {
     if (err.name === "AbortError") {
@@ -179,7 +193,7 @@ $("composer").addEventListener("submit", (e) => {
 input.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && mode() === "chat") { e.preventDefault(); $("composer").requestSubmit(); }
 });
-$("reset").addEventListener("click", () => { history = []; log.textContent = ""; stats.textContent = "new chat"; });
+$("reset").addEventListener("click", () => { history = []; dropped = 0; log.textContent = ""; stats.textContent = "new chat"; });
 
 loadModel();
 
