@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -208,7 +209,7 @@ class TrainStep:
         y = torch.cat([b[1] for b in micro_batches])
         n = self.layout.pp_microbatches or len(micro_batches)
         if x.shape[1] > self.cfg.train.seq_len:  # a long step (train.long_seq_every): fewer, longer sequences
-            n = min(n, x.shape[0])
+            n = math.gcd(n, x.shape[0])
         if x.shape[0] % n:
             raise ConfigError(f"parallel.pp_microbatches={n} does not divide the {x.shape[0]} sequences of a "
                               f"step on this rank; pick a divisor")
